@@ -1,0 +1,71 @@
+"""The `hf-finetune` command. Heavy libraries load only after the arguments are parsed, so --help is instant."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import textwrap
+
+USAGE = """\
+usage: hf-finetune <command> [--config FILE.yaml] [--setting value ...]
+
+Transfer-learning recipes for image classification on the Hugging Face stack.
+
+commands:
+  train        fine-tune a checkpoint on your images (any setting of the recipe YAMLs as --flag value)
+
+Run `hf-finetune train --help` for every setting. Multi-GPU / multi-node runs:
+  accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m hf_finetune.cli train --config ...
+"""
+
+
+def report_user_errors(function):
+    """Print a `UserError` as one paragraph on stderr and exit with status 2, instead of a traceback."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        from hf_finetune.errors import UserError
+
+        try:
+            return function(*args, **kwargs)
+        except UserError as err:
+            sys.stderr.write("\n" + textwrap.fill(f"error: {err}", width=100) + "\n")
+            raise SystemExit(2) from None
+
+    return wrapper
+
+
+def parse_train_args(argv: list[str] | None = None, prog: str = "hf-finetune train"):
+    """(model_args, data_args, training_args) from `--config` + flags."""
+    from hf_finetune.args import DataArguments, FinetuneTrainingArguments, ModelArguments, parse_args
+
+    return parse_args((ModelArguments, DataArguments, FinetuneTrainingArguments), argv, prog=prog)
+
+
+@report_user_errors
+def train(argv: list[str] | None = None, prog: str = "hf-finetune train"):
+    from hf_finetune.training import run
+
+    model_args, data_args, training_args = parse_train_args(argv, prog)
+    return run(model_args, data_args, training_args)
+
+
+COMMANDS = {"train": train}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        sys.stdout.write(USAGE)
+        raise SystemExit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        sys.stderr.write(
+            f"error: unknown command {command!r}; commands are {', '.join(COMMANDS)}.\n\n{USAGE}"
+        )
+        raise SystemExit(2)
+    COMMANDS[command](rest, prog=f"hf-finetune {command}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,475 @@
+"""Data: load a source, detect the image and label columns, make stratified splits, find unreadable images.
+
+Sources: a Hub dataset, a local image folder per split, a CSV / JSON-lines file per split, or an in-memory
+`Dataset` / `DatasetDict`. Everything ends up as a `DatasetDict` with `train`, `validation` and, when there is
+one, `test`, sharing one `ClassLabel` label column. Pixels are never materialised: transforms are attached
+lazily by `hf_finetune.transforms`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hf_finetune.args import VALIDATION_SPLIT_NAMES, DataArguments
+from hf_finetune.errors import UserError
+from hf_finetune.images import image_location, image_problem
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".webp",
+    ".tif",
+    ".tiff",
+    ".ppm",
+    ".pgm",
+    ".jfif",
+}
+LABEL_COLUMN_NAMES = ("label", "labels", "class", "category", "target", "fine_label")
+PATH_COLUMN_NAMES = ("image", "image_path", "path", "file", "filename", "file_name", "filepath", "img")
+SCAN_PROBLEM_COLUMN = "__image_problem__"
+
+
+@dataclass
+class PreparedData:
+    """What the rest of a run needs to know about the data."""
+
+    splits: Any  # datasets.DatasetDict with train, validation and optionally test
+    image_column: str
+    label_column: str
+    labels: list[str]
+    bad_images: list[dict[str, Any]] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------
+def _split_files(args: DataArguments, kind: str) -> dict[str, str]:
+    return {
+        split: getattr(args, f"{split}_{kind}")
+        for split in ("train", "validation", "test")
+        if getattr(args, f"{split}_{kind}") is not None
+    }
+
+
+def _load_image_folders(folders: dict[str, str], cache_dir: str | None):
+    from datasets import load_dataset
+
+    data_files = {}
+    for split, folder in folders.items():
+        root = Path(folder)
+        if not root.is_dir():
+            raise UserError(
+                f"{split}_dir={folder} is not a folder. Point it at a folder with one sub-folder per class "
+                f"(e.g. {folder}/cat/001.jpg, {folder}/dog/002.jpg)."
+            )
+        files = [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        images = [str(p) for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+        ignored = [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+        if ignored:
+            logger.warning(
+                "%s_dir: %d file(s) without an image extension were not used (e.g. %s).",
+                split,
+                len(ignored),
+                ", ".join(str(p.relative_to(root)) for p in ignored[:3]),
+            )
+        if not images:
+            raise UserError(
+                f"{split}_dir={folder} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}). Put the "
+                "pictures in one sub-folder per class."
+            )
+        if all(Path(p).parent == root for p in images):
+            raise UserError(
+                f"{split}_dir={folder} has its images directly inside it, so there are no labels. Move them into "
+                "one sub-folder per class, named after the class."
+            )
+        data_files[split] = sorted(images)
+    return load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir)
+
+
+def _load_tables(files: dict[str, str], image_column: str | None, cache_dir: str | None):
+    from datasets import Image, load_dataset
+
+    suffixes = {Path(f).suffix.lower() for f in files.values()}
+    for split, path in files.items():
+        if not Path(path).is_file():
+            raise UserError(f"{split}_file={path} does not exist. Give the path of a CSV or JSON-lines file.")
+    if suffixes <= {".csv", ".tsv"}:
+        kwargs = {"delimiter": "\t"} if suffixes == {".tsv"} else {}
+        raw = load_dataset("csv", data_files=files, cache_dir=cache_dir, **kwargs)
+    elif suffixes <= {".json", ".jsonl"}:
+        raw = load_dataset("json", data_files=files, cache_dir=cache_dir)
+    else:
+        raise UserError(
+            f"Data files {sorted(files.values())} must all be .csv/.tsv or all .json/.jsonl (found "
+            f"{sorted(suffixes)})."
+        )
+    columns = raw["train"].column_names if "train" in raw else next(iter(raw.values())).column_names
+    column = image_column or next((c for c in columns if c.lower() in PATH_COLUMN_NAMES), None)
+    if column is None or column not in columns:
+        raise UserError(
+            f"Could not find the image-path column in {sorted(files.values())}: columns are {columns}. "
+            "Set `image_column` to the column holding the image file paths."
+        )
+    for split, path in files.items():
+        base = Path(path).resolve().parent
+
+        # Relative paths are relative to the table's own folder, not to where the command runs.
+        def resolve(batch, base=base):
+            batch[column] = [
+                None if p is None else (str(p) if Path(str(p)).is_absolute() else str(base / str(p)))
+                for p in batch[column]
+            ]
+            return batch
+
+        raw[split] = raw[split].map(resolve, batched=True, desc=f"Resolving {split} image paths")
+        if raw[split].features[column].dtype != "string":
+            raise UserError(
+                f"Column `{column}` of {path} holds {raw[split].features[column].dtype} values, not image paths. "
+                "Set `image_column` to the column with the file paths."
+            )
+    return raw.cast_column(column, Image())
+
+
+def load_raw_splits(args: DataArguments, cache_dir: str | None = None, dataset=None):
+    """Load whichever source the arguments name, as a `DatasetDict` keyed by the source's own split names."""
+    from datasets import Dataset, DatasetDict
+
+    if dataset is not None:
+        if isinstance(dataset, Dataset):
+            return DatasetDict({"train": dataset})
+        if isinstance(dataset, DatasetDict):
+            return dataset
+        raise UserError(f"`dataset` must be a datasets.Dataset or DatasetDict, not {type(dataset).__name__}.")
+    folders, tables = _split_files(args, "dir"), _split_files(args, "file")
+    if args.dataset_name:
+        return _load_hub_dataset(args, cache_dir)
+    if folders:
+        if "train" not in folders:
+            raise UserError("validation_dir/test_dir were given without train_dir: set train_dir too.")
+        return _load_image_folders(folders, cache_dir)
+    if tables:
+        if "train" not in tables:
+            raise UserError("validation_file/test_file were given without train_file: set train_file too.")
+        return _load_tables(tables, args.image_column, cache_dir)
+    raise UserError(
+        "No data given: set `dataset_name` (a Hub dataset), `train_dir` (an image folder with one sub-folder "
+        "per class) or `train_file` (a CSV / JSON-lines file of image path + label)."
+    )
+
+
+def _load_hub_dataset(args: DataArguments, cache_dir: str | None):
+    from datasets import DatasetDict, load_dataset
+
+    try:
+        raw = load_dataset(
+            args.dataset_name, args.dataset_config, revision=args.dataset_revision, cache_dir=cache_dir
+        )
+    except (ConnectionError, OSError, FileNotFoundError, ValueError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        raise UserError(
+            f"Could not load dataset `{args.dataset_name}`"
+            + (f" (config {args.dataset_config})" if args.dataset_config else "")
+            + f": {str(err).splitlines()[0] if str(err) else type(err).__name__}. "
+            + ("HF_HUB_OFFLINE is set, so only datasets already in the cache can load. " if offline else "")
+            + "Check the id and your network, or use local data instead: --train_dir/--validation_dir/--test_dir "
+            "(image folders, one sub-folder per class) or --train_file (CSV / JSON-lines of path + label)."
+        ) from None
+    if not isinstance(raw, DatasetDict):
+        raw = DatasetDict({args.train_split: raw})
+    return raw
+
+
+# --------------------------------------------------------------------------------------------------------
+# Columns
+# --------------------------------------------------------------------------------------------------------
+def detect_columns(
+    features, image_column: str | None, label_column: str | None, where: str
+) -> tuple[str, str]:
+    """Find the image column (an `Image` feature) and the label column (`ClassLabel`, else a known name)."""
+    from datasets import ClassLabel, Image
+
+    columns = list(features)
+    if image_column is not None:
+        if image_column not in features:
+            raise UserError(
+                f"image_column={image_column!r} is not a column of {where}; the columns are {columns}. "
+                "Set `image_column` to one of them."
+            )
+        if not isinstance(features[image_column], Image):
+            raise UserError(
+                f"image_column={image_column!r} of {where} holds {features[image_column]!r}, not images. "
+                "Point `image_column` at the column of pictures (an Image feature), or for a CSV, at the column "
+                "of image file paths."
+            )
+    else:
+        found = [c for c in columns if isinstance(features[c], Image)]
+        if len(found) != 1:
+            raise UserError(
+                f"{'No' if not found else 'Several'} image column{'s' if found else ''} in {where} "
+                f"({found or 'none'} among {columns}). Set `image_column` to the one to train on."
+            )
+        image_column = found[0]
+
+    if label_column is not None:
+        if label_column not in features:
+            raise UserError(
+                f"label_column={label_column!r} is not a column of {where}; the columns are {columns}. "
+                "Set `label_column` to one of them."
+            )
+        return image_column, label_column
+    class_labels = [c for c in columns if isinstance(features[c], ClassLabel)]
+    if len(class_labels) == 1:
+        return image_column, class_labels[0]
+    named = [c for c in columns if c.lower() in LABEL_COLUMN_NAMES and c != image_column]
+    candidates = class_labels or named
+    if len(candidates) != 1:
+        raise UserError(
+            f"{'No' if not candidates else 'Several'} label column{'s' if candidates else ''} in {where} "
+            f"({candidates or 'none'} among {columns}). Set `label_column` to the column holding the class."
+        )
+    return image_column, candidates[0]
+
+
+def _encode_labels(splits, label_column: str, where: str):
+    """Make the label column a `ClassLabel` shared by all splits (sorted names for strings and ints)."""
+    from datasets import ClassLabel, Value
+
+    feature = next(iter(splits.values())).features[label_column]
+    if isinstance(feature, ClassLabel):
+        return splits
+    if isinstance(feature, Value) and feature.dtype.startswith("float"):
+        raise UserError(
+            f"Label column `{label_column}` of {where} holds floating-point numbers ({feature.dtype}): that looks "
+            "like a regression target, not classes. Use a column of class names or integer class ids, or set "
+            "`label_column` to the right column."
+        )
+    if not isinstance(feature, Value) or not (feature.dtype == "string" or "int" in feature.dtype):
+        raise UserError(
+            f"Label column `{label_column}` of {where} holds {feature!r}; labels must be class names (strings) or "
+            "integer class ids. Set `label_column` to the right column."
+        )
+    for split, dataset in splits.items():
+        missing = dataset.filter(lambda v: v is None, input_columns=label_column).num_rows
+        if missing:
+            raise UserError(
+                f"{missing} row(s) of the {split} split of {where} have no value in label column "
+                f"`{label_column}`. Fill them in or remove those rows."
+            )
+    if "int" in feature.dtype:
+        # Cast through strings so that the names sort the way people read them ("2" before "10").
+        names = sorted({v for d in splits.values() for v in d.unique(label_column)})
+        splits = splits.cast_column(label_column, ClassLabel(names=[str(n) for n in names]))
+        return splits
+    return splits.class_encode_column(label_column)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Splits
+# --------------------------------------------------------------------------------------------------------
+def _pick_split(raw, wanted: str | None, defaults: tuple[str, ...], kind: str) -> str | None:
+    if wanted is not None:
+        if wanted not in raw:
+            raise UserError(
+                f"{kind}_split={wanted!r} is not a split of the dataset; its splits are {list(raw)}. "
+                f"Set `{kind}_split` to one of them."
+            )
+        return wanted
+    return next((name for name in defaults if name in raw), None)
+
+
+def _stratified_holdout(dataset, fraction: float, label_column: str, seed: int, name: str):
+    import numpy as np
+
+    counts = np.bincount(dataset[label_column], minlength=dataset.features[label_column].num_classes)
+    present = counts[counts > 0]
+    n_holdout = round(len(dataset) * fraction)
+    if n_holdout < 1:
+        raise UserError(
+            f"Holding out {fraction:.0%} of {len(dataset)} training images as {name} leaves no {name} images. "
+            f"Raise the fraction, add data, or give a {name} split."
+        )
+    stratify = present.min() >= 2 and n_holdout >= len(present)
+    if not stratify:
+        logger.warning(
+            "The %s split is drawn at random, not stratified: some class has fewer than 2 images or the %s "
+            "split is smaller than the number of classes.",
+            name,
+            name,
+        )
+    parts = dataset.train_test_split(
+        test_size=fraction, seed=seed, stratify_by_column=label_column if stratify else None
+    )
+    return parts["train"], parts["test"], stratify
+
+
+def make_splits(raw, args: DataArguments, label_column: str, seed: int):
+    """Return a DatasetDict with train / validation / (test), and a report of how each split was made."""
+    from datasets import DatasetDict
+
+    if args.train_split not in raw:
+        raise UserError(
+            f"train_split={args.train_split!r} is not a split of the dataset; its splits are {list(raw)}. "
+            "Set `train_split` to the one to train on."
+        )
+    validation = _pick_split(raw, args.validation_split, VALIDATION_SPLIT_NAMES, "validation")
+    test = _pick_split(raw, args.test_split, ("test",), "test")
+    train = raw[args.train_split]
+    report: dict[str, Any] = {}
+
+    if test is None and args.train_test_split > 0:
+        train, test_ds, stratified = _stratified_holdout(
+            train, args.train_test_split, label_column, seed, "test"
+        )
+        report["test"] = {"source": f"{args.train_test_split:.0%} of train", "stratified": stratified}
+    else:
+        test_ds = raw[test] if test is not None else None
+        if test is not None:
+            report["test"] = {"source": f"split `{test}`"}
+    if validation is None:
+        if args.train_val_split <= 0:
+            raise UserError(
+                "There is no validation split and train_val_split is 0. Give a validation split "
+                "(validation_split, validation_dir or validation_file) or set train_val_split, e.g. 0.15."
+            )
+        train, val_ds, stratified = _stratified_holdout(
+            train, args.train_val_split, label_column, seed, "validation"
+        )
+        report["validation"] = {"source": f"{args.train_val_split:.0%} of train", "stratified": stratified}
+    else:
+        val_ds = raw[validation]
+        report["validation"] = {"source": f"split `{validation}`"}
+    report["train"] = {"source": f"split `{args.train_split}`"}
+
+    if args.max_train_samples is not None and args.max_train_samples < len(train):
+        train = train.shuffle(seed=seed).select(range(args.max_train_samples))
+    if args.max_eval_samples is not None:
+        val_ds = val_ds.select(range(min(args.max_eval_samples, len(val_ds))))
+        if test_ds is not None:
+            test_ds = test_ds.select(range(min(args.max_eval_samples, len(test_ds))))
+    splits = {"train": train, "validation": val_ds}
+    if test_ds is not None:
+        splits["test"] = test_ds
+    return DatasetDict(splits), report
+
+
+# --------------------------------------------------------------------------------------------------------
+# Image hygiene
+# --------------------------------------------------------------------------------------------------------
+def _scan_batch(batch, image_column: str):
+    return {SCAN_PROBLEM_COLUMN: [image_problem(value) for value in batch[image_column]]}
+
+
+def find_bad_images(splits, image_column: str) -> tuple[Any, list[dict[str, Any]]]:
+    """Decode every image once before training; drop the unreadable ones and return them in a list.
+
+    The scan is a `datasets.map`, so for on-disk datasets its result is cached by fingerprint and a second run
+    over the same data does not decode anything again.
+    """
+    from datasets import Image
+
+    bad: list[dict[str, Any]] = []
+    cleaned = {}
+    for name, dataset in splits.items():
+        undecoded = dataset.select_columns([image_column]).cast_column(image_column, Image(decode=False))
+        num_proc = min(4, os.cpu_count() or 1) if len(dataset) >= 4000 else None
+        scanned = undecoded.map(
+            _scan_batch,
+            batched=True,
+            batch_size=64,
+            fn_kwargs={"image_column": image_column},
+            num_proc=num_proc,
+            desc=f"Checking {name} images",
+        )
+        problems = scanned[SCAN_PROBLEM_COLUMN]
+        bad_rows = [i for i, problem in enumerate(problems) if problem is not None]
+        for i in bad_rows:
+            bad.append(
+                {
+                    "split": name,
+                    "index": i,
+                    "image": image_location(undecoded[i][image_column]),
+                    "problem": problems[i],
+                }
+            )
+        if bad_rows:
+            keep = sorted(set(range(len(dataset))) - set(bad_rows))
+            dataset = dataset.select(keep)
+        cleaned[name] = dataset
+    from datasets import DatasetDict
+
+    return DatasetDict(cleaned), bad
+
+
+# --------------------------------------------------------------------------------------------------------
+# Everything together
+# --------------------------------------------------------------------------------------------------------
+def _check_labels(splits, label_column: str, labels: list[str]) -> None:
+    import numpy as np
+
+    train_counts = np.bincount(splits["train"][label_column], minlength=len(labels))
+    if len(labels) < 2 or (train_counts > 0).sum() < 2:
+        raise UserError(
+            f"The training data has {int((train_counts > 0).sum())} class(es) ({labels}); a classifier needs at "
+            "least two. Check `label_column` and that the image folder has one sub-folder per class."
+        )
+    for name in ("validation", "test"):
+        if name not in splits or len(splits[name]) == 0:
+            continue
+        counts = np.bincount(splits[name][label_column], minlength=len(labels))
+        unseen = [labels[i] for i in np.flatnonzero((counts > 0) & (train_counts == 0))]
+        if unseen:
+            raise UserError(
+                f"Class(es) {unseen} appear in the {name} split but never in train, so the model cannot learn "
+                f"them. Add training images for them or remove them from {name}."
+            )
+
+
+def prepare_data(args: DataArguments, seed: int, cache_dir: str | None = None, dataset=None) -> PreparedData:
+    """Load, detect columns, encode labels, split and clean: the data a run trains and evaluates on."""
+    raw = load_raw_splits(args, cache_dir=cache_dir, dataset=dataset)
+    where = args.dataset_name or args.train_dir or args.train_file or "the given dataset"
+    first = raw[args.train_split] if args.train_split in raw else next(iter(raw.values()))
+    image_column, label_column = detect_columns(first.features, args.image_column, args.label_column, where)
+    extra = [c for c in first.column_names if c not in (image_column, label_column)]
+    raw = raw.remove_columns(extra) if extra else raw
+    raw = _encode_labels(raw, label_column, where)
+    labels = list(next(iter(raw.values())).features[label_column].names)
+
+    splits, report = make_splits(raw, args, label_column, seed)
+    splits, bad = find_bad_images(splits, image_column)
+    if bad:
+        listing = "; ".join(f"{b['image']} ({b['split']}): {b['problem']}" for b in bad[:5])
+        if args.on_bad_image == "error":
+            raise UserError(
+                f"{len(bad)} unreadable image(s) found before training: {listing}"
+                + (" ..." if len(bad) > 5 else "")
+                + ". Fix or remove them, or set on_bad_image=skip to train without them."
+            )
+        logger.warning(
+            "Skipping %d unreadable image(s): %s%s", len(bad), listing, " ..." if len(bad) > 5 else ""
+        )
+    for name, dataset in splits.items():
+        if len(dataset) == 0:
+            raise UserError(
+                f"The {name} split is empty after removing {sum(b['split'] == name for b in bad)} unreadable "
+                "image(s) and applying max_*_samples. Check the data source."
+            )
+    _check_labels(splits, label_column, labels)
+    for name, dataset in splits.items():
+        report.setdefault(name, {})["size"] = len(dataset)
+    logger.info(
+        "Data: %d classes; %s",
+        len(labels),
+        ", ".join(f"{name} {len(d)} ({report[name]['source']})" for name, d in splits.items()),
+    )
+    return PreparedData(splits, image_column, label_column, labels, bad, report)

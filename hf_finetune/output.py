@@ -1,0 +1,177 @@
+"""Everything a run writes into `output_dir` besides the Trainer's own files, and publishing it to the Hub.
+
+Files are written atomically (temporary file + rename) so an interrupted run never leaves a half-written
+JSON / YAML / card that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hf_finetune.args import resolved_config
+
+logger = logging.getLogger(__name__)
+
+RESOLVED_CONFIG = "resolved_config.yaml"
+BAD_IMAGES = "bad_images.json"
+DATA_SPLITS = "data_splits.json"
+RUN_SUMMARY = "run_summary.json"
+CARD = "README.md"
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_resolved_config(output_dir: str | os.PathLike, *arg_objects) -> Path:
+    """One flat YAML (loadable again with `--config`), a comment heading each argument group."""
+    import yaml
+
+    chunks = []
+    for section, values in resolved_config(*arg_objects).items():
+        if not values:
+            continue
+        body = yaml.safe_dump(values, sort_keys=False, default_flow_style=False)
+        chunks.append(f"# {section}\n{body}")
+    return write_text_atomic(Path(output_dir) / RESOLVED_CONFIG, "\n".join(chunks))
+
+
+def write_bad_images(output_dir: str | os.PathLike, bad_images: list[dict[str, Any]]) -> Path | None:
+    path = Path(output_dir) / BAD_IMAGES
+    if not bad_images:
+        path.unlink(missing_ok=True)
+        return None
+    return write_json(path, bad_images)
+
+
+def _is_hub_id(name: str | None) -> bool:
+    return bool(name) and not os.path.exists(name) and not os.path.isabs(name)
+
+
+def _format_metrics(results: dict[str, float]) -> str:
+    rows = ["| split | metric | value |", "|---|---|---|"]
+    for key, value in results.items():
+        for split in ("eval", "test"):
+            if (
+                key.startswith(f"{split}_")
+                and isinstance(value, float)
+                and not key.endswith(("_runtime", "per_second"))
+            ) and key.endswith(("_loss", "accuracy", "_f1")):
+                name = "validation" if split == "eval" else "test"
+                rows.append(f"| {name} | {key[len(split) + 1 :]} | {value:.4f} |")
+    return "\n".join(rows)
+
+
+def model_card_text(
+    *,
+    model_name: str,
+    base_model: str | None,
+    dataset_name: str | None,
+    labels: list[str],
+    results: dict[str, float],
+    strategy: str = "full",
+    repo_id: str | None = None,
+) -> str:
+    """The output directory's README.md: Hub metadata (model-index with test metrics) and a usage snippet."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    hub_base = base_model if _is_hub_id(base_model) else None
+    hub_dataset = dataset_name if _is_hub_id(dataset_name) else None
+    shown_dataset = hub_dataset or "a local image dataset"
+    eval_split = "test" if "test_accuracy" in results else "eval"
+    eval_results = [
+        EvalResult(
+            task_type="image-classification",
+            dataset_type=hub_dataset or "imagefolder",
+            dataset_name=shown_dataset,
+            dataset_split="test" if eval_split == "test" else "validation",
+            metric_type=metric,
+            metric_name=metric,
+            metric_value=float(results[f"{eval_split}_{metric}"]),
+        )
+        for metric in ("accuracy", "macro_f1", "top5_accuracy")
+        if f"{eval_split}_{metric}" in results
+    ]
+    data = ModelCardData(
+        base_model=hub_base,
+        datasets=[hub_dataset] if hub_dataset else None,
+        tags=["image-classification", "hf-finetune", f"strategy-{strategy}"],
+        pipeline_tag="image-classification",
+        library_name="transformers",
+        model_name=model_name,
+        eval_results=eval_results or None,
+    )
+    source = f"[{hub_base}](https://huggingface.co/{hub_base})" if hub_base else "a local checkpoint"
+    load_from = repo_id or "path/to/this/folder"
+    label_list = ", ".join(f"`{label}`" for label in labels)
+    return f"""---
+{data.to_yaml()}
+---
+
+# {model_name}
+
+An image classifier for {len(labels)} classes, fine-tuned from {source} on {shown_dataset} with
+[hf-finetune](https://github.com/) (strategy: `{strategy}`).
+
+## Results
+
+{_format_metrics(results)}
+
+## Labels
+
+{label_list}
+
+## How to use
+
+```python
+from transformers import pipeline
+
+classifier = pipeline("image-classification", model="{load_from}")
+classifier("picture.jpg")
+```
+"""
+
+
+def write_model_card(output_dir: str | os.PathLike, **kwargs) -> Path:
+    return write_text_atomic(Path(output_dir) / CARD, model_card_text(**kwargs))
+
+
+def push_output_dir(
+    output_dir: str | os.PathLike, repo_id: str, private: bool | None = None, token=None
+) -> str:
+    """Upload the whole output directory (minus intermediate checkpoints) to a Hub model repository.
+
+    The token comes from the argument, HF_TOKEN or the login cache (huggingface_hub's own lookup); it is only
+    handed to huggingface_hub and never written anywhere.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(output_dir),
+        ignore_patterns=["checkpoint-*", "checkpoint-*/**", ".*", "runs/**"],
+        commit_message="Upload image classifier trained with hf-finetune",
+    )
+    logger.info("Published %s to %s", output_dir, url)
+    return str(url)

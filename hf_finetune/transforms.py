@@ -1,0 +1,159 @@
+"""Pixel pipeline derived from the checkpoint's own image processor (size, crop, mean, std: never hard-coded).
+
+Train: RandomResizedCrop to the model's input size + horizontal flip (torchvision.transforms.v2), then the
+processor's rescale / normalisation. Eval: the processor's resize and centre crop, deterministically.
+Transforms are attached with `Dataset.with_transform`, so they run lazily per batch in the dataloader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hf_finetune.images import to_rgb
+
+
+@dataclass(frozen=True)
+class ProcessorSpec:
+    """The preprocessing facts of a checkpoint, read from its image processor."""
+
+    input_size: tuple[int, int]  # (height, width) the model sees
+    resize: int | tuple[int, int] | None  # int: shortest edge; tuple: exact (height, width); None: no resize
+    center_crop: tuple[int, int] | None
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    rescale_factor: float | None  # applied to 0-255 pixels; None means no rescaling
+    interpolation: str = "bilinear"
+
+
+def _hw(size: Any) -> tuple[int, int] | int | None:
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return (size, size)
+    size = dict(size)
+    if "height" in size and "width" in size:
+        return (int(size["height"]), int(size["width"]))
+    if "shortest_edge" in size:
+        return int(size["shortest_edge"])
+    raise ValueError(f"unsupported image processor size {size}")
+
+
+_PIL_TO_NAME = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def processor_spec(image_processor) -> ProcessorSpec:
+    """Read size / crop / mean / std / rescale from any transformers image processor."""
+    size = (
+        _hw(getattr(image_processor, "size", None)) if getattr(image_processor, "do_resize", True) else None
+    )
+    crop = None
+    if getattr(image_processor, "do_center_crop", False) and getattr(image_processor, "crop_size", None):
+        crop = _hw(image_processor.crop_size)
+        crop = (crop, crop) if isinstance(crop, int) else crop
+    crop_pct = getattr(image_processor, "crop_pct", None)
+    if isinstance(size, int) and crop is None and crop_pct:
+        # ConvNeXt-style processors: below 384 px, resize the short edge to size / crop_pct and centre-crop.
+        crop = (size, size)
+        size = int(size / crop_pct) if size < 384 else size
+        if size == crop[0]:
+            size = crop
+    if crop is not None:
+        input_size = crop
+    elif isinstance(size, tuple):
+        input_size = size
+    elif isinstance(size, int):
+        # A short-edge resize without a crop gives non-square inputs; batches need one size, so crop square.
+        input_size = (size, size)
+        crop = input_size
+    else:
+        raise ValueError("the image processor neither resizes nor crops, so the input size is unknown")
+    mean = tuple(image_processor.image_mean) if getattr(image_processor, "do_normalize", False) else None
+    std = tuple(image_processor.image_std) if mean is not None else None
+    rescale = float(image_processor.rescale_factor) if getattr(image_processor, "do_rescale", True) else None
+    resample = getattr(image_processor, "resample", 2)
+    interpolation = _PIL_TO_NAME.get(int(resample), "bilinear") if resample is not None else "bilinear"
+    return ProcessorSpec(input_size, size, crop, mean, std, rescale, interpolation)
+
+
+def _tail(spec: ProcessorSpec):
+    import torch
+    from torchvision.transforms import v2
+
+    # (x * f - mean) / std == (x - mean / f) / (std / f): the processor's rescale folds into one Normalize,
+    # which also keeps the transform picklable for dataloader workers (no lambdas).
+    factor = spec.rescale_factor or 1.0
+    channels = len(spec.mean) if spec.mean is not None else 3
+    mean = [m / factor for m in spec.mean] if spec.mean is not None else [0.0] * channels
+    std = [s / factor for s in spec.std] if spec.std is not None else [1.0 / factor] * channels
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=False), v2.Normalize(mean=mean, std=std)]
+
+
+def build_transforms(
+    image_processor, augment: bool = True, crop_scale=(0.08, 1.0), horizontal_flip: bool = True
+):
+    """Return (train_transform, eval_transform): PIL image -> normalised float tensor (C, H, W)."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    spec = processor_spec(image_processor)
+    interpolation = InterpolationMode(spec.interpolation)
+    eval_steps = []
+    if spec.resize is not None:
+        eval_steps.append(v2.Resize(spec.resize, interpolation=interpolation, antialias=True))
+    if spec.center_crop is not None:
+        eval_steps.append(v2.CenterCrop(spec.center_crop))
+    eval_transform = v2.Compose(eval_steps + _tail(spec))
+    if not augment:
+        return eval_transform, eval_transform
+    train_steps = [
+        v2.RandomResizedCrop(
+            spec.input_size, scale=tuple(crop_scale), interpolation=interpolation, antialias=True
+        )
+    ]
+    if horizontal_flip:
+        train_steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(train_steps + _tail(spec)), eval_transform
+
+
+class BatchTransform:
+    """`Dataset.with_transform` callable: image column -> `pixel_values`, label column -> `labels`.
+
+    A class rather than a closure so that dataloader worker processes can pickle it.
+    """
+
+    def __init__(self, transform, image_column: str, label_column: str | None):
+        self.transform = transform
+        self.image_column = image_column
+        self.label_column = label_column
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        out = {"pixel_values": [self.transform(to_rgb(image)) for image in batch[self.image_column]]}
+        if self.label_column is not None and self.label_column in batch:
+            out["labels"] = batch[self.label_column]
+        return out
+
+
+def collate(examples: list[dict]) -> dict:
+    import torch
+
+    batch = {"pixel_values": torch.stack([e["pixel_values"] for e in examples])}
+    if "labels" in examples[0]:
+        batch["labels"] = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
+    return batch
+
+
+def attach_transforms(splits, image_processor, data_args, image_column: str, label_column: str):
+    """Attach the lazy train / eval transforms to each split; returns a new DatasetDict."""
+    from datasets import DatasetDict
+
+    train_tf, eval_tf = build_transforms(
+        image_processor, data_args.augment, data_args.random_resized_crop_scale, data_args.horizontal_flip
+    )
+    return DatasetDict(
+        {
+            name: dataset.with_transform(
+                BatchTransform(train_tf if name == "train" else eval_tf, image_column, label_column)
+            )
+            for name, dataset in splits.items()
+        }
+    )
