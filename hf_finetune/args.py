@@ -221,7 +221,12 @@ def parse_args(dataclass_types, argv: list[str] | None = None, prog: str | None 
         defaults.update(values)
     parser.set_defaults(**defaults)
 
-    *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    try:
+        *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as err:
+        # TrainingArguments validates in __post_init__ (e.g. bf16 without a GPU); say which file to change.
+        source = f" (from {pre.config} or the command line)" if pre.config else ""
+        raise UserError(f"Invalid settings{source}: {err}") from None
     # The `--config` flag itself comes back as an extra argparse Namespace after the dataclasses.
     parsed = parsed[: len(dataclass_types)]
     if remaining:

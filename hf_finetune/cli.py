@@ -29,7 +29,7 @@ def report_user_errors(function):
         try:
             return function(*args, **kwargs)
         except UserError as err:
-            sys.stderr.write("\n" + textwrap.fill(f"error: {err}", width=100) + "\n")
+            sys.stderr.write("\n" + textwrap.fill(f"error: {err}", width=100, break_long_words=False, break_on_hyphens=False) + "\n")
             raise SystemExit(2) from None
 
     return wrapper

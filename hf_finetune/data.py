@@ -16,6 +16,7 @@ from typing import Any
 
 from hf_finetune.args import VALIDATION_SPLIT_NAMES, DataArguments
 from hf_finetune.errors import UserError
+from hf_finetune.hub import check_hub_repo, offline
 from hf_finetune.images import image_location, image_problem
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ IMAGE_EXTENSIONS = {
 LABEL_COLUMN_NAMES = ("label", "labels", "class", "category", "target", "fine_label")
 PATH_COLUMN_NAMES = ("image", "image_path", "path", "file", "filename", "file_name", "filepath", "img")
 SCAN_PROBLEM_COLUMN = "__image_problem__"
+STRING_DTYPES = ("string", "large_string")
 
 
 @dataclass
@@ -122,6 +124,12 @@ def _load_tables(files: dict[str, str], image_column: str | None, cache_dir: str
         )
     for split, path in files.items():
         base = Path(path).resolve().parent
+        dtype = getattr(raw[split].features[column], "dtype", None)
+        if dtype not in STRING_DTYPES:
+            raise UserError(
+                f"Column `{column}` of {path} holds {dtype or raw[split].features[column]} values, not image "
+                "paths. Set `image_column` to the column with the file paths."
+            )
 
         # Relative paths are relative to the table's own folder, not to where the command runs.
         def resolve(batch, base=base):
@@ -132,11 +140,6 @@ def _load_tables(files: dict[str, str], image_column: str | None, cache_dir: str
             return batch
 
         raw[split] = raw[split].map(resolve, batched=True, desc=f"Resolving {split} image paths")
-        if raw[split].features[column].dtype != "string":
-            raise UserError(
-                f"Column `{column}` of {path} holds {raw[split].features[column].dtype} values, not image paths. "
-                "Set `image_column` to the column with the file paths."
-            )
     return raw.cast_column(column, Image())
 
 
@@ -170,17 +173,23 @@ def load_raw_splits(args: DataArguments, cache_dir: str | None = None, dataset=N
 def _load_hub_dataset(args: DataArguments, cache_dir: str | None):
     from datasets import DatasetDict, load_dataset
 
+    check_hub_repo(
+        args.dataset_name,
+        args.dataset_revision,
+        "dataset",
+        "dataset_name",
+        "use local pictures: --train_dir (an image folder, one sub-folder per class) or --train_file (a CSV).",
+    )
     try:
         raw = load_dataset(
             args.dataset_name, args.dataset_config, revision=args.dataset_revision, cache_dir=cache_dir
         )
     except (ConnectionError, OSError, FileNotFoundError, ValueError) as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         raise UserError(
             f"Could not load dataset `{args.dataset_name}`"
             + (f" (config {args.dataset_config})" if args.dataset_config else "")
             + f": {str(err).splitlines()[0] if str(err) else type(err).__name__}. "
-            + ("HF_HUB_OFFLINE is set, so only datasets already in the cache can load. " if offline else "")
+            + ("HF_HUB_OFFLINE is set, so only datasets already in the cache can load. " if offline() else "")
             + "Check the id and your network, or use local data instead: --train_dir/--validation_dir/--test_dir "
             "(image folders, one sub-folder per class) or --train_file (CSV / JSON-lines of path + label)."
         ) from None
@@ -253,7 +262,7 @@ def _encode_labels(splits, label_column: str, where: str):
             "like a regression target, not classes. Use a column of class names or integer class ids, or set "
             "`label_column` to the right column."
         )
-    if not isinstance(feature, Value) or not (feature.dtype == "string" or "int" in feature.dtype):
+    if not isinstance(feature, Value) or not (feature.dtype in STRING_DTYPES or "int" in feature.dtype):
         raise UserError(
             f"Label column `{label_column}` of {where} holds {feature!r}; labels must be class names (strings) or "
             "integer class ids. Set `label_column` to the right column."
@@ -341,9 +350,12 @@ def make_splits(raw, args: DataArguments, label_column: str, seed: int):
                 "There is no validation split and train_val_split is 0. Give a validation split "
                 "(validation_split, validation_dir or validation_file) or set train_val_split, e.g. 0.15."
             )
-        train, val_ds, stratified = _stratified_holdout(
-            train, args.train_val_split, label_column, seed, "validation"
+        # Both fractions are of the original train split, whichever is carved first.
+        carved_test = "test" in report and report["test"]["source"].endswith("of train")
+        fraction = (
+            args.train_val_split / (1.0 - args.train_test_split) if carved_test else args.train_val_split
         )
+        train, val_ds, stratified = _stratified_holdout(train, fraction, label_column, seed, "validation")
         report["validation"] = {"source": f"{args.train_val_split:.0%} of train", "stratified": stratified}
     else:
         val_ds = raw[validation]
@@ -375,7 +387,7 @@ def find_bad_images(splits, image_column: str) -> tuple[Any, list[dict[str, Any]
     The scan is a `datasets.map`, so for on-disk datasets its result is cached by fingerprint and a second run
     over the same data does not decode anything again.
     """
-    from datasets import Image
+    from datasets import Features, Image, Value
 
     bad: list[dict[str, Any]] = []
     cleaned = {}
@@ -387,6 +399,8 @@ def find_bad_images(splits, image_column: str) -> tuple[Any, list[dict[str, Any]
             batched=True,
             batch_size=64,
             fn_kwargs={"image_column": image_column},
+            # Typed up front: a first batch of all-readable images would otherwise fix the column as null.
+            features=Features({image_column: Image(decode=False), SCAN_PROBLEM_COLUMN: Value("string")}),
             num_proc=num_proc,
             desc=f"Checking {name} images",
         )

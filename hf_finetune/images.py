@@ -29,7 +29,7 @@ def to_rgb(image):
             # Scale by the container's range, not the image's own extremes, so that brightness is kept.
             top = 65535.0 if image.mode.startswith("I;16") or high > 255 else max(high, 1.0)
             array = np.clip(array, 0, None) / top * 255.0
-        return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+        return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

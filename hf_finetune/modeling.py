@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from hf_finetune.args import ModelArguments
 from hf_finetune.errors import UserError
+from hf_finetune.hub import check_hub_repo, offline
 
 logger = logging.getLogger(__name__)
 
@@ -21,10 +22,6 @@ class LoadReport:
     checkpoint_labels: list[str] = field(default_factory=list)
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
-
-
 def _load_error(name: str, revision: str, err: Exception) -> UserError:
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     local_hint = " It is not a local folder either." if not os.path.isdir(name) else ""
@@ -32,7 +29,7 @@ def _load_error(name: str, revision: str, err: Exception) -> UserError:
         f"Could not load checkpoint `{name}` (revision {revision}): {first_line}.{local_hint} "
         + (
             "HF_HUB_OFFLINE is set, so only checkpoints already in the local cache can load. "
-            if _offline()
+            if offline()
             else ""
         )
         + "Check the id and your network, or point --model_name_or_path at a local folder written by "
@@ -44,6 +41,13 @@ def load_config(model_args: ModelArguments):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
+    check_hub_repo(
+        model_args.model_name_or_path,
+        model_args.model_revision,
+        "model",
+        "model_name_or_path",
+        "point --model_name_or_path at a local folder written by save_pretrained.",
+    )
     try:
         config = AutoConfig.from_pretrained(
             model_args.model_name_or_path,

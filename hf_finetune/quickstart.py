@@ -45,7 +45,7 @@ def export_digits(folder: str | Path, image_size: int = 32) -> Path:
     for index, (pixels, target) in enumerate(zip(digits.images, digits.target, strict=True)):
         # 0-16 ink values -> white paper, dark ink, like a scan; upscaled so the model sees more than 8 px.
         gray = (255 - pixels / 16.0 * 255).clip(0, 255).astype(np.uint8)
-        image = Image.fromarray(gray, mode="L").resize((image_size, image_size), Image.Resampling.BICUBIC)
+        image = Image.fromarray(gray).resize((image_size, image_size), Image.Resampling.BICUBIC)
         path = folder / DIGIT_NAMES[target] / f"{index:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)

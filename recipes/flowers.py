@@ -1,0 +1,37 @@
+"""Oxford Flowers-102 (102 classes, 1,020 train / 1,020 validation / 6,149 test pictures) on a ViT-B/16
+pretrained on ImageNet-21k.
+
+One GPU (about 10 minutes on an A100; expect test accuracy around 0.98):
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/flowers.py --config recipes/flowers.yaml
+Several GPUs / nodes:
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml --num_processes 4 recipes/flowers.py --config recipes/flowers.yaml
+CPU variant (a small subset, to check the set-up end to end):
+    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/flowers.py --config recipes/flowers_cpu.yaml
+Your own pictures with the same recipe:
+    python recipes/flowers.py --config recipes/flowers.yaml --model_name_or_path ./my_checkpoint \
+        --train_dir pictures/train --test_dir pictures/test
+"""
+
+import sys
+
+from hf_finetune.cli import parse_train_args, report_user_errors
+from hf_finetune.training import run
+
+
+@report_user_errors
+def main(argv=None):
+    ######################################
+    # Settings: YAML defaults + CLI flags #
+    ######################################
+    args = parse_train_args(argv, prog="recipes/flowers.py")
+
+    ####################################################
+    # Load, train, evaluate, save model card (+ push)  #
+    ####################################################
+    results = run(*args)
+    if args[-1].process_index == 0:
+        print(f"\nFlowers done: test accuracy {results.get('test_accuracy', float('nan')):.4f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny checkpoints built from configs and small real-picture datasets, all offline."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory) -> Path:
+    """scikit-learn's digits as an image folder (ten classes, 1,797 PNGs)."""
+    from hf_finetune.quickstart import export_digits
+
+    return export_digits(tmp_path_factory.mktemp("digits") / "digits")
+
+
+@pytest.fixture(scope="session")
+def small_digits_folder(tmp_path_factory) -> Path:
+    """Three classes x 40 digits, as an image folder: fast enough for end-to-end runs."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("small_digits")
+    digits = load_digits()
+    names = ["zero", "one", "two"]
+    for cls, name in enumerate(names):
+        (root / name).mkdir()
+        for i, index in enumerate(np.flatnonzero(digits.target == cls)[:40]):
+            pixels = (255 - digits.images[index] / 16 * 255).astype(np.uint8)
+            Image.fromarray(pixels).resize((32, 32)).save(root / name / f"{i:03d}.png")
+    return root
+
+
+def digits_dataset(n_per_class: int = 20, classes=(0, 1, 2), size: int = 32, names=None):
+    """An in-memory `datasets.Dataset` of digit pictures with a ClassLabel column."""
+    import numpy as np
+    from datasets import ClassLabel, Dataset, Features, Image
+    from PIL import Image as PILImage
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    names = names or [f"digit_{c}" for c in classes]
+    images, labels = [], []
+    for position, cls in enumerate(classes):
+        for index in np.flatnonzero(digits.target == cls)[:n_per_class]:
+            pixels = (255 - digits.images[index] / 16 * 255).astype(np.uint8)
+            images.append(PILImage.fromarray(pixels).resize((size, size)).convert("RGB"))
+            labels.append(position)
+    features = Features({"image": Image(), "label": ClassLabel(names=list(names))})
+    return Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory) -> Path:
+    """A tiny ViT saved like a Hub download, with a label set unlike the test data's."""
+    from hf_finetune.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(
+        "vit", tmp_path_factory.mktemp("tiny_vit"), labels=["cat", "dog", "bird", "fish"]
+    )

@@ -1,0 +1,106 @@
+"""Configuration: YAML defaults, CLI overrides, unknown keys, resolved config round-trip, shipped YAMLs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hf_finetune.args import VISION_TRAINING_DEFAULTS
+from hf_finetune.cli import parse_train_args
+from hf_finetune.errors import UserError
+from hf_finetune.output import RESOLVED_CONFIG, write_resolved_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_yaml(path: Path, values: dict) -> Path:
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_yaml_gives_defaults_and_cli_wins(tmp_path):
+    config = write_yaml(
+        tmp_path / "c.yaml",
+        {
+            "model_name_or_path": "some/ckpt",
+            "train_dir": "pics",
+            "learning_rate": 0.01,
+            "output_dir": str(tmp_path),
+        },
+    )
+    parsed = parse_train_args(["--config", str(config), "--learning_rate", "0.5"])
+    model_args, data_args, training_args = parsed[0], parsed[1], parsed[-1]
+    assert model_args.model_name_or_path == "some/ckpt"
+    assert data_args.train_dir == "pics"
+    assert training_args.learning_rate == 0.5
+    # Vision defaults apply underneath the YAML.
+    assert training_args.remove_unused_columns is False
+    assert training_args.metric_for_best_model == VISION_TRAINING_DEFAULTS["metric_for_best_model"]
+
+
+def test_unknown_yaml_key_names_it_and_the_closest_key(tmp_path):
+    config = write_yaml(tmp_path / "c.yaml", {"model_name_or_path": "x", "learnig_rate": 0.1})
+    with pytest.raises(UserError) as err:
+        parse_train_args(["--config", str(config)])
+    message = str(err.value)
+    assert "learnig_rate" in message and "learning_rate" in message and str(config) in message
+
+
+def test_unknown_cli_flag_names_it_and_the_closest_key():
+    with pytest.raises(UserError) as err:
+        parse_train_args(["--model_name_or_path", "x", "--train_dri", "pics"])
+    assert "train_dri" in str(err.value) and "train_dir" in str(err.value)
+
+
+def test_missing_checkpoint_and_bad_values_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="model_name_or_path"):
+        parse_train_args(["--train_dir", "pics"])
+    with pytest.raises(UserError, match="on_bad_image"):
+        parse_train_args(["--model_name_or_path", "x", "--on_bad_image", "ignore"])
+    with pytest.raises(UserError, match="train_val_split"):
+        parse_train_args(["--model_name_or_path", "x", "--train_val_split", "1.5"])
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(UserError, match="mapping"):
+        parse_train_args(["--config", str(bad)])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = write_yaml(
+        tmp_path / "c.yaml",
+        {
+            "model_name_or_path": "some/ckpt",
+            "train_dir": "pics",
+            "random_resized_crop_scale": [0.5, 1.0],
+            "num_train_epochs": 7,
+            "output_dir": str(tmp_path / "out"),
+        },
+    )
+    first = parse_train_args(["--config", str(config), "--seed", "3"])
+    path = write_resolved_config(tmp_path / "out", *first)
+    assert path.name == RESOLVED_CONFIG
+    text = path.read_text()
+    assert "hub_token" not in text
+    second = parse_train_args(["--config", str(path)])
+    for a, b in zip(first, second, strict=True):
+        for name in (
+            "model_name_or_path",
+            "train_dir",
+            "random_resized_crop_scale",
+            "num_train_epochs",
+            "seed",
+        ):
+            if hasattr(a, name):
+                assert getattr(a, name) == getattr(b, name), name
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_yaml_parses(path):
+    values = yaml.safe_load(path.read_text())
+    argv = ["--config", str(path)]
+    if values.get("bf16") or values.get("fp16"):
+        argv += ["--bf16", "false", "--fp16", "false"]  # GPU-only settings; the rest must parse on a CPU
+    parsed = parse_train_args(argv)
+    assert parsed[0].model_name_or_path == values["model_name_or_path"]

@@ -1,0 +1,88 @@
+"""Checkpoint loading for a new label set: when the head is kept, when it is re-initialised."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForImageClassification
+
+from hf_finetune.args import ModelArguments
+from hf_finetune.errors import UserError
+from hf_finetune.modeling import load_config, load_model
+from hf_finetune.tiny import build_tiny_checkpoint
+
+
+def checkpoint_tensors(folder):
+    """The checkpoint's tensors under the names this transformers version gives them in memory."""
+    return AutoModelForImageClassification.from_pretrained(folder).state_dict()
+
+
+def test_identical_labels_keep_the_head(tiny_vit):
+    model, report = load_model(ModelArguments(str(tiny_vit)), ["cat", "dog", "bird", "fish"])
+    assert report.kept_head and report.reinitialised == []
+    saved = checkpoint_tensors(tiny_vit)
+    state = model.state_dict()
+    for name, tensor in saved.items():
+        assert torch.equal(state[name], tensor), name
+
+
+def test_same_count_different_labels_reinitialises_the_head(tiny_vit):
+    # Four classes again, but not the same ones: the flag ignore_mismatched_sizes alone would keep the head.
+    labels = ["ant", "bee", "cow", "dog"]
+    model, report = load_model(ModelArguments(str(tiny_vit)), labels)
+    assert not report.kept_head
+    assert report.reinitialised == ["classifier.bias", "classifier.weight"]
+    saved = checkpoint_tensors(tiny_vit)
+    state = model.state_dict()
+    assert not torch.equal(state["classifier.weight"], saved["classifier.weight"])
+    assert torch.count_nonzero(state["classifier.bias"]) == 0
+    backbone = [name for name in saved if not name.startswith("classifier.")]
+    assert backbone and all(torch.equal(state[name], saved[name]) for name in backbone)
+    assert model.config.id2label == dict(enumerate(labels))
+    assert model.config.label2id == {label: i for i, label in enumerate(labels)}
+
+
+def test_reordered_labels_also_reinitialise(tiny_vit):
+    _, report = load_model(ModelArguments(str(tiny_vit)), ["dog", "cat", "bird", "fish"])
+    assert not report.kept_head
+
+
+def test_new_class_count_gives_new_head_shape(tiny_vit):
+    model, report = load_model(ModelArguments(str(tiny_vit)), ["a", "b", "c", "d", "e", "f", "g"])
+    assert model.classifier.weight.shape == (7, 32)
+    assert "classifier.weight" in report.reinitialised
+
+
+@pytest.mark.parametrize("arch", ["resnet", "convnext", "swin"])
+def test_head_reinit_for_other_architectures(tmp_path, arch):
+    folder = build_tiny_checkpoint(arch, tmp_path / arch, labels=["a", "b", "c"])
+    model, report = load_model(ModelArguments(str(folder)), ["x", "y", "z"])
+    saved = checkpoint_tensors(folder)
+    head = set(report.reinitialised)
+    assert head and all(name.startswith("classifier") for name in head)
+    state = model.state_dict()
+    for name, tensor in saved.items():
+        if name not in head:
+            assert torch.equal(state[name], tensor), name
+        elif name.endswith("weight"):
+            assert not torch.equal(state[name], tensor), name
+
+
+def test_text_model_folder_is_refused(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(
+        BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    ).save_pretrained(tmp_path / "bert")
+    with pytest.raises(UserError, match=r"`bert` model.*image model"):
+        load_config(ModelArguments(str(tmp_path / "bert")))
+
+
+def test_missing_checkpoint_offline_names_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"`someone/no-such-model`.*HF_HUB_OFFLINE.*local folder"):
+        load_config(ModelArguments("someone/no-such-model"))
+
+
+def test_trust_remote_code_is_off_by_default():
+    assert ModelArguments("x").trust_remote_code is False
