@@ -113,6 +113,9 @@ class DataArguments:
     )
 
     def __post_init__(self):
+        for f in fields(self):
+            if getattr(self, f.name) == "" and f.default is None:
+                setattr(self, f.name, None)  # `--dataset_name ""` on the command line means "unset"
         if self.on_bad_image not in ("skip", "error"):
             raise UserError(f"on_bad_image={self.on_bad_image!r} is not valid: use `skip` or `error`.")
         for name in ("train_val_split", "train_test_split"):
@@ -159,6 +162,13 @@ VISION_TRAINING_DEFAULTS: dict[str, Any] = {
     "report_to": "none",
     "dataloader_num_workers": min(4, max(0, (os.cpu_count() or 1) - 1)),
     "output_dir": "outputs/run",
+}
+
+# The keys that make up each kind of data source (the first of each is the one that selects it).
+DATA_SOURCE_KEYS = {
+    "dataset_name": ("dataset_name", "dataset_config", "dataset_revision"),
+    "train_dir": ("train_dir", "validation_dir", "test_dir"),
+    "train_file": ("train_file", "validation_file", "test_file"),
 }
 
 # Never written to the resolved config: secrets, and fields that only make sense for one invocation.
@@ -219,6 +229,14 @@ def parse_args(dataclass_types, argv: list[str] | None = None, prog: str | None 
             if key not in known:
                 raise _unknown_key_error(key, list(known), f"config file {pre.config}")
         defaults.update(values)
+        # A data source given on the command line replaces the YAML's, so that a Hub recipe runs on local files
+        # with just `--train_dir ... --test_dir ...`.
+        flags = {arg.split("=")[0].lstrip("-") for arg in (argv or []) if arg.startswith("--")}
+        if flags & set(DATA_SOURCE_KEYS):
+            for group in DATA_SOURCE_KEYS.values():
+                if not flags & set(group):
+                    for key in group:
+                        defaults.pop(key, None)
     parser.set_defaults(**defaults)
 
     try:

@@ -41,7 +41,7 @@ def small_digits_folder(tmp_path_factory) -> Path:
     return root
 
 
-def digits_dataset(n_per_class: int = 20, classes=(0, 1, 2), size: int = 32, names=None):
+def digits_dataset(n_per_class: int = 20, classes=(0, 1, 2), size: int = 32, names=None, offset: int = 0):
     """An in-memory `datasets.Dataset` of digit pictures with a ClassLabel column."""
     import numpy as np
     from datasets import ClassLabel, Dataset, Features, Image
@@ -52,7 +52,7 @@ def digits_dataset(n_per_class: int = 20, classes=(0, 1, 2), size: int = 32, nam
     names = names or [f"digit_{c}" for c in classes]
     images, labels = [], []
     for position, cls in enumerate(classes):
-        for index in np.flatnonzero(digits.target == cls)[:n_per_class]:
+        for index in np.flatnonzero(digits.target == cls)[offset : offset + n_per_class]:
             pixels = (255 - digits.images[index] / 16 * 255).astype(np.uint8)
             images.append(PILImage.fromarray(pixels).resize((size, size)).convert("RGB"))
             labels.append(position)
@@ -67,4 +67,20 @@ def tiny_vit(tmp_path_factory) -> Path:
 
     return build_tiny_checkpoint(
         "vit", tmp_path_factory.mktemp("tiny_vit"), labels=["cat", "dog", "bird", "fish"]
+    )
+
+
+def run_training(argv: list[str], dataset=None) -> dict:
+    """Parse argv exactly like the CLI does and run training in-process; returns all metrics."""
+    from hf_finetune.cli import parse_train_args
+    from hf_finetune.training import run
+
+    parsed = {type(p).__name__: p for p in parse_train_args(argv)}
+    extra = {"strategy_args": parsed["StrategyArguments"]} if "StrategyArguments" in parsed else {}
+    return run(
+        parsed["ModelArguments"],
+        parsed["DataArguments"],
+        parsed["FinetuneTrainingArguments"],
+        dataset=dataset,
+        **extra,
     )

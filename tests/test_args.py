@@ -104,3 +104,18 @@ def test_every_shipped_recipe_yaml_parses(path):
         argv += ["--bf16", "false", "--fp16", "false"]  # GPU-only settings; the rest must parse on a CPU
     parsed = parse_train_args(argv)
     assert parsed[0].model_name_or_path == values["model_name_or_path"]
+
+
+def test_cli_data_source_replaces_the_yaml_source(tmp_path):
+    config = write_yaml(
+        tmp_path / "c.yaml",
+        {"model_name_or_path": "x", "dataset_name": "someone/flowers", "dataset_config": "full"},
+    )
+    _, data_args, *_ = parse_train_args(["--config", str(config), "--train_dir", "pics", "--test_dir", "t"])
+    assert (
+        data_args.train_dir == "pics" and data_args.dataset_name is None and data_args.dataset_config is None
+    )
+    _, data_args, *_ = parse_train_args(["--config", str(config)])
+    assert data_args.dataset_name == "someone/flowers"
+    with pytest.raises(UserError, match="Several training sources"):
+        parse_train_args(["--model_name_or_path", "x", "--dataset_name", "a/b", "--train_dir", "pics"])
