@@ -41,6 +41,13 @@ class ModelArguments:
             "help": "Run modelling code shipped inside the checkpoint repository. Off unless you trust it."
         },
     )
+    allow_pickle_weights: bool = field(
+        default=False,
+        metadata={
+            "help": "Also load pickle-based weights (pytorch_model.bin). Off: only safetensors load, since "
+            "reading a pickle can run code."
+        },
+    )
 
     def __post_init__(self):
         if not self.model_name_or_path:
@@ -255,6 +262,14 @@ def parse_args(dataclass_types, argv: list[str] | None = None, prog: str | None 
     return tuple(parsed)
 
 
+def _portable_path(value):
+    """Absolute local paths become relative to the working directory: no machine layout leaks into a file
+    that is published, and `--config` still works from the same directory."""
+    if isinstance(value, str) and os.path.isabs(value) and os.path.exists(value):
+        return os.path.relpath(value)
+    return value
+
+
 def _plain(value):
     if is_dataclass(value) and not isinstance(value, type):
         return {k: _plain(v) for k, v in asdict(value).items()}
@@ -283,7 +298,7 @@ def resolved_config(*arg_objects) -> dict[str, dict[str, Any]]:
             default = f.default_factory() if f.default_factory is not MISSING else f.default
             if default is None and is_dataclass(raw):
                 continue  # built by TrainingArguments.__post_init__ from an unset (None) field
-            value = _plain(raw)
+            value = _portable_path(_plain(raw))
             if value != _plain(default) or f.name in ("model_name_or_path", "output_dir"):
                 section[f.name] = value
         sections[type(obj).__name__] = section

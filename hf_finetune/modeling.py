@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hf_finetune.args import ModelArguments
 from hf_finetune.errors import UserError
@@ -65,6 +66,15 @@ def load_config(model_args: ModelArguments):
             "ResNet, RegNet, MobileNet, EfficientNet, ...)."
         )
     return config
+
+
+def _has_only_pickle_weights(name: str) -> bool:
+    folder = Path(name)
+    if not folder.is_dir():
+        return False
+    return not list(folder.glob("*.safetensors")) and bool(
+        list(folder.glob("*.bin")) or list(folder.glob("*.pt"))
+    )
 
 
 def load_image_processor(model_args: ModelArguments):
@@ -144,10 +154,17 @@ def load_model(model_args: ModelArguments, labels: list[str], config=None):
             cache_dir=model_args.cache_dir,
             trust_remote_code=model_args.trust_remote_code,
             dtype=torch.float32,  # master weights stay fp32; mixed precision is the Trainer's business
+            use_safetensors=None if model_args.allow_pickle_weights else True,
             output_loading_info=True,
             **kwargs,
         )
     except (OSError, ValueError) as err:
+        if not model_args.allow_pickle_weights and _has_only_pickle_weights(model_args.model_name_or_path):
+            raise UserError(
+                f"Checkpoint `{model_args.model_name_or_path}` has only pickle-based weights (pytorch_model.bin), "
+                "and reading a pickle can run arbitrary code. Convert it to safetensors, or, if you trust its "
+                "source, set allow_pickle_weights: true."
+            ) from None
         raise _load_error(model_args.model_name_or_path, model_args.model_revision, err) from None
     if same:
         report = LoadReport(kept_head=True, checkpoint_labels=old_labels)

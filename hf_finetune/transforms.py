@@ -115,6 +115,24 @@ def build_transforms(
     return v2.Compose(train_steps + _tail(spec)), eval_transform
 
 
+# Beyond this aspect ratio (a 1x5000 strip, a panorama) a short-edge resize would blow up the long edge into
+# hundreds of thousands of pixels; the middle of the long side is kept instead, before any resizing.
+MAX_ASPECT_RATIO = 8.0
+
+
+def limit_aspect_ratio(image, max_ratio: float = MAX_ASPECT_RATIO):
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    if long <= max_ratio * short:
+        return image
+    keep = max(1, int(max_ratio * short))
+    if width > height:
+        left = (width - keep) // 2
+        return image.crop((left, 0, left + keep, height))
+    top = (height - keep) // 2
+    return image.crop((0, top, width, top + keep))
+
+
 class BatchTransform:
     """`Dataset.with_transform` callable: image column -> `pixel_values`, label column -> `labels`.
 
@@ -127,7 +145,8 @@ class BatchTransform:
         self.label_column = label_column
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        out = {"pixel_values": [self.transform(to_rgb(image)) for image in batch[self.image_column]]}
+        images = batch[self.image_column]
+        out = {"pixel_values": [self.transform(limit_aspect_ratio(to_rgb(image))) for image in images]}
         if self.label_column is not None and self.label_column in batch:
             out["labels"] = batch[self.label_column]
         return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import yaml
@@ -81,7 +82,10 @@ def test_output_directory_is_complete_and_pipeline_predicts_label_names(tmp_path
     assert all_results["test_accuracy"] == results["test_accuracy"]
     assert "top5_accuracy" not in " ".join(all_results)  # three classes: top-5 would always be 1
     resolved = yaml.safe_load((out / "resolved_config.yaml").read_text())
-    assert resolved["num_train_epochs"] == 2 and resolved["model_name_or_path"] == str(tiny_vit)
+    assert resolved["num_train_epochs"] == 2
+    # Written relative to the working directory: no absolute local path in a file that may be published.
+    assert not os.path.isabs(resolved["model_name_or_path"])
+    assert os.path.abspath(resolved["model_name_or_path"]) == str(tiny_vit)
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["checkpoint_head"] == "re-initialised"
     card = (out / "README.md").read_text()
