@@ -29,25 +29,32 @@ def report_user_errors(function):
         try:
             return function(*args, **kwargs)
         except UserError as err:
-            sys.stderr.write("\n" + textwrap.fill(f"error: {err}", width=100, break_long_words=False, break_on_hyphens=False) + "\n")
+            sys.stderr.write(
+                "\n"
+                + textwrap.fill(f"error: {err}", width=100, break_long_words=False, break_on_hyphens=False)
+                + "\n"
+            )
             raise SystemExit(2) from None
 
     return wrapper
 
 
 def parse_train_args(argv: list[str] | None = None, prog: str = "hf-finetune train"):
-    """(model_args, data_args, training_args) from `--config` + flags."""
+    """(model_args, data_args, strategy_args, training_args) from `--config` + flags."""
     from hf_finetune.args import DataArguments, FinetuneTrainingArguments, ModelArguments, parse_args
+    from hf_finetune.strategies import StrategyArguments
 
-    return parse_args((ModelArguments, DataArguments, FinetuneTrainingArguments), argv, prog=prog)
+    return parse_args(
+        (ModelArguments, DataArguments, StrategyArguments, FinetuneTrainingArguments), argv, prog=prog
+    )
 
 
 @report_user_errors
 def train(argv: list[str] | None = None, prog: str = "hf-finetune train"):
     from hf_finetune.training import run
 
-    model_args, data_args, training_args = parse_train_args(argv, prog)
-    return run(model_args, data_args, training_args)
+    model_args, data_args, strategy_args, training_args = parse_train_args(argv, prog)
+    return run(model_args, data_args, training_args, strategy_args=strategy_args)
 
 
 COMMANDS = {"train": train}

@@ -40,16 +40,19 @@ def last_checkpoint(output_dir: str) -> str | None:
     return get_last_checkpoint(output_dir)
 
 
-def build_trainer(model, training_args, splits, image_processor, num_labels: int, callbacks=None):
+def build_trainer(model, training_args, splits, image_processor, num_labels: int, callbacks=None, plan=None):
     from transformers import EarlyStoppingCallback, Trainer
 
     from hf_finetune.evaluation import ComputeMetrics
+    from hf_finetune.strategies import strategy_trainer_class
     from hf_finetune.transforms import collate
 
     callbacks = list(callbacks or [])
     if getattr(training_args, "early_stopping_patience", None):
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
-    return Trainer(
+    # With a freezing plan, the Trainer builds its optimizer groups and unfreezing schedule from it.
+    trainer_cls, extra = (strategy_trainer_class(), {"plan": plan}) if plan is not None else (Trainer, {})
+    return trainer_cls(
         model=model,
         args=training_args,
         train_dataset=splits["train"],
@@ -58,6 +61,7 @@ def build_trainer(model, training_args, splits, image_processor, num_labels: int
         compute_metrics=ComputeMetrics(num_labels),
         processing_class=image_processor,
         callbacks=callbacks,
+        **extra,
     )
 
 
@@ -67,13 +71,18 @@ def run(
     training_args: FinetuneTrainingArguments,
     dataset=None,
     extra_args: tuple = (),
+    strategy_args=None,
 ) -> dict[str, Any]:
     """Train, evaluate on validation and test, and write the output directory. Returns all metrics."""
     from transformers import set_seed
 
     from hf_finetune.data import prepare_data
     from hf_finetune.modeling import load_config, load_image_processor, load_model
-    from hf_finetune.transforms import attach_transforms
+    from hf_finetune.strategies import STRATEGY_SUMMARY, StrategyArguments, prepare_strategy
+    from hf_finetune.transforms import attach_transforms, collate
+
+    strategy_args = strategy_args or StrategyArguments()
+    extra_args = (strategy_args, *(a for a in extra_args if not isinstance(a, StrategyArguments)))
 
     setup_logging(training_args)
     set_seed(training_args.seed)
@@ -87,13 +96,17 @@ def run(
         data = prepare_data(data_args, training_args.seed, cache_dir=model_args.cache_dir, dataset=dataset)
     model, load_report = load_model(model_args, data.labels, config)
     splits = attach_transforms(data.splits, image_processor, data_args, data.image_column, data.label_column)
+    # Freeze before the Trainer exists: it reads ddp_find_unused_parameters when it builds the accelerator.
+    # Two real training images let the plan find parameters the forward pass never uses.
+    example = collate([splits["train"][i] for i in range(min(2, len(splits["train"])))])
+    plan = prepare_strategy(model, strategy_args, training_args, example_inputs=example)
 
     # Publishing is done once, at the end, from the finished output directory (with our model card), instead of
     # the Trainer's push at every save.
     publish = training_args.push_to_hub
     training_args.push_to_hub = False
 
-    trainer = build_trainer(model, training_args, splits, image_processor, len(data.labels))
+    trainer = build_trainer(model, training_args, splits, image_processor, len(data.labels), plan=plan)
     resume = training_args.resume_from_checkpoint or last_checkpoint(str(output_dir))
     if resume:
         logger.info("Resuming from %s", resume)
@@ -110,10 +123,15 @@ def run(
                 "reinitialised_tensors": load_report.reinitialised,
                 "checkpoint_labels": load_report.checkpoint_labels[:50],
                 "bad_images_skipped": len(data.bad_images),
+                "strategy": strategy_args.strategy,
             },
         )
+        output.write_json(output_dir / STRATEGY_SUMMARY, trainer.strategy_summary())
 
     train_result = trainer.train(resume_from_checkpoint=resume)
+    if trainer.is_world_process_zero():
+        # Again after training: the optimizer's real groups and, for gradual, the schedule as it happened.
+        output.write_json(output_dir / STRATEGY_SUMMARY, trainer.strategy_summary())
     trainer.save_model()
     metrics = dict(train_result.metrics)
     metrics["train_samples"] = len(splits["train"])

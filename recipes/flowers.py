@@ -23,13 +23,13 @@ def main(argv=None):
     ######################################
     # Settings: YAML defaults + CLI flags #
     ######################################
-    args = parse_train_args(argv, prog="recipes/flowers.py")
+    model_args, data_args, strategy_args, training_args = parse_train_args(argv, prog="recipes/flowers.py")
 
     ####################################################
     # Load, train, evaluate, save model card (+ push)  #
     ####################################################
-    results = run(*args)
-    if args[-1].process_index == 0:
+    results = run(model_args, data_args, training_args, strategy_args=strategy_args)
+    if training_args.process_index == 0:
         print(f"\nFlowers done: test accuracy {results.get('test_accuracy', float('nan')):.4f}")
 
 

@@ -19,7 +19,7 @@ from hf_finetune.training import run
 
 @report_user_errors
 def main(argv=None):
-    model_args, data_args, training_args = parse_train_args(argv, prog="recipes/quickstart.py")
+    model_args, data_args, strategy_args, training_args = parse_train_args(argv, prog="recipes/quickstart.py")
 
     ####################################################
     # Stand-ins for a Hub dataset and a Hub checkpoint #
@@ -30,7 +30,7 @@ def main(argv=None):
     #######################################
     # Train, evaluate, write output_dir   #
     #######################################
-    results = run(model_args, data_args, training_args)
+    results = run(model_args, data_args, training_args, strategy_args=strategy_args)
     if training_args.process_index == 0:
         print(
             f"\nQuickstart done: test accuracy {results.get('test_accuracy', float('nan')):.3f} "

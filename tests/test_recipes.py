@@ -1,0 +1,117 @@
+"""The shipped recipes and the command, run for real as subprocesses (what a user types)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run(cmd, cwd=REPO, env=ENV, timeout=600):
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_commands_without_heavy_imports():
+    result = run([str(BIN / "hf-finetune"), "--help"])
+    assert result.returncode == 0 and "train" in result.stdout
+    # --help is fast because the command module imports no heavy library; check that, not a wall time.
+    probe = (
+        "import sys, hf_finetune.cli; print(sorted({'torch', 'transformers', 'datasets'} & set(sys.modules)))"
+    )
+    assert run([sys.executable, "-c", probe]).stdout.strip() == "[]"
+
+
+def test_train_help_lists_settings():
+    result = run([str(BIN / "hf-finetune"), "train", "--help"])
+    assert result.returncode == 0
+    for flag in (
+        "--model_name_or_path",
+        "--train_dir",
+        "--image_column",
+        "--on_bad_image",
+        "--learning_rate",
+    ):
+        assert flag in result.stdout
+
+
+def test_user_errors_are_one_paragraph_and_exit_2(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model_name_or_path: x\nnum_train_epoch: 3\n")
+    result = run([str(BIN / "hf-finetune"), "train", "--config", str(config)])
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "num_train_epoch" in result.stderr and "num_train_epochs" in result.stderr
+
+
+@pytest.mark.slow
+def test_quickstart_recipe(tmp_path):
+    out = tmp_path / "quickstart"
+    cmd = [sys.executable, "recipes/quickstart.py", "--config", "recipes/quickstart.yaml", "--output_dir", str(out),
+           "--model_name_or_path", str(tmp_path / "stand-in"), "--train_dir", str(tmp_path / "digits")]  # fmt: skip
+    result = run(cmd)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["test_accuracy"] > 0.6, results  # ten classes: chance is 0.1
+    assert results["test_samples"] == 270 and "test_top5_accuracy" in results
+    assert "tiny stand-in model" in result.stdout
+
+
+@pytest.mark.slow
+def test_flowers_recipe_on_local_files(tmp_path, small_digits_folder):
+    from hf_finetune.tiny import build_tiny_checkpoint
+
+    checkpoint = build_tiny_checkpoint(
+        "convnext", tmp_path / "ckpt", labels=[f"flower_{i}" for i in range(102)]
+    )
+    out = tmp_path / "flowers"
+    cmd = [sys.executable, "recipes/flowers.py", "--config", "recipes/flowers.yaml",
+           "--model_name_or_path", str(checkpoint), "--image_column", "image",
+           "--label_column", "label", "--train_dir", str(small_digits_folder), "--test_dir", str(small_digits_folder),
+           "--bf16", "false", "--use_cpu", "true", "--num_train_epochs", "1", "--per_device_train_batch_size", "16",
+           "--dataloader_num_workers", "0", "--output_dir", str(out)]  # fmt: skip
+    result = run(cmd)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["test_samples"] == 120
+    config = json.loads((out / "config.json").read_text())
+    assert sorted(config["id2label"].values()) == ["one", "two", "zero"]
+
+
+@pytest.mark.slow
+def test_flowers_recipe_without_network_fails_fast_with_one_message(tmp_path):
+    env = {k: v for k, v in ENV.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env["HF_HOME"] = str(tmp_path / "hf_home")  # an empty cache: nothing can come from a previous download
+    result = run([sys.executable, "recipes/flowers.py", "--config", "recipes/flowers.yaml", "--bf16", "false",
+                  "--output_dir", str(tmp_path / "out")], env=env, timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "google/vit-base-patch16-224-in21k" in result.stderr and "local folder" in result.stderr
+    # The up-front reachability check answered, not the downloader after its half-minute of retries.
+    assert "Could not reach the Hugging Face Hub" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch(tmp_path):
+    out = tmp_path / "ddp"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", "accelerate_configs/cpu.yaml", "--num_processes", "2",
+           "recipes/quickstart.py", "--config", "recipes/quickstart.yaml", "--output_dir", str(out),
+           "--model_name_or_path", str(tmp_path / "stand-in"), "--train_dir", str(tmp_path / "digits"),
+           "--num_train_epochs", "2"]  # fmt: skip
+    result = run(cmd)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["test_samples"] == 270
+    state = json.loads((out / "trainer_state.json").read_text())
+    # Two processes x 64 per device: each optimizer step sees 128 images, so an epoch of 1,257 is 10 steps.
+    assert state["global_step"] == 2 * -(-1257 // 128)
