@@ -148,6 +148,13 @@ class DataArguments:
 class FinetuneTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus the few settings that only this project has."""
 
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train again into an output_dir that holds a finished run, replacing it."},
+    )
+    license: str | None = field(
+        default=None, metadata={"help": "License id for the model card and the Hub (e.g. apache-2.0, mit)."}
+    )
     early_stopping_patience: int | None = field(
         default=None,
         metadata={"help": "Stop after this many evaluations without improvement (off by default)."},

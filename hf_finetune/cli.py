@@ -13,6 +13,8 @@ Transfer-learning recipes for image classification on the Hugging Face stack.
 
 commands:
   train        fine-tune a checkpoint on your images (any setting of the recipe YAMLs as --flag value)
+  predict      top-k labels for image files or folders with any output directory or Hub model
+  push         upload a finished output directory to a Hub model repository (--dry_run lists the files)
 
 Run `hf-finetune train --help` for every setting. Multi-GPU / multi-node runs:
   accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m hf_finetune.cli train --config ...
@@ -57,7 +59,20 @@ def train(argv: list[str] | None = None, prog: str = "hf-finetune train"):
     return run(model_args, data_args, training_args, strategy_args=strategy_args)
 
 
-COMMANDS = {"train": train}
+def predict(argv: list[str] | None = None, prog: str = "hf-finetune predict"):
+    from hf_finetune.predict import main as predict_main
+
+    return predict_main(argv, prog=prog)
+
+
+@report_user_errors
+def push(argv: list[str] | None = None, prog: str = "hf-finetune push"):
+    from hf_finetune.publish import main as push_main
+
+    return push_main(argv)
+
+
+COMMANDS = {"train": train, "predict": predict, "push": push}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,10 +18,22 @@ from hf_finetune.args import resolved_config
 logger = logging.getLogger(__name__)
 
 RESOLVED_CONFIG = "resolved_config.yaml"
+RUN_SUMMARY = "run_summary.json"
 BAD_IMAGES = "bad_images.json"
 DATA_SPLITS = "data_splits.json"
-RUN_SUMMARY = "run_summary.json"
 CARD = "README.md"
+ALL_RESULTS = "all_results.json"
+# Files of a run that `overwrite_output_dir` removes before training again.
+RUN_FILES = (
+    ALL_RESULTS, "train_results.json", "eval_results.json", "test_results.json", "trainer_state.json",
+    RESOLVED_CONFIG, BAD_IMAGES, DATA_SPLITS, RUN_SUMMARY, CARD,
+)  # fmt: skip
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -31,6 +43,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a published file should be readable
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -53,6 +66,38 @@ def write_resolved_config(output_dir: str | os.PathLike, *arg_objects) -> Path:
         body = yaml.safe_dump(values, sort_keys=False, default_flow_style=False)
         chunks.append(f"# {section}\n{body}")
     return write_text_atomic(Path(output_dir) / RESOLVED_CONFIG, "\n".join(chunks))
+
+
+def finished_run(output_dir: str | os.PathLike) -> str | None:
+    """A short description of the finished run in `output_dir` (its headline metric), or None."""
+    path = Path(output_dir) / ALL_RESULTS
+    if not path.is_file():
+        return None
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return "unreadable results"
+    for key in ("test_accuracy", "eval_accuracy"):
+        if key in results:
+            return f"{key}={results[key]:.4f}"
+    return "results"
+
+
+def relativize_trainer_state(output_dir: str | os.PathLike) -> None:
+    """trainer_state.json names the best checkpoint by absolute path; keep it relative to the output folder."""
+    path = Path(output_dir) / "trainer_state.json"
+    if not path.is_file():
+        return
+    state = json.loads(path.read_text())
+    best = state.get("best_model_checkpoint")
+    if best and os.path.isabs(best):
+        state["best_model_checkpoint"] = os.path.relpath(best, Path(output_dir).resolve())
+        write_json(path, state)
+
+
+def non_default_settings(arguments) -> dict[str, Any]:
+    """A dataclass's settings that differ from its defaults (for the model card)."""
+    return next(iter(resolved_config(arguments).values()), {})
 
 
 def write_bad_images(output_dir: str | os.PathLike, bad_images: list[dict[str, Any]]) -> Path | None:
@@ -89,7 +134,10 @@ def model_card_text(
     labels: list[str],
     results: dict[str, float],
     strategy: str = "full",
+    strategy_settings: dict[str, Any] | None = None,
     repo_id: str | None = None,
+    license: str | None = None,
+    extra_sections: str = "",
 ) -> str:
     """The output directory's README.md: Hub metadata (model-index with test metrics) and a usage snippet."""
     from huggingface_hub import EvalResult, ModelCardData
@@ -117,12 +165,15 @@ def model_card_text(
         tags=["image-classification", "hf-finetune", f"strategy-{strategy}"],
         pipeline_tag="image-classification",
         library_name="transformers",
+        license=license,
         model_name=model_name,
         eval_results=eval_results or None,
     )
     source = f"[{hub_base}](https://huggingface.co/{hub_base})" if hub_base else "a local checkpoint"
     load_from = repo_id or "path/to/this/folder"
     label_list = ", ".join(f"`{label}`" for label in labels)
+    settings = "".join(f"- `{key}`: `{value}`\n" for key, value in (strategy_settings or {}).items())
+    settings = settings or f"- `strategy`: `{strategy}` (defaults)\n"
     return f"""---
 {data.to_yaml()}
 ---
@@ -130,11 +181,17 @@ def model_card_text(
 # {model_name}
 
 An image classifier for {len(labels)} classes, fine-tuned from {source} on {shown_dataset} with
-[hf-finetune](https://github.com/) (strategy: `{strategy}`).
+hf-finetune (strategy: `{strategy}`).
 
 ## Results
 
 {_format_metrics(results)}
+
+## Training
+
+Transfer strategy and its settings:
+
+{settings}
 
 ## Labels
 
@@ -148,30 +205,10 @@ from transformers import pipeline
 classifier = pipeline("image-classification", model="{load_from}")
 classifier("picture.jpg")
 ```
+
+{extra_sections}
 """
 
 
 def write_model_card(output_dir: str | os.PathLike, **kwargs) -> Path:
     return write_text_atomic(Path(output_dir) / CARD, model_card_text(**kwargs))
-
-
-def push_output_dir(
-    output_dir: str | os.PathLike, repo_id: str, private: bool | None = None, token=None
-) -> str:
-    """Upload the whole output directory (minus intermediate checkpoints) to a Hub model repository.
-
-    The token comes from the argument, HF_TOKEN or the login cache (huggingface_hub's own lookup); it is only
-    handed to huggingface_hub and never written anywhere.
-    """
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(output_dir),
-        ignore_patterns=["checkpoint-*", "checkpoint-*/**", ".*", "runs/**"],
-        commit_message="Upload image classifier trained with hf-finetune",
-    )
-    logger.info("Published %s to %s", output_dir, url)
-    return str(url)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,24 +26,20 @@ def setup_logging(training_args) -> None:
         force=True,
     )
     level = training_args.get_process_log_level()
-    logging.getLogger("hf_finetune").setLevel(level)
+    # Our own log (splits, re-initialised tensors, strategy, resume) is what a user reads to check a run, so on
+    # the main process it is shown at INFO unless log_level says otherwise; the libraries stay quieter.
+    ours = logging.INFO if training_args.log_level == "passive" and training_args.should_log else level
+    logging.getLogger("hf_finetune").setLevel(ours)
     datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
 
 
-def last_checkpoint(output_dir: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if not os.path.isdir(output_dir):
-        return None
-    return get_last_checkpoint(output_dir)
-
-
 def build_trainer(model, training_args, splits, image_processor, num_labels: int, callbacks=None, plan=None):
     from transformers import EarlyStoppingCallback, Trainer
 
+    from hf_finetune.checkpoints import CheckpointLoadingMixin, CompleteCheckpointCallback
     from hf_finetune.evaluation import ComputeMetrics
     from hf_finetune.strategies import strategy_trainer_class
     from hf_finetune.transforms import collate
@@ -51,7 +48,9 @@ def build_trainer(model, training_args, splits, image_processor, num_labels: int
     if getattr(training_args, "early_stopping_patience", None):
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
     # With a freezing plan, the Trainer builds its optimizer groups and unfreezing schedule from it.
-    trainer_cls, extra = (strategy_trainer_class(), {"plan": plan}) if plan is not None else (Trainer, {})
+    base_cls, extra = (strategy_trainer_class(), {"plan": plan}) if plan is not None else (Trainer, {})
+    trainer_cls = type("FinetuneTrainer", (CheckpointLoadingMixin, base_cls), {})
+    callbacks.append(CompleteCheckpointCallback())
     return trainer_cls(
         model=model,
         args=training_args,
@@ -65,6 +64,35 @@ def build_trainer(model, training_args, splits, image_processor, num_labels: int
     )
 
 
+def prepare_output_dir(training_args) -> None:
+    """Refuse to overwrite a finished run silently, and fail before any work when the folder is not writable."""
+    from hf_finetune.checkpoints import checkpoint_dirs
+    from hf_finetune.errors import UserError
+
+    output_dir = Path(training_args.output_dir)
+    finished = output.finished_run(output_dir)
+    if finished and not training_args.overwrite_output_dir:
+        raise UserError(
+            f"output_dir={output_dir} already holds a finished run ({output.ALL_RESULTS} with {finished}). "
+            "Choose another output_dir, or set overwrite_output_dir: true to train again and replace it."
+        )
+    with training_args.main_process_first(desc="output directory"):
+        if training_args.should_save and training_args.overwrite_output_dir:
+            for path in checkpoint_dirs(output_dir):
+                shutil.rmtree(path)  # explicitly asked: start from scratch, never resume from these
+            for name in output.RUN_FILES:
+                (output_dir / name).unlink(missing_ok=True)
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
+                pass
+        except OSError as err:
+            raise UserError(
+                f"Cannot write to output_dir={output_dir} ({err.strerror or err}). Choose a folder you can write "
+                "to, e.g. --output_dir outputs/my_run."
+            ) from None
+
+
 def run(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -76,6 +104,7 @@ def run(
     """Train, evaluate on validation and test, and write the output directory. Returns all metrics."""
     from transformers import set_seed
 
+    from hf_finetune.checkpoints import last_complete_checkpoint
     from hf_finetune.data import prepare_data
     from hf_finetune.modeling import load_config, load_image_processor, load_model
     from hf_finetune.strategies import STRATEGY_SUMMARY, StrategyArguments, prepare_strategy
@@ -87,7 +116,16 @@ def run(
     setup_logging(training_args)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
+    prepare_output_dir(training_args)
+    # Publishing is done once, at the end, from the finished output directory (with our model card), instead of
+    # the Trainer's push at every save. The token leaves TrainingArguments before the Trainer pickles them
+    # into training_args.bin or logs them.
+    publish, hub_token = training_args.push_to_hub, training_args.hub_token
+    training_args.push_to_hub, training_args.hub_token = False, None
 
+    ##############################
+    # Checkpoint, data, strategy #
+    ##############################
     # Checkpoint first: a wrong id fails in seconds, before any data is read.
     config = load_config(model_args)
     image_processor = load_image_processor(model_args)
@@ -101,18 +139,12 @@ def run(
     example = collate([splits["train"][i] for i in range(min(2, len(splits["train"])))])
     plan = prepare_strategy(model, strategy_args, training_args, example_inputs=example)
 
-    # Publishing is done once, at the end, from the finished output directory (with our model card), instead of
-    # the Trainer's push at every save.
-    publish = training_args.push_to_hub
-    training_args.push_to_hub = False
-
     trainer = build_trainer(model, training_args, splits, image_processor, len(data.labels), plan=plan)
-    resume = training_args.resume_from_checkpoint or last_checkpoint(str(output_dir))
+    resume = training_args.resume_from_checkpoint or last_complete_checkpoint(output_dir)
     if resume:
         logger.info("Resuming from %s", resume)
 
     if trainer.is_world_process_zero():
-        output_dir.mkdir(parents=True, exist_ok=True)
         output.write_resolved_config(output_dir, model_args, data_args, *extra_args, training_args)
         output.write_bad_images(output_dir, data.bad_images)
         output.write_json(output_dir / output.DATA_SPLITS, {"labels": data.labels, "splits": data.report})
@@ -128,41 +160,78 @@ def run(
         )
         output.write_json(output_dir / STRATEGY_SUMMARY, trainer.strategy_summary())
 
+    ############
+    # Training #
+    ############
     train_result = trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():
         # Again after training: the optimizer's real groups and, for gradual, the schedule as it happened.
         output.write_json(output_dir / STRATEGY_SUMMARY, trainer.strategy_summary())
     trainer.save_model()
-    metrics = dict(train_result.metrics)
-    metrics["train_samples"] = len(splits["train"])
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
     trainer.save_state()
 
+    ##############
+    # Evaluation #
+    ##############
+    metrics = {**train_result.metrics, "train_samples": len(splits["train"])}
     eval_metrics = trainer.evaluate(eval_dataset=splits["validation"], metric_key_prefix="eval")
     eval_metrics["eval_samples"] = len(splits["validation"])
-    trainer.log_metrics("eval", eval_metrics)
-    trainer.save_metrics("eval", eval_metrics)
-    results = {**metrics, **eval_metrics}
-    if "test" in splits:
-        test_metrics = trainer.evaluate(eval_dataset=splits["test"], metric_key_prefix="test")
-        test_metrics["test_samples"] = len(splits["test"])
-        trainer.log_metrics("test", test_metrics)
-        trainer.save_metrics("test", test_metrics)
-        results.update(test_metrics)
+    # Reports are drawn on the test split, or on validation when there is no test split.
+    report_split = "test" if "test" in splits else "validation"
+    predictions = trainer.predict(splits[report_split], metric_key_prefix=report_split)
+    sections = [("train", metrics), ("eval", eval_metrics)]
+    if report_split == "test":
+        test_metrics = {**predictions.metrics, "test_samples": len(splits["test"])}
+        sections.append(("test", test_metrics))
+    results = {key: value for _, part in sections for key, value in part.items()}
+    for name, part in sections:
+        trainer.log_metrics(name, part)
 
+    ##########################################
+    # Output directory: metrics, reports,    #
+    # model card; then publish               #
+    ##########################################
     if trainer.is_world_process_zero():
-        write_card(output_dir, model_args, data_args, training_args, data.labels, results, extra_args)
+        from hf_finetune.reports import report_links_markdown, write_reports
+
+        report_files = write_reports(
+            output_dir,
+            logits=predictions.predictions,
+            labels=predictions.label_ids,
+            label_names=data.labels,
+            images=undecoded_images(data.splits[report_split], data.image_column),
+            log_history=trainer.state.log_history,
+            split="test" if report_split == "test" else "validation",
+        )
+        output.relativize_trainer_state(output_dir)
+        write_card(
+            output_dir, model_args, data_args, training_args, data.labels, results, extra_args,
+            reports=report_links_markdown(report_files),
+        )  # fmt: skip
+        # Metrics last: all_results.json marks a finished run (see prepare_output_dir).
+        for name, part in sections:
+            trainer.save_metrics(name, part)
         if publish:
+            from hf_finetune.publish import publish as publish_dir
+
             repo_id = training_args.hub_model_id or output_dir.name
-            output.push_output_dir(
-                output_dir, repo_id, training_args.hub_private_repo, training_args.hub_token
-            )
+            publish_dir(output_dir, repo_id, private=training_args.hub_private_repo, token=hub_token)
     return results
 
 
-def write_card(output_dir, model_args, data_args, training_args, labels, results, extra_args=()) -> None:
-    strategy = next((a.strategy for a in extra_args if hasattr(a, "strategy")), "full")
+def undecoded_images(dataset, image_column: str):
+    """The image column as {"bytes", "path"} values, without decoding every picture up front."""
+    from datasets import Image
+
+    return dataset.cast_column(image_column, Image(decode=False))[image_column]
+
+
+def write_card(
+    output_dir, model_args, data_args, training_args, labels, results, extra_args=(), reports: str = ""
+) -> None:
+    strategy_args = next((a for a in extra_args if hasattr(a, "strategy")), None)
+    strategy = strategy_args.strategy if strategy_args is not None else "full"
+    settings = output.non_default_settings(strategy_args) if strategy_args is not None else {}
     output.write_model_card(
         output_dir,
         model_name=training_args.hub_model_id or Path(output_dir).name,
@@ -171,5 +240,8 @@ def write_card(output_dir, model_args, data_args, training_args, labels, results
         labels=labels,
         results=results,
         strategy=strategy,
+        strategy_settings=settings,
         repo_id=training_args.hub_model_id,
+        license=training_args.license,
+        extra_sections=reports,
     )

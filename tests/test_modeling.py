@@ -86,3 +86,18 @@ def test_missing_checkpoint_offline_names_it(tmp_path, monkeypatch):
 
 def test_trust_remote_code_is_off_by_default():
     assert ModelArguments("x").trust_remote_code is False
+
+
+@pytest.mark.parametrize("arch", ["vit", "resnet"])
+def test_checkpoint_weights_reload_through_renamed_keys(tmp_path, arch):
+    # Trainer checkpoints store the serialised (legacy) names; a plain load_state_dict would load nothing.
+    from hf_finetune.checkpoints import load_weights_from_checkpoint
+
+    folder = build_tiny_checkpoint(arch, tmp_path / "a", labels=["a", "b"], seed=1)
+    target = AutoModelForImageClassification.from_config(
+        AutoModelForImageClassification.from_pretrained(folder).config
+    )
+    expected = checkpoint_tensors(folder)
+    assert any(not torch.equal(t, expected[n]) for n, t in target.state_dict().items())
+    load_weights_from_checkpoint(target, str(folder))
+    assert all(torch.equal(t, expected[n]) for n, t in target.state_dict().items())

@@ -1,0 +1,98 @@
+"""Checkpoints that can be trusted: completeness markers, and weight reloading that survives key renames.
+
+Two problems with the Trainer's own handling:
+- A run killed while a checkpoint is being written leaves `checkpoint-N/` half-written, and
+  `get_last_checkpoint` picks it as the newest. A marker file written after the whole save (on the
+  `on_save` event, which follows the save) tells complete checkpoints from interrupted ones.
+- The Trainer reloads checkpoint weights with a plain `load_state_dict(strict=False)`. Checkpoints are saved
+  under the serialised (legacy) parameter names, which transformers 5 maps to renamed modules only inside
+  `from_pretrained`; for ViT the plain reload silently loads nothing. Loading through `from_pretrained`
+  applies the mapping, and `strict=True` makes any other mismatch an error instead of a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "checkpoint_complete"
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
+    """`checkpoint-N` folders, newest (highest N) first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT_DIR.match(p.name))
+    ]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest checkpoint whose save finished; interrupted ones are named in the log and skipped."""
+    for path in checkpoint_dirs(output_dir):
+        if (path / COMPLETE_MARKER).is_file():
+            return str(path)
+        logger.warning(
+            "Ignoring %s: its save did not finish (the run was interrupted while writing it).", path
+        )
+    return None
+
+
+class CompleteCheckpointCallback(TrainerCallback):
+    """Writes the completeness marker into each checkpoint once the Trainer has finished saving it."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if path.is_dir():
+                (path / COMPLETE_MARKER).write_text(f"{state.global_step}\n")
+        return control
+
+
+def load_weights_from_checkpoint(model, checkpoint_dir: str) -> None:
+    """Copy a checkpoint's weights (parameters and buffers) into `model`, through `from_pretrained`."""
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    reference = type(model).from_pretrained(checkpoint_dir, dtype=dtype, use_safetensors=True)
+    with torch.no_grad():
+        model.load_state_dict(reference.state_dict(), strict=True)
+
+
+class CheckpointLoadingMixin:
+    """Trainer mixin: resume and best-model reloads go through `load_weights_from_checkpoint`."""
+
+    def _loads_plain_model(self, model) -> bool:
+        from transformers import PreTrainedModel
+
+        return (
+            isinstance(model, PreTrainedModel)
+            and not getattr(self, "is_deepspeed_enabled", False)
+            and not getattr(self, "is_fsdp_enabled", False)
+        )
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        target = model if model is not None else self.model
+        if not self._loads_plain_model(target) or not os.path.isfile(
+            os.path.join(resume_from_checkpoint, "config.json")
+        ):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_weights_from_checkpoint(target, resume_from_checkpoint)
+        return None
+
+    def _load_best_model(self):
+        best = self.state.best_model_checkpoint
+        if best is None or not self._loads_plain_model(self.model):
+            return super()._load_best_model()
+        logger.info("Loading best model from %s (score: %s).", best, self.state.best_metric)
+        load_weights_from_checkpoint(self.model, best)
+        return None

@@ -1,0 +1,436 @@
+"""Evaluation reports written into `output_dir` after every run: plots and per-class tables.
+
+    files = write_reports(output_dir, logits=logits, labels=labels, label_names=names,
+                          images=test_images, log_history=trainer.state.log_history)
+    card_section = report_links_markdown(files)
+
+Everything is drawn with matplotlib's object-oriented API on an Agg canvas (no pyplot, so no global backend
+switch and no figure registry to leak in a notebook), and every file is written atomically: a temporary file
+in the same folder, then `os.replace`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# Report name -> file name (for the "test" split; other splits get a "<split>_" prefix, see `report_file`).
+CONFUSION_MATRIX = "confusion_matrix"
+CLASSIFICATION_REPORT = "classification_report"
+CLASSIFICATION_REPORT_MARKDOWN = "classification_report_markdown"
+TRAINING_CURVES = "training_curves"
+MOST_CONFIDENT_ERRORS = "most_confident_errors"
+MOST_CONFIDENT_ERRORS_LIST = "most_confident_errors_list"
+FILE_NAMES = {
+    CONFUSION_MATRIX: "confusion_matrix.png",
+    CLASSIFICATION_REPORT: "classification_report.json",
+    CLASSIFICATION_REPORT_MARKDOWN: "classification_report.md",
+    TRAINING_CURVES: "training_curves.png",
+    MOST_CONFIDENT_ERRORS: "most_confident_errors.png",
+    MOST_CONFIDENT_ERRORS_LIST: "most_confident_errors.json",
+}
+MAX_ERRORS_SHOWN = 16
+# Above this many classes the confusion matrix drops its per-cell counts (unreadable), and above
+# `MAX_TICK_LABELS` it labels only every n-th class on the axes.
+MAX_ANNOTATED_CLASSES = 30
+MAX_TICK_LABELS = 120
+_DPI = 100
+
+
+def report_file(name: str, split: str = "test") -> str:
+    """The file name of report `name` for `split` (training curves do not depend on the split)."""
+    file_name = FILE_NAMES[name]
+    if split == "test" or name == TRAINING_CURVES:
+        return file_name
+    return f"{split}_{file_name}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Atomic writing
+# --------------------------------------------------------------------------------------------------------
+def _save_figure(figure, path: Path) -> None:
+    """Render `figure` to PNG at `path` atomically; the figure is released either way."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            figure.savefig(handle, format="png", dpi=_DPI)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a plot is as readable as any other file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        figure.clear()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _short(name: str, limit: int = 24) -> str:
+    """`name` cut in the middle to `limit` characters: class names often differ only at one end."""
+    name = str(name)
+    if len(name) <= limit:
+        return name
+    head = (limit - 1) // 2
+    return name[:head] + "…" + name[-(limit - 1 - head) :]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Confusion matrix
+# --------------------------------------------------------------------------------------------------------
+def plot_confusion_matrix(path: Path, labels, predictions, label_names: list[str], split: str) -> None:
+    """Counts in the cells, colour = fraction of the true class (row-normalised), class names on the axes."""
+    import numpy as np
+    from matplotlib.figure import Figure
+    from sklearn.metrics import confusion_matrix
+
+    n = len(label_names)
+    counts = confusion_matrix(labels, predictions, labels=list(range(n)))
+    totals = counts.sum(axis=1, keepdims=True)
+    fraction = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=np.float64), where=totals > 0)
+
+    side = float(np.clip(2.5 + 0.3 * n, 5.0, 26.0))  # inches: ~0.3 per class, bounded for 100+ classes
+    figure = Figure(figsize=(side + 1.5, side), layout="constrained")
+    ax = figure.add_subplot()
+    image = ax.imshow(fraction, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    figure.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="fraction of the true class")
+
+    step = max(1, int(np.ceil(n / MAX_TICK_LABELS)))
+    ticks = list(range(0, n, step))
+    names = [_short(label_names[i]) for i in ticks]
+    # Tick labels as tall as ~60% of a cell (the axes take ~80% of the figure side), 4 to 10 points.
+    font = float(np.clip(0.6 * 72 * 0.8 * side * step / n, 4, 10))
+    ax.set_xticks(
+        ticks, names, rotation=90 if n > 6 else 45, ha="center" if n > 6 else "right", fontsize=font
+    )
+    ax.set_yticks(ticks, names, fontsize=font)
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    accuracy = float(np.trace(counts) / max(counts.sum(), 1))
+    ax.set_title(f"Confusion matrix ({split}, {int(counts.sum())} images, accuracy {accuracy:.3f})")
+    if n <= MAX_ANNOTATED_CLASSES:
+        cell_font = float(np.clip(14 - 0.35 * n, 5, 11))
+        for true in range(n):
+            for pred in range(n):
+                if counts[true, pred] == 0 and true != pred:
+                    continue
+                colour = "white" if fraction[true, pred] > 0.5 else "black"
+                ax.text(
+                    pred,
+                    true,
+                    str(counts[true, pred]),
+                    ha="center",
+                    va="center",
+                    color=colour,
+                    fontsize=cell_font,
+                )
+    _save_figure(figure, path)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-class report
+# --------------------------------------------------------------------------------------------------------
+def classification_report_dict(labels, predictions, label_names: list[str]) -> dict[str, Any]:
+    """scikit-learn's `classification_report(output_dict=True, zero_division=0)` over every class."""
+    from sklearn.metrics import classification_report
+
+    return classification_report(
+        labels,
+        predictions,
+        labels=list(range(len(label_names))),
+        target_names=[str(name) for name in label_names],
+        output_dict=True,
+        zero_division=0,
+    )
+
+
+def classification_report_markdown(report: dict[str, Any], split: str) -> str:
+    def cell(name: str) -> str:
+        return str(name).replace("|", "\\|")
+
+    rows = [
+        f"# Per-class results ({split})",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    summary = {"accuracy", "macro avg", "weighted avg", "micro avg"}
+    for name, values in report.items():
+        if name not in summary:
+            rows.append(
+                f"| {cell(name)} | {values['precision']:.4f} | {values['recall']:.4f} | "
+                f"{values['f1-score']:.4f} | {int(values['support'])} |"
+            )
+    total = int(report.get("macro avg", {}).get("support", 0))
+    if "accuracy" in report:
+        rows.append(f"| **accuracy** | | | {report['accuracy']:.4f} | {total} |")
+    for name in ("micro avg", "macro avg", "weighted avg"):
+        if name in report:
+            values = report[name]
+            rows.append(
+                f"| **{name}** | {values['precision']:.4f} | {values['recall']:.4f} | "
+                f"{values['f1-score']:.4f} | {int(values['support'])} |"
+            )
+    return "\n".join(rows) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Training curves
+# --------------------------------------------------------------------------------------------------------
+def _series(log_history: list[dict], key: str, x_key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for entry in log_history:
+        # The run summary ({"train_loss": ..., "train_runtime": ...}) is not a point on the curve.
+        if key in entry and x_key in entry and "train_runtime" not in entry:
+            try:
+                xs.append(float(entry[x_key]))
+                ys.append(float(entry[key]))
+            except (TypeError, ValueError):
+                continue
+    return xs, ys
+
+
+def plot_training_curves(path: Path, log_history: list[dict]) -> bool:
+    """Loss (train + validation) and validation accuracy / macro-F1 against epochs. False: nothing to plot."""
+    from matplotlib.figure import Figure
+
+    entries = [e for e in log_history if isinstance(e, dict)]
+    relevant = [e for e in entries if "loss" in e or any(str(k).startswith("eval_") for k in e)]
+    x_key = "epoch" if relevant and all("epoch" in e for e in relevant) else "step"
+    losses = {
+        "train loss": _series(entries, "loss", x_key),
+        "validation loss": _series(entries, "eval_loss", x_key),
+    }
+    scores = {
+        "validation accuracy": _series(entries, "eval_accuracy", x_key),
+        "validation macro-F1": _series(entries, "eval_macro_f1", x_key),
+    }
+    losses = {k: v for k, v in losses.items() if v[0]}
+    scores = {k: v for k, v in scores.items() if v[0]}
+    if not losses and not scores:
+        return False
+    panels = [p for p in (losses, scores) if p]
+    figure = Figure(figsize=(6.0 * len(panels), 4.5), layout="constrained")
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, series, ylabel in zip(axes, panels, ["loss" if losses else "score", "score"], strict=False):
+        for name, (xs, ys) in series.items():
+            # Few points (one evaluation per epoch) deserve markers; per-step train loss is a line.
+            ax.plot(xs, ys, label=name, marker="o" if len(xs) <= 30 else None, markersize=4)
+        ax.set_xlabel(x_key)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    if scores:
+        axes[-1].set_ylim(0.0, 1.02)
+    figure.suptitle("Training curves")
+    _save_figure(figure, path)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------
+# Most confident errors
+# --------------------------------------------------------------------------------------------------------
+def most_confident_errors(
+    probabilities: np.ndarray, labels: np.ndarray, limit: int = MAX_ERRORS_SHOWN
+) -> list[int]:
+    """Indices of misclassified rows, most confident (highest predicted probability) first."""
+    import numpy as np
+
+    predictions = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predictions != labels)
+    confidence = probabilities[wrong, predictions[wrong]]
+    order = np.argsort(-confidence, kind="stable")  # ties keep dataset order: the same run, the same grid
+    return [int(i) for i in wrong[order][:limit]]
+
+
+def _thumbnail(value, size: int = 256):
+    from hf_finetune.images import open_image, to_rgb
+
+    image = open_image(value)
+    if getattr(image, "format", None) == "JPEG":
+        image.draft("RGB", (size, size))
+    image = to_rgb(image)
+    image.thumbnail((size, size))
+    return image
+
+
+def plot_errors_grid(path: Path, shown: list[dict[str, Any]], images: Sequence) -> None:
+    import math
+
+    from matplotlib.figure import Figure
+
+    from hf_finetune.images import image_location
+
+    columns = min(4, len(shown))
+    rows = math.ceil(len(shown) / columns)
+    figure = Figure(figsize=(3.2 * columns, 3.3 * rows), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    for ax, error in zip(axes, shown, strict=False):
+        try:
+            ax.imshow(_thumbnail(images[error["index"]]))
+        except Exception as err:  # a picture gone since evaluation must not cost the other reports
+            logger.warning("Could not show %s in the errors grid: %s", image_location(error["image"]), err)
+            ax.text(0.5, 0.5, "image unreadable", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(
+            f"true: {_short(error['true'], 20)}\npred: {_short(error['predicted'], 20)} (p={error['score']:.2f})",
+            fontsize=9,
+        )
+    figure.suptitle("Most confident errors")
+    _save_figure(figure, path)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Everything at once
+# --------------------------------------------------------------------------------------------------------
+def write_reports(
+    output_dir: str | os.PathLike,
+    *,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    label_names: list[str],
+    images: Sequence | None = None,
+    log_history: list[dict] | None = None,
+    split: str = "test",
+) -> dict[str, str]:
+    """Write the evaluation reports of one split; returns {report name: file name relative to output_dir}.
+
+    `logits` (N, num_labels) and `labels` (N,) are the split's model outputs and true label ids; `images`, in
+    the same order, are PIL images or `datasets.Image(decode=False)` values ({"bytes", "path"}). A report
+    with nothing to show is not written and not returned: no training curves without `log_history` entries,
+    no error grid without `images` or without errors. See `FILE_NAMES` for the files.
+    """
+    import numpy as np
+
+    from hf_finetune.images import image_location
+    from hf_finetune.output import write_json, write_text_atomic
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels).astype(np.int64).reshape(-1)
+    label_names = [str(name) for name in label_names]
+    if logits.ndim != 2 or logits.shape[0] != labels.shape[0] or logits.shape[1] != len(label_names):
+        raise ValueError(
+            f"logits of shape {logits.shape} do not match {labels.shape[0]} labels and {len(label_names)} classes"
+        )
+    if images is not None and len(images) != len(labels):
+        raise ValueError(f"{len(images)} images for {len(labels)} labels")
+    written: dict[str, str] = {}
+
+    def target(name: str) -> Path:
+        written[name] = report_file(name, split)
+        return output_dir / written[name]
+
+    if len(labels):
+        probabilities = softmax(logits)
+        predictions = probabilities.argmax(axis=1)
+        plot_confusion_matrix(target(CONFUSION_MATRIX), labels, predictions, label_names, split)
+        report = classification_report_dict(labels, predictions, label_names)
+        write_json(target(CLASSIFICATION_REPORT), report)
+        write_text_atomic(
+            target(CLASSIFICATION_REPORT_MARKDOWN), classification_report_markdown(report, split)
+        )
+
+        errors = most_confident_errors(probabilities, labels)
+        stale = [
+            output_dir / report_file(n, split) for n in (MOST_CONFIDENT_ERRORS, MOST_CONFIDENT_ERRORS_LIST)
+        ]
+        if errors and images is not None:
+            shown = [
+                {
+                    "index": index,
+                    "image": image_location(images[index]),
+                    "true": label_names[labels[index]],
+                    "predicted": label_names[predictions[index]],
+                    "score": float(probabilities[index, predictions[index]]),
+                }
+                for index in errors
+            ]
+            plot_errors_grid(target(MOST_CONFIDENT_ERRORS), shown, images)
+            write_json(
+                target(MOST_CONFIDENT_ERRORS_LIST),
+                {"split": split, "num_errors": int((predictions != labels).sum()), "shown": shown},
+            )
+        else:
+            # A re-run into the same folder must not leave the grid of a previous, worse model behind.
+            for path in stale:
+                path.unlink(missing_ok=True)
+            logger.info(
+                "No most-confident-errors grid for %s: %s.",
+                split,
+                "no images were given" if errors else "every image is classified correctly",
+            )
+    else:
+        logger.warning("The %s split is empty: no confusion matrix or per-class report.", split)
+
+    curves = output_dir / report_file(TRAINING_CURVES, split)
+    if log_history and plot_training_curves(curves, log_history):
+        written[TRAINING_CURVES] = curves.name
+    else:
+        logger.info("No training curves: the run has no training or evaluation logs.")
+    return written
+
+
+_TITLES = {
+    CONFUSION_MATRIX: "Confusion matrix",
+    TRAINING_CURVES: "Training curves",
+    MOST_CONFIDENT_ERRORS: "Most confident errors",
+    CLASSIFICATION_REPORT_MARKDOWN: "Per-class precision, recall and F1",
+    CLASSIFICATION_REPORT: "Per-class report (JSON)",
+    MOST_CONFIDENT_ERRORS_LIST: "Most confident errors (JSON)",
+}
+
+
+def report_links_markdown(files: dict[str, str], heading: str = "## Evaluation reports") -> str:
+    """A model-card section embedding the plots and linking the tables (paths relative to the card)."""
+    if not files:
+        return ""
+    lines = [heading, ""]
+    for name in (TRAINING_CURVES, CONFUSION_MATRIX, MOST_CONFIDENT_ERRORS):
+        if name in files:
+            lines += [f"**{_TITLES[name]}**", "", f"![{_TITLES[name]}]({_link(files[name])})", ""]
+    links = [
+        f"- [{_TITLES.get(name, name)}]({_link(files[name])})"
+        for name in (CLASSIFICATION_REPORT_MARKDOWN, CLASSIFICATION_REPORT, MOST_CONFIDENT_ERRORS_LIST)
+        if name in files
+    ]
+    links += [
+        f"- [{name}]({_link(path)})"
+        for name, path in files.items()
+        if name not in _TITLES  # reports added later still get a link
+    ]
+    lines += links
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _link(path: str) -> str:
+    from urllib.parse import quote
+
+    return quote(Path(path).as_posix())
