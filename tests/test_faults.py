@@ -1,0 +1,162 @@
+"""Faults: a killed run resumes to the same result, interrupted checkpoints are never used, finished runs are
+not overwritten silently, the token never reaches a file or a log, and runs are deterministic on a CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import digits_dataset, run_training
+
+from hf_finetune.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+FAKE_TOKEN = "hf_PlantedFakeTokenDoNotLeak0123456789"
+
+
+def train_cmd(checkpoint, data, out, epochs=4):
+    return [sys.executable, "-m", "hf_finetune.cli", "train", "--model_name_or_path", str(checkpoint),
+            "--train_dir", str(data), "--train_val_split", "0.25", "--train_test_split", "0.2",
+            "--num_train_epochs", str(epochs), "--per_device_train_batch_size", "8", "--learning_rate", "0.003",
+            "--use_cpu", "true", "--dataloader_num_workers", "0", "--seed", "0", "--output_dir", str(out)]  # fmt: skip
+
+
+def final_metrics(out: Path) -> dict:
+    results = json.loads((out / "all_results.json").read_text())
+    return {k: v for k, v in results.items() if k.startswith(("eval_", "test_")) and "runtime" not in k
+            and "per_second" not in k}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, small_digits_folder, tiny_vit):
+    out = tmp_path_factory.mktemp("reference") / "out"
+    result = subprocess.run(
+        train_cmd(tiny_vit, small_digits_folder, out), env=ENV, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return final_metrics(out)
+
+
+def wait_for(predicate, timeout=300.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after_step", [9, 18, 27])  # 9 optimizer steps per epoch
+def test_sigkill_then_same_command_resumes_to_the_same_result(
+    tmp_path, small_digits_folder, tiny_vit, uninterrupted, kill_after_step
+):
+    out = tmp_path / "out"
+    cmd = train_cmd(tiny_vit, small_digits_folder, out)
+    process = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = out / f"checkpoint-{kill_after_step}" / "checkpoint_complete"
+    assert wait_for(marker.exists), "training never reached the kill point"
+    time.sleep(random.Random(kill_after_step).uniform(0.0, 0.5))  # somewhere in the next epoch
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "all_results.json").exists()
+
+    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming from" in result.stdout + result.stderr
+    resumed = final_metrics(out)
+    assert resumed.keys() == uninterrupted.keys()
+    for key, value in uninterrupted.items():
+        assert resumed[key] == pytest.approx(value, abs=1e-5), key
+
+
+@pytest.mark.slow
+def test_interrupted_checkpoint_write_is_never_resumed_from(
+    tmp_path, small_digits_folder, tiny_vit, uninterrupted
+):
+    out = tmp_path / "out"
+    cmd = train_cmd(tiny_vit, small_digits_folder, out)
+    process = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_for(lambda: (out / "checkpoint-9" / "checkpoint_complete").exists())
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    # What a kill in the middle of writing leaves: a newer checkpoint folder with a cut-off weights file and
+    # no completeness marker. Trainer's own get_last_checkpoint would pick it.
+    broken = out / "checkpoint-999"
+    shutil.copytree(out / "checkpoint-9", broken)
+    (broken / "checkpoint_complete").unlink()
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+
+    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "Ignoring" in log and "checkpoint-999" in log
+    assert "checkpoint-9" in log.split("Resuming from", 1)[1].splitlines()[0]
+    for key, value in uninterrupted.items():
+        assert final_metrics(out)[key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_finished_run_is_not_overwritten_silently(tmp_path, tiny_vit):
+    data = digits_dataset(8)
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", str(tiny_vit), "--output_dir", str(out), "--max_steps", "1",
+            "--use_cpu", "true", "--dataloader_num_workers", "0", "--train_val_split", "0.25"]  # fmt: skip
+    run_training(argv, dataset=data)
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(UserError, match=r"already holds a finished run.*overwrite_output_dir"):
+        run_training(argv, dataset=data)
+    assert (out / "model.safetensors").read_bytes() == before
+    run_training([*argv, "--overwrite_output_dir", "true", "--seed", "7"], dataset=data)
+    assert (out / "model.safetensors").read_bytes() != before
+
+
+def test_unwritable_output_dir_fails_before_any_work(tmp_path, tiny_vit):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UserError, match=r"Cannot write to output_dir=.*a_file/run"):
+        run_training(["--model_name_or_path", str(tiny_vit), "--output_dir", str(blocker / "run")],
+                     dataset=digits_dataset(4))  # fmt: skip
+
+
+def test_same_seed_same_metrics_on_cpu(tmp_path, tiny_vit):
+    data = digits_dataset(10)
+    argv = ["--model_name_or_path", str(tiny_vit), "--num_train_epochs", "2", "--use_cpu", "true",
+            "--dataloader_num_workers", "0", "--train_val_split", "0.3", "--seed", "3"]  # fmt: skip
+    first = run_training([*argv, "--output_dir", str(tmp_path / "a")], dataset=data)
+    second = run_training([*argv, "--output_dir", str(tmp_path / "b")], dataset=data)
+    for key in ("train_loss", "eval_loss", "eval_accuracy"):
+        assert first[key] == second[key], key
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
+        tmp_path / "b" / "model.safetensors"
+    ).read_bytes()
+
+
+def test_planted_token_reaches_no_file_and_no_log(tmp_path, tiny_vit, small_digits_folder):
+    out = tmp_path / "out"
+    env = {**ENV, "HF_TOKEN": FAKE_TOKEN}
+    cmd = [*train_cmd(tiny_vit, small_digits_folder, out, epochs=1), "--hub_token", FAKE_TOKEN,
+           "--hub_model_id", "me/digits", "--log_level", "info"]  # fmt: skip
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert FAKE_TOKEN not in result.stdout + result.stderr
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) > 10
+    for path in files:
+        assert FAKE_TOKEN.encode() not in path.read_bytes(), path
+    card = (out / "README.md").read_text()
+    config = (out / "resolved_config.yaml").read_text()
+    for text in (card, config):
+        # Paths are written relative to the working directory; no absolute path of this machine appears.
+        assert not re.search(r"(?<![\w.])" + re.escape(str(tmp_path)), text)
+        assert not re.search(r"(^|[\s:'\"])/(tmp|root|home)/", text, flags=re.M)
