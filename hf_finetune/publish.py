@@ -19,7 +19,15 @@ logger = logging.getLogger(__name__)
 
 # Not published: intermediate Trainer checkpoints, hidden / temporary files, and the pickled TrainingArguments
 # (a pickle is unsafe to load and can hold absolute paths of the training machine).
-UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/*", "*/.*", ".*", "runs/*", "*.tmp", "training_args.bin"]
+UPLOAD_IGNORE_PATTERNS = [
+    "checkpoint-*",
+    "checkpoint-*/*",
+    "*/.*",
+    ".*",
+    "runs/*",
+    "*.tmp",
+    "training_args.bin",
+]
 
 
 @dataclass
