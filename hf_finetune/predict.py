@@ -283,18 +283,20 @@ def rows_to_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """path, top-1 label and its score (or the error) as aligned text columns."""
+    """path, then the top-k labels with their scores (or the error), as aligned text columns."""
     if not rows:
         return ""
     width = min(max(len("path"), *(len(row["path"]) for row in rows)), 80)
-    label_width = max([len("label"), *(len(row["labels"][0]) for row in rows if row["labels"])])
-    lines = [f"{'path':<{width}}  {'label':<{label_width}}  score"]
+    lines = [f"{'path':<{width}}  top labels (score)"]
     for row in rows:
         path = row["path"] if len(row["path"]) <= width else "…" + row["path"][-(width - 1) :]
         if row["error"] is not None:
             lines.append(f"{path:<{width}}  error: {row['error']}")
         else:
-            lines.append(f"{path:<{width}}  {row['labels'][0]:<{label_width}}  {row['scores'][0]:.4f}")
+            ranked = ", ".join(
+                f"{label} ({score:.3f})" for label, score in zip(row["labels"], row["scores"], strict=True)
+            )
+            lines.append(f"{path:<{width}}  {ranked}")
     return "\n".join(lines) + "\n"
 
 

@@ -72,7 +72,7 @@ def publish(
         raise UserError(f"{output_dir} does not look like a finished output directory (no config.json).")
     files = files_to_upload(output_dir)
     if dry_run:
-        logger.info("Dry run: would upload %d file(s) to %s: %s", len(files), repo_id, ", ".join(files))
+        logger.debug("Dry run: would upload %d file(s) to %s: %s", len(files), repo_id, ", ".join(files))
         return PublishResult(repo_id, files, dry_run=True)
     if api is None:
         from huggingface_hub import HfApi
