@@ -41,6 +41,13 @@ class ModelArguments:
             "help": "Run modelling code shipped inside the checkpoint repository. Off unless you trust it."
         },
     )
+    from_scratch: bool = field(
+        default=False,
+        metadata={
+            "help": "Use only the checkpoint's architecture and image processor, with randomly initialised "
+            "weights: the baseline that shows what pretraining is worth."
+        },
+    )
     allow_pickle_weights: bool = field(
         default=False,
         metadata={

@@ -126,6 +126,22 @@ def reinitialise_head(model, num_labels: int) -> list[str]:
     return names
 
 
+def _model_from_scratch(config, labels: list[str], old_labels: list[str]):
+    """The checkpoint's architecture with every weight freshly initialised: the baseline transfer must beat."""
+    import torch
+    from transformers import AutoModelForImageClassification
+
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: i for i, label in enumerate(labels)}
+    model = AutoModelForImageClassification.from_config(config, dtype=torch.float32)
+    names = [name for name, _ in model.named_parameters()]
+    logger.info(
+        "from_scratch: all %d parameter tensors initialised randomly (no pretrained weights).", len(names)
+    )
+    return model, LoadReport(kept_head=False, reinitialised=names, checkpoint_labels=old_labels)
+
+
 def load_model(model_args: ModelArguments, labels: list[str], config=None):
     """`AutoModelForImageClassification` for `labels`, keeping the checkpoint's head only when labels are equal.
 
@@ -138,6 +154,8 @@ def load_model(model_args: ModelArguments, labels: list[str], config=None):
 
     config = config or load_config(model_args)
     old_labels = checkpoint_labels(config)
+    if model_args.from_scratch:
+        return _model_from_scratch(config, labels, old_labels)
     same = old_labels == list(labels)
     kwargs = {}
     if not same:

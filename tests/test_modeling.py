@@ -101,3 +101,15 @@ def test_checkpoint_weights_reload_through_renamed_keys(tmp_path, arch):
     assert any(not torch.equal(t, expected[n]) for n, t in target.state_dict().items())
     load_weights_from_checkpoint(target, str(folder))
     assert all(torch.equal(t, expected[n]) for n, t in target.state_dict().items())
+
+
+def test_from_scratch_keeps_the_architecture_but_no_pretrained_weight(tiny_vit):
+    saved = checkpoint_tensors(tiny_vit)
+    model, report = load_model(ModelArguments(str(tiny_vit), from_scratch=True), ["x", "y"])
+    state = model.state_dict()
+    assert model.config.id2label == {0: "x", 1: "y"} and model.classifier.out_features == 2
+    weights = [
+        n for n in saved if n.endswith("weight") and "norm" not in n and not n.startswith("classifier")
+    ]
+    assert weights and all(not torch.equal(state[n], saved[n]) for n in weights)
+    assert len(report.reinitialised) == len(list(model.parameters()))
