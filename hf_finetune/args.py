@@ -315,5 +315,5 @@ def resolved_config(*arg_objects) -> dict[str, dict[str, Any]]:
             value = _portable_path(_plain(raw))
             if value != _plain(default) or f.name in ("model_name_or_path", "output_dir"):
                 section[f.name] = value
-        sections[type(obj).__name__] = section
+        sections[getattr(type(obj), "config_section", type(obj).__name__)] = section
     return sections

@@ -13,6 +13,9 @@ Transfer-learning recipes for image classification on the Hugging Face stack.
 
 commands:
   train        fine-tune a checkpoint on your images (any setting of the recipe YAMLs as --flag value)
+  probe        frozen features (cached) + logistic regression / SVM / naive Bayes / kNN / small heads;
+               several comma-separated checkpoints are fused (also: train --strategy probe)
+  compare      every way to transfer on the same split: one table, two plots, one folder per method
   predict      top-k labels for image files or folders with any output directory or Hub model
   push         upload a finished output directory to a Hub model repository (--dry_run lists the files)
 
@@ -51,12 +54,48 @@ def parse_train_args(argv: list[str] | None = None, prog: str = "hf-finetune tra
     )
 
 
+def requested_strategy(argv: list[str]) -> str | None:
+    """The `strategy` a command line asks for (flag first, then its `--config` YAML), without full parsing."""
+    from hf_finetune.args import load_yaml_config
+
+    for i, arg in enumerate(argv):
+        if arg == "--strategy" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--strategy="):
+            return arg.split("=", 1)[1]
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else path
+        if path:
+            return load_yaml_config(path).get("strategy")
+    return None
+
+
 @report_user_errors
 def train(argv: list[str] | None = None, prog: str = "hf-finetune train"):
     from hf_finetune.training import run
 
+    argv = list(argv or [])
+    if requested_strategy(argv) == "probe":
+        # The frozen-feature path: features computed once and cached, a classic classifier fitted on them.
+        return probe.__wrapped__(argv, prog)
     model_args, data_args, strategy_args, training_args = parse_train_args(argv, prog)
     return run(model_args, data_args, training_args, strategy_args=strategy_args)
+
+
+@report_user_errors
+def probe(argv: list[str] | None = None, prog: str = "hf-finetune probe"):
+    from hf_finetune.probe import parse_probe_args, run_probe
+
+    return run_probe(*parse_probe_args(argv, prog))
+
+
+@report_user_errors
+def compare(argv: list[str] | None = None, prog: str = "hf-finetune compare"):
+    from hf_finetune.compare import compare as compare_methods
+    from hf_finetune.compare import parse_compare_args
+
+    return compare_methods(*parse_compare_args(argv, prog))
 
 
 def predict(argv: list[str] | None = None, prog: str = "hf-finetune predict"):
@@ -72,7 +111,7 @@ def push(argv: list[str] | None = None, prog: str = "hf-finetune push"):
     return push_main(argv)
 
 
-COMMANDS = {"train": train, "predict": predict, "push": push}
+COMMANDS = {"train": train, "probe": probe, "compare": compare, "predict": predict, "push": push}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -96,14 +96,32 @@ def test_resolved_config_round_trips(tmp_path):
                 assert getattr(a, name) == getattr(b, name), name
 
 
+def parser_for(values: dict):
+    """The parser the recipe's own script uses: probe, compare or train."""
+    if "compare_methods" in values:
+        from hf_finetune.compare import parse_compare_args
+
+        return parse_compare_args
+    if values.get("strategy") == "probe":
+        from hf_finetune.probe import parse_probe_args
+
+        return parse_probe_args
+    return parse_train_args
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_yaml_parses(path):
     values = yaml.safe_load(path.read_text())
     argv = ["--config", str(path)]
     if values.get("bf16") or values.get("fp16"):
         argv += ["--bf16", "false", "--fp16", "false"]  # GPU-only settings; the rest must parse on a CPU
-    parsed = parse_train_args(argv)
+    parsed = parser_for(values)(argv)
     assert parsed[0].model_name_or_path == values["model_name_or_path"]
+    for key, value in values.items():
+        if key in ("bf16", "fp16"):
+            continue  # overridden above
+        found = [getattr(p, key) for p in parsed if hasattr(p, key)]
+        assert found and found[0] == value, key
 
 
 def test_cli_data_source_replaces_the_yaml_source(tmp_path):

@@ -1,0 +1,58 @@
+"""Probe: classic classifiers on frozen, cached features of the quickstart stand-in checkpoint, offline.
+
+    python recipes/probe.py --config recipes/probe.yaml
+    python recipes/probe.py --config recipes/probe.yaml --classifier knn
+    python recipes/probe.py --config recipes/probe.yaml \
+        --model_name_or_path data/quickstart/stand-in-vit,data/quickstart/stand-in-resnet
+
+The first run computes each image's pooled features once (one forward pass per batch) and caches them under
+`feature_cache_dir`; every later run on the same checkpoint, preprocessing and data, whatever the classifier,
+does no backbone forward pass at all (the log says "cache hit"). The regularisation strength is chosen on the
+validation split.
+
+What comes out in `output_dir`: with a linear classifier (logistic_regression, linear_svm, linear) on one
+checkpoint, a plain transformers checkpoint (the fitted weights sit in its own classifier layer) that
+`pipeline("image-classification", model="outputs/probe")` loads. With gaussian_nb, knn, mlp, or several
+checkpoints (fusion), an hf-finetune probe directory: load it with
+`hf_finetune.probe_export.load_probe("outputs/probe").predict("picture.jpg")`; it is *not* a transformers model.
+
+Stand-ins: the digits (1,797 real 8x8 scans from scikit-learn) as an image folder, and tiny *randomly
+initialised* checkpoints (a folder named stand-in-<architecture>, e.g. stand-in-resnet, is built as that
+architecture). Random features are weak, so expect a test accuracy around 0.8, in well under a minute on
+2 CPU cores; a pretrained checkpoint gives far better features.
+"""
+
+import sys
+from pathlib import Path
+
+from hf_finetune.cli import report_user_errors
+from hf_finetune.probe import parse_probe_args, run_probe
+from hf_finetune.quickstart import build_stand_in_checkpoint, export_digits
+from hf_finetune.tiny import TINY_ARCHITECTURES
+
+
+@report_user_errors
+def main(argv=None):
+    model_args, data_args, probe_args, training_args = parse_probe_args(argv, prog="recipes/probe.py")
+
+    ####################################################
+    # Stand-ins for a Hub dataset and Hub checkpoints  #
+    ####################################################
+    export_digits(data_args.train_dir)
+    for name in model_args.model_name_or_path.split(","):
+        arch = Path(name.strip()).name.removeprefix("stand-in-")
+        build_stand_in_checkpoint(name.strip(), arch=arch if arch in TINY_ARCHITECTURES else "vit")
+
+    ###################################################
+    # Features (cached), classifier, export, metrics  #
+    ###################################################
+    results = run_probe(model_args, data_args, probe_args, training_args)
+    print(
+        f"\nProbe done ({probe_args.classifier}): test accuracy {results.get('test_accuracy', float('nan')):.3f}, "
+        f"{results['backbone_forward_passes']} backbone forward passes "
+        f"({results['feature_cache_hits']} cached feature splits reused). Output: {training_args.output_dir}"
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
