@@ -8,6 +8,8 @@ Two problems with the Trainer's own handling:
   under the serialised (legacy) parameter names, which transformers 5 maps to renamed modules only inside
   `from_pretrained`; for ViT the plain reload silently loads nothing. Loading through `from_pretrained`
   applies the mapping, and `strict=True` makes any other mismatch an error instead of a warning.
+  A PEFT model (strategy `lora`) checkpoints its adapter; it is reloaded with peft and then checked tensor by
+  tensor, since peft does not report head (`modules_to_save`) tensors that fail to load.
 """
 
 from __future__ import annotations
@@ -80,8 +82,23 @@ class CheckpointLoadingMixin:
             and not getattr(self, "is_fsdp_enabled", False)
         )
 
+    def _loads_adapter(self, model, checkpoint_dir) -> bool:
+        from hf_finetune.lora import has_adapter_checkpoint, is_peft_model
+
+        return (
+            is_peft_model(model)
+            and has_adapter_checkpoint(checkpoint_dir)
+            and not getattr(self, "is_deepspeed_enabled", False)
+            and not getattr(self, "is_fsdp_enabled", False)
+        )
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        from hf_finetune.lora import load_adapter_checkpoint
+
         target = model if model is not None else self.model
+        if self._loads_adapter(target, resume_from_checkpoint):
+            load_adapter_checkpoint(target, resume_from_checkpoint)
+            return None
         if not self._loads_plain_model(target) or not os.path.isfile(
             os.path.join(resume_from_checkpoint, "config.json")
         ):
@@ -90,7 +107,13 @@ class CheckpointLoadingMixin:
         return None
 
     def _load_best_model(self):
+        from hf_finetune.lora import load_adapter_checkpoint
+
         best = self.state.best_model_checkpoint
+        if best is not None and self._loads_adapter(self.model, best):
+            logger.info("Loading the best adapter from %s (score: %s).", best, self.state.best_metric)
+            load_adapter_checkpoint(self.model, best)
+            return None
         if best is None or not self._loads_plain_model(self.model):
             return super()._load_best_model()
         logger.info("Loading best model from %s (score: %s).", best, self.state.best_metric)

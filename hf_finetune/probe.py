@@ -643,6 +643,8 @@ def save_probe(
             "is_transformers_model": fmt == FORMAT_TRANSFORMERS,
             "checkpoints": [b.name for b in result.backbones],
             "chosen": fitted.chosen,
+            # Numbers the fitted classifier holds (weights, class statistics, or kNN's stored rows).
+            "classifier_parameters": int(sum(a.size for a in fitted.predictor.arrays().values())),
             "validation_grid": fitted.grid,
             "feature_cache_dir": str(result.cache_dir),
             "feature_cache": result.cache_entries,

@@ -12,6 +12,8 @@ epoch from which that group trains (or never) and its learning-rate factor:
 - ``llrd``: everything trains at ``learning_rate x layer_decay ** depth``, depth counted from the head
   (head and final norm 0, top block 1, ..., embeddings ``num_blocks + 1``), as BEiT / timm's
   ``--layer-decay`` do.
+- ``lora``: the checkpoint is wrapped in peft LoRA adapters (``hf_finetune.lora``); only the adapters and
+  the head train, every base weight (and BatchNorm statistic) stays as in the checkpoint.
 
 ``train_modules`` / ``freeze_modules`` (regular expressions searched in parameter names) refine any
 strategy and need no block map, so they also cover architectures the block map does not know:
@@ -51,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import TrainerCallback
 
 from hf_finetune.errors import UserError
+from hf_finetune.lora import is_adapter_parameter, unwrap
 
 if TYPE_CHECKING:
     import torch
@@ -78,16 +81,23 @@ class Strategy:
     plan: Callable[[list[str], StrategyArguments], dict[str, tuple[int | None, float]]]
     needs_block_map: bool = True
     trains_everything: bool = False
+    # Optional hooks. wrap_model: the model the strategy trains, built from the checkpoint's (lora: wrapped in
+    # adapters). trains_parameter: only parameters it accepts train. details: an extra summary section.
+    wrap_model: Callable[[nn.Module, StrategyArguments], nn.Module] | None = None
+    trains_parameter: Callable[[str], bool] | None = None
+    details: Callable[[nn.Module, StrategyArguments], dict[str, Any]] | None = None
 
 
 STRATEGIES: dict[str, Strategy] = {}
 
 
-def register_strategy(name: str, description: str, needs_block_map: bool = True, trains_everything=False):
-    """Decorator adding a plan function to :data:`STRATEGIES` under ``name``."""
+def register_strategy(
+    name: str, description: str, needs_block_map: bool = True, trains_everything=False, **hooks
+):
+    """Decorator adding a plan function to :data:`STRATEGIES` under ``name`` (``hooks``: see :class:`Strategy`)."""
 
     def add(plan):
-        STRATEGIES[name] = Strategy(name, description, plan, needs_block_map, trains_everything)
+        STRATEGIES[name] = Strategy(name, description, plan, needs_block_map, trains_everything, **hooks)
         return plan
 
     return add
@@ -167,6 +177,31 @@ def _plan_llrd(groups, args):
     return {g: (0, args.layer_decay ** depth[g] * _head_factor(g, args)) for g in groups}
 
 
+def _wrap_lora(model, args):
+    from hf_finetune.lora import apply_lora  # imports peft: only when the strategy is used
+
+    return apply_lora(model, args)
+
+
+def _lora_details(model, args):
+    from hf_finetune.lora import lora_summary
+
+    return lora_summary(model, args)
+
+
+@register_strategy(
+    "lora",
+    "low-rank adapters (peft, rank `lora_r`) on the attention / convolution layers and the head train",
+    needs_block_map=False,
+    wrap_model=_wrap_lora,
+    trains_parameter=is_adapter_parameter,
+    details=_lora_details,
+)
+def _plan_lora(groups, args):
+    # Every group holds adapters; trains_parameter keeps the base weights inside them frozen.
+    return {g: (0, _head_factor(g, args)) for g in groups}
+
+
 # --------------------------------------------------------------------------------------------------------
 # Settings
 # --------------------------------------------------------------------------------------------------------
@@ -217,6 +252,29 @@ class StrategyArguments:
             "running statistics stay frozen either way."
         },
     )
+    lora_r: int = field(default=8, metadata={"help": "lora: rank of each adapter's low-rank update."})
+    lora_alpha: int = field(
+        default=16, metadata={"help": "lora: scale of the update, applied as lora_alpha / lora_r."}
+    )
+    lora_dropout: float = field(
+        default=0.1, metadata={"help": "lora: dropout on the adapters' input while training, in [0, 1)."}
+    )
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "lora: module names or name suffixes that get adapters, as in peft's target_modules (e.g. "
+            "['query', 'value']). Default: the attention projections of ViT / DeiT / BEiT / DINOv2 / Swin, "
+            "the pointwise Linear layers of ConvNeXt, the ungrouped convolutions in the blocks of ResNet / "
+            "RegNet / MobileNetV2 / EfficientNet."
+        },
+    )
+    lora_merge: bool = field(
+        default=True,
+        metadata={
+            "help": "lora: write the merged standalone model to output_dir and the adapter to "
+            "output_dir/adapter; false: output_dir holds the adapter only."
+        },
+    )
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -235,6 +293,26 @@ class StrategyArguments:
             raise UserError(f"layer_decay={self.layer_decay} must be in (0, 1], e.g. 0.75 (BEiT, timm).")
         if not self.head_lr_multiplier > 0:
             raise UserError(f"head_lr_multiplier={self.head_lr_multiplier} must be > 0, e.g. 1 or 10.")
+        if not isinstance(self.lora_r, int) or self.lora_r < 1:
+            raise UserError(f"lora_r={self.lora_r!r} must be a whole number >= 1, e.g. 8 or 16.")
+        if not self.lora_alpha > 0:
+            raise UserError(f"lora_alpha={self.lora_alpha} must be > 0, e.g. 16 (twice lora_r is common).")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UserError(f"lora_dropout={self.lora_dropout} must be in [0, 1), e.g. 0.1.")
+        if self.lora_target_modules is not None and (
+            not self.lora_target_modules
+            or not all(isinstance(t, str) and t for t in self.lora_target_modules)
+        ):
+            raise UserError(
+                f"lora_target_modules={self.lora_target_modules!r} must be a non-empty list of module names, "
+                "e.g. ['query', 'value'], or left unset for the defaults."
+            )
+        if self.strategy == "lora" and (self.train_modules or self.train_bn):
+            raise UserError(
+                "strategy `lora` trains the adapters and the head, which is what its adapter file holds; "
+                "train_modules / train_bn would train weights the adapter does not save. Add modules to "
+                "lora_target_modules instead, or use another strategy."
+            )
         for name in ("freeze_modules", "train_modules"):
             for pattern in getattr(self, name) or []:
                 try:
@@ -364,6 +442,8 @@ class FreezingPlan:
             schedule.append({"epoch": epoch, "unfreezes": groups})
         total = sum(counts.values())
         trainable = sum(counts[n] for n in start)
+        strategy = STRATEGIES[self.args.strategy]
+        details = {strategy.name: strategy.details(model, self.args)} if strategy.details else {}
         return {
             "strategy": self.args.strategy,
             "settings": asdict(self.args),
@@ -386,6 +466,7 @@ class FreezingPlan:
             "unfreezing_schedule": schedule,
             "history": self.history,
             "ddp": self.ddp,
+            **details,
         }
 
 
@@ -494,12 +575,17 @@ def plan_strategy(
     from hf_finetune.architectures import block_map
 
     strategy = STRATEGIES[args.strategy]
+    # A PEFT-wrapped model (lora) has its transformers model's block map, under the wrapper's name prefix.
+    inner, prefix = unwrap(model)
     try:
-        groups = dict(block_map(model).groups())
+        groups = dict(block_map(inner).groups())
     except UserError:
         if strategy.needs_block_map:
             raise
-        groups = _fallback_groups(model)
+        groups = _fallback_groups(inner)
+    groups = {
+        g: tuple(prefix + m if m else prefix.rstrip(".") for m in modules) for g, modules in groups.items()
+    }
     if "head" not in groups and args.head_lr_multiplier != 1.0:
         raise UserError(
             f"head_lr_multiplier={args.head_lr_multiplier} needs the classifier head, and this model's head "
@@ -513,6 +599,8 @@ def plan_strategy(
 
     def planned_start(name: str, group: str) -> int | None:
         start = group_plan[group][0]
+        if strategy.trains_parameter is not None and not strategy.trains_parameter(name):
+            start = None
         if args.train_modules:
             if strategy.trains_everything:
                 start = start if name in train else None
@@ -552,6 +640,12 @@ def plan_strategy(
             + ": loosen freeze_modules or pick another strategy."
         )
     return plan
+
+
+def wrap_for_strategy(model: nn.Module, args: StrategyArguments) -> nn.Module:
+    """The model that strategy ``args.strategy`` trains: ``model`` itself, or (lora) ``model`` in adapters."""
+    strategy = STRATEGIES[args.strategy]
+    return strategy.wrap_model(model, args) if strategy.wrap_model is not None else model
 
 
 def prepare_strategy(model: nn.Module, args: StrategyArguments, training_args=None, example_inputs=None):

@@ -82,6 +82,9 @@ def prepare_output_dir(training_args) -> None:
                 shutil.rmtree(path)  # explicitly asked: start from scratch, never resume from these
             for name in output.RUN_FILES:
                 (output_dir / name).unlink(missing_ok=True)
+            from hf_finetune.lora import remove_lora_outputs
+
+            remove_lora_outputs(output_dir)  # a stale adapter would be loaded over the new weights
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
@@ -100,14 +103,24 @@ def run(
     dataset=None,
     extra_args: tuple = (),
     strategy_args=None,
+    train: bool = True,
 ) -> dict[str, Any]:
-    """Train, evaluate on validation and test, and write the output directory. Returns all metrics."""
+    """Train, evaluate on validation and test, and write the output directory. Returns all metrics.
+
+    `train=False` evaluates and writes the checkpoint as it is (its labels must already be the data's): the
+    "use the checkpoint as it is" way to transfer.
+    """
     from transformers import set_seed
 
     from hf_finetune.checkpoints import last_complete_checkpoint
     from hf_finetune.data import prepare_data
     from hf_finetune.modeling import load_config, load_image_processor, load_model
-    from hf_finetune.strategies import STRATEGY_SUMMARY, StrategyArguments, prepare_strategy
+    from hf_finetune.strategies import (
+        STRATEGY_SUMMARY,
+        StrategyArguments,
+        prepare_strategy,
+        wrap_for_strategy,
+    )
     from hf_finetune.transforms import attach_transforms, collate
 
     strategy_args = strategy_args or StrategyArguments()
@@ -133,6 +146,7 @@ def run(
     with training_args.main_process_first(desc="dataset preparation"):
         data = prepare_data(data_args, training_args.seed, cache_dir=model_args.cache_dir, dataset=dataset)
     model, load_report = load_model(model_args, data.labels, config)
+    model = wrap_for_strategy(model, strategy_args)  # lora: the checkpoint in peft adapters
     splits = attach_transforms(data.splits, image_processor, data_args, data.image_column, data.label_column)
     # Freeze before the Trainer exists: it reads ddp_find_unused_parameters when it builds the accelerator.
     # Two real training images let the plan find parameters the forward pass never uses.
@@ -163,23 +177,38 @@ def run(
     ############
     # Training #
     ############
-    train_result = trainer.train(resume_from_checkpoint=resume)
+    if train:
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        metrics = {**train_result.metrics, "train_samples": len(splits["train"])}
+    else:
+        if not load_report.kept_head:
+            from hf_finetune.errors import UserError
+
+            raise UserError(
+                f"The checkpoint `{model_args.model_name_or_path}` cannot be used as it is: its labels "
+                f"{load_report.checkpoint_labels[:10]} are not the data's {data.labels[:10]}. Train it instead."
+            )
+        metrics = {}
     if trainer.is_world_process_zero():
         # Again after training: the optimizer's real groups and, for gradual, the schedule as it happened.
         output.write_json(output_dir / STRATEGY_SUMMARY, trainer.strategy_summary())
-    trainer.save_model()
+    if strategy_args.strategy == "lora":
+        from hf_finetune.lora import save_lora_outputs
+
+        save_lora_outputs(trainer, output_dir, merge=strategy_args.lora_merge)
+    else:
+        trainer.save_model()
     trainer.save_state()
 
     ##############
     # Evaluation #
     ##############
-    metrics = {**train_result.metrics, "train_samples": len(splits["train"])}
     eval_metrics = trainer.evaluate(eval_dataset=splits["validation"], metric_key_prefix="eval")
     eval_metrics["eval_samples"] = len(splits["validation"])
     # Reports are drawn on the test split, or on validation when there is no test split.
     report_split = "test" if "test" in splits else "validation"
     predictions = trainer.predict(splits[report_split], metric_key_prefix=report_split)
-    sections = [("train", metrics), ("eval", eval_metrics)]
+    sections = ([("train", metrics)] if train else []) + [("eval", eval_metrics)]
     if report_split == "test":
         test_metrics = {**predictions.metrics, "test_samples": len(splits["test"])}
         sections.append(("test", test_metrics))
@@ -232,6 +261,17 @@ def write_card(
     strategy_args = next((a for a in extra_args if hasattr(a, "strategy")), None)
     strategy = strategy_args.strategy if strategy_args is not None else "full"
     settings = output.non_default_settings(strategy_args) if strategy_args is not None else {}
+    if strategy == "lora":
+        from hf_finetune.lora import card_section
+
+        lora = card_section(
+            output_dir,
+            model_args.model_name_or_path,
+            labels,
+            training_args.hub_model_id,
+            strategy_args.lora_merge,
+        )
+        reports = f"{lora}\n{reports}"
     output.write_model_card(
         output_dir,
         model_name=training_args.hub_model_id or Path(output_dir).name,

@@ -302,6 +302,8 @@ def test_gradual_trainable_set_follows_the_schedule_epoch_by_epoch(arch, checkpo
 def test_gradual_resumes_with_the_optimizer_groups_of_its_checkpoint(checkpoints, data, tmp_path):
     flags = ("--strategy", "gradual", "--save_strategy", "epoch", "--save_total_limit", "5")
     train(checkpoints("resnet"), tmp_path, data, *flags, epochs=2)
+    # As if the run had been stopped before finishing (a finished run is never trained over silently).
+    (tmp_path / "all_results.json").unlink()
     # Same output_dir, one more epoch: run() resumes from checkpoint-6 (optimizer state of epoch 1's groups).
     summary = train(checkpoints("resnet"), tmp_path, data, *flags, epochs=3)
     assert [h["epoch"] for h in summary["history"]] == [2]

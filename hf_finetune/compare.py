@@ -1,0 +1,330 @@
+"""Compare every way to transfer on the same splits and seed: one table, two plots, one folder per method.
+
+Each method runs into `output_dir/<method>` (a complete output directory of its own) with the same data
+arguments and seed, so the splits are identical. A method that fails becomes a row that says why; the others
+still run. Wall time and peak memory are measured around each method in this process: peak resident memory
+through Linux's resettable high-water mark (`/proc/self/clear_refs`), peak GPU memory through torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hf_finetune import output
+from hf_finetune.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+COMPARISON_JSON = "comparison.json"
+COMPARISON_MD = "comparison.md"
+PLOT_PARAMS = "comparison_accuracy_vs_trainable_parameters.png"
+PLOT_TIME = "comparison_accuracy_vs_wall_time.png"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str  # "scratch", "as_is", "gradient", "probe", "fusion"
+    description: str
+    strategy: str | None = None
+    classifier: str | None = None
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> None:
+    METHODS[method.name] = method
+
+
+for _method in (
+    Method("scratch", "scratch", "same architecture, random initialisation, everything trains", strategy="full"),
+    Method("as_is", "as_is", "the checkpoint unchanged (only when its labels are the data's)"),
+    Method("probe_logistic_regression", "probe", "frozen features + logistic regression", classifier="logistic_regression"),
+    Method("probe_linear_svm", "probe", "frozen features + linear SVM", classifier="linear_svm"),
+    Method("probe_gaussian_nb", "probe", "frozen features + Gaussian naive Bayes", classifier="gaussian_nb"),
+    Method("probe_knn", "probe", "frozen features + k nearest neighbours", classifier="knn"),
+    Method("probe_linear", "probe", "frozen features + torch linear head", classifier="linear"),
+    Method("probe_mlp", "probe", "frozen features + torch MLP head", classifier="mlp"),
+    Method("head", "gradient", "only the classifier trains", strategy="head"),
+    Method("last_n", "gradient", "top blocks + final norm + head train", strategy="last_n"),
+    Method("gradual", "gradient", "head first, then one more block group per step", strategy="gradual"),
+    Method("llrd", "gradient", "everything, layer-wise learning-rate decay", strategy="llrd"),
+    Method("full", "gradient", "everything trains", strategy="full"),
+    Method("fusion", "fusion", "features of several checkpoints concatenated + logistic regression",
+           classifier="logistic_regression"),
+    Method("lora", "gradient", "LoRA adapters + head", strategy="lora"),
+):  # fmt: skip
+    register_method(_method)
+
+DEFAULT_METHODS = [
+    "scratch", "as_is", "probe_logistic_regression", "probe_linear_svm", "probe_gaussian_nb",
+    "head", "last_n", "llrd", "full", "fusion", "lora",
+]  # fmt: skip
+
+
+@dataclass
+class CompareArguments:
+    """Which ways to transfer `hf-finetune compare` runs."""
+
+    compare_methods: list[str] = field(
+        default_factory=lambda: list(DEFAULT_METHODS),
+        metadata={"help": "Methods to compare, in order. Known: " + ", ".join(METHODS)},
+    )
+
+    def __post_init__(self):
+        import difflib
+
+        for name in self.compare_methods:
+            if name not in METHODS:
+                close = difflib.get_close_matches(name, list(METHODS), n=1)
+                raise UserError(
+                    f"compare_methods contains unknown method {name!r}"
+                    + (f" (did you mean `{close[0]}`?)" if close else "")
+                    + f"; known methods are {', '.join(METHODS)}."
+                )
+
+
+def parse_compare_args(argv: list[str] | None = None, prog: str = "hf-finetune compare"):
+    """(model, data, strategy, probe, compare, training) arguments from `--config` + flags."""
+    from hf_finetune.args import DataArguments, FinetuneTrainingArguments, ModelArguments, parse_args
+    from hf_finetune.probe import ProbeArguments
+    from hf_finetune.strategies import StrategyArguments
+
+    types = (ModelArguments, DataArguments, StrategyArguments, ProbeArguments, CompareArguments)
+    return parse_args((*types, FinetuneTrainingArguments), argv, prog=prog)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------------------
+def _reset_peak_memory() -> None:
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set size
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _memory_mib() -> dict[str, float]:
+    """Current (VmRSS) and peak (VmHWM) resident memory of this process, in MiB."""
+    values = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                values[line[:5]] = int(line.split()[1]) / 1024
+    if "VmHWM" not in values:
+        import resource
+
+        values["VmHWM"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return values
+
+
+def _peak_memory_mib(rss_at_start: float | None) -> dict[str, float | None]:
+    import torch
+
+    peak = _memory_mib()["VmHWM"]
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    added = round(peak - rss_at_start, 1) if rss_at_start is not None else None
+    return {"peak_rss_mib": round(peak, 1), "peak_rss_added_mib": added, "peak_gpu_mib": gpu}
+
+
+def _trainable_parameters(method_dir: Path) -> int | None:
+    """Trainable parameter count as the method's own summary reports it (the most that trained at once)."""
+    strategy = method_dir / "strategy_summary.json"
+    if strategy.is_file():
+        counts = json.loads(strategy.read_text()).get("parameters", {})
+        values = [
+            v
+            for k, v in counts.items()
+            if k.startswith("trainable") and not k.startswith("trainable_fraction")
+        ]
+        return int(max(values)) if values else None
+    summary = method_dir / output.RUN_SUMMARY
+    if summary.is_file():
+        value = json.loads(summary.read_text()).get("classifier_parameters")
+        return int(value) if value is not None else None
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Running one method
+# --------------------------------------------------------------------------------------------------------
+def _method_arguments(method: Method, model_args, strategy_args, probe_args, training_args, out: Path):
+    checkpoints = [name.strip() for name in model_args.model_name_or_path.split(",") if name.strip()]
+    first = dataclasses.replace(model_args, model_name_or_path=checkpoints[0])
+    train_args = dataclasses.replace(training_args, output_dir=str(out), push_to_hub=False)
+    if method.kind in ("probe", "fusion"):
+        names = ",".join(checkpoints) if method.kind == "fusion" else checkpoints[0]
+        models = dataclasses.replace(model_args, model_name_or_path=names)
+        return models, dataclasses.replace(probe_args, classifier=method.classifier), train_args
+    if method.kind == "scratch":
+        first = dataclasses.replace(first, from_scratch=True)
+    return first, dataclasses.replace(strategy_args, strategy=method.strategy or "full"), train_args
+
+
+def _skip_reason(method: Method, model_args, data_labels_match) -> str | None:
+    checkpoints = [name for name in model_args.model_name_or_path.split(",") if name.strip()]
+    if method.kind == "fusion" and len(checkpoints) < 2:
+        return "needs several checkpoints (comma-separated model_name_or_path)"
+    if method.kind == "as_is" and not data_labels_match():
+        return "the checkpoint's labels are not the data's, so it cannot be used as it is"
+    if method.strategy == "lora":
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            return "peft is not installed"
+    return None
+
+
+def run_method(method: Method, args: tuple, out: Path, dataset=None) -> dict[str, Any]:
+    from hf_finetune.training import run
+
+    model_args, data_args, strategy_args, probe_args, training_args = args
+    if method.kind in ("probe", "fusion"):
+        from hf_finetune.probe import run_probe
+
+        models, probe, train_args = _method_arguments(
+            method, model_args, strategy_args, probe_args, training_args, out
+        )
+        return run_probe(models, data_args, probe, train_args, dataset=dataset)
+    model, strategy, train_args = _method_arguments(
+        method, model_args, strategy_args, probe_args, training_args, out
+    )
+    return run(
+        model, data_args, train_args, strategy_args=strategy, dataset=dataset, train=method.kind != "as_is"
+    )
+
+
+def compare(model_args, data_args, strategy_args, probe_args, compare_args, training_args, dataset=None):
+    """Run every method of `compare_args.compare_methods`; write the comparison table and plots."""
+    from hf_finetune.modeling import checkpoint_labels, load_config
+    from hf_finetune.training import setup_logging
+
+    setup_logging(training_args)
+    root = Path(training_args.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    first = dataclasses.replace(
+        model_args, model_name_or_path=model_args.model_name_or_path.split(",")[0].strip()
+    )
+    config = load_config(first)
+
+    def labels_match() -> bool:
+        from hf_finetune.data import prepare_data
+
+        data = prepare_data(data_args, training_args.seed, dataset=dataset)
+        return checkpoint_labels(config) == data.labels
+
+    rows = []
+    for name in compare_args.compare_methods:
+        method = METHODS[name]
+        row: dict[str, Any] = {"method": name, "description": method.description}
+        reason = _skip_reason(method, model_args, labels_match)
+        if reason:
+            row.update(status="skipped", reason=reason)
+            logger.info("compare: %s skipped (%s)", name, reason)
+            rows.append(row)
+            continue
+        out = root / name
+        logger.info("compare: running %s into %s", name, out)
+        _reset_peak_memory()
+        rss_at_start = _memory_mib().get("VmRSS")
+        started = time.perf_counter()
+        try:
+            results = run_method(method, (model_args, data_args, strategy_args, probe_args, training_args), out,
+                                 dataset=dataset)  # fmt: skip
+        except (Exception, SystemExit) as err:  # one failing method is a row, not the end of the comparison
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            row.update(status="failed", reason=f"{type(err).__name__}: {message}")
+            logger.warning("compare: %s failed: %s\n%s", name, row["reason"], traceback.format_exc(limit=3))
+            rows.append(row)
+            continue
+        row.update(
+            status="ok", wall_time_s=round(time.perf_counter() - started, 2), **_peak_memory_mib(rss_at_start)
+        )
+        split = "test" if "test_accuracy" in results else "eval"
+        row.update(
+            split="test" if split == "test" else "validation",
+            accuracy=results.get(f"{split}_accuracy"),
+            macro_f1=results.get(f"{split}_macro_f1"),
+            trainable_parameters=_trainable_parameters(out),
+            output_dir=name,
+        )
+        rows.append(row)
+    if training_args.process_index == 0:
+        write_comparison(root, rows)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------
+# Writing the comparison
+# --------------------------------------------------------------------------------------------------------
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def comparison_markdown(rows: list[dict[str, Any]]) -> str:
+    header = (
+        "| method | test accuracy | macro-F1 | trainable parameters | wall time (s) | peak memory added (MiB) | note |\n"
+        "|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for row in rows:
+        if row["status"] != "ok":
+            lines.append(f"| {row['method']} | – | – | – | – | – | {row['status']}: {row['reason']} |")
+            continue
+        memory = row.get("peak_gpu_mib") or row.get("peak_rss_added_mib")
+        note = "" if row["split"] == "test" else "validation split (no test split)"
+        lines.append(
+            f"| {row['method']} | {_fmt(row['accuracy'], '.4f')} | {_fmt(row['macro_f1'], '.4f')} | "
+            f"{_fmt(row['trainable_parameters'], ',')} | {_fmt(row['wall_time_s'], '.1f')} | "
+            f"{_fmt(memory, '.0f')} | {note} |"
+        )
+    footnote = (
+        "\nPeak memory: the most GPU memory allocated during the method when it ran on a GPU, otherwise the rise "
+        "of this process's peak resident memory over what it held when the method started. Trainable "
+        "parameters of a probe: the numbers its fitted classifier holds.\n"
+    )
+    return header + "\n".join(lines) + "\n" + footnote
+
+
+def _plot(rows, x_key: str, x_label: str, path: Path, log_x: bool) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    points = [r for r in rows if r["status"] == "ok" and r.get(x_key) and r.get("accuracy") is not None]
+    figure = Figure(figsize=(7, 5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for row in points:
+        axes.scatter(row[x_key], row["accuracy"], s=40)
+        axes.annotate(row["method"], (row[x_key], row["accuracy"]), textcoords="offset points", xytext=(5, 4),
+                      fontsize=8)  # fmt: skip
+    if log_x and points:
+        axes.set_xscale("log")
+    axes.set_xlabel(x_label)
+    axes.set_ylabel("test accuracy")
+    axes.set_title(f"Ways to transfer: accuracy vs {x_label}")
+    axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    figure.savefig(tmp, format="png")
+    os.replace(tmp, path)
+
+
+def write_comparison(root: Path, rows: list[dict[str, Any]]) -> None:
+    output.write_json(root / COMPARISON_JSON, rows)
+    output.write_text_atomic(root / COMPARISON_MD, comparison_markdown(rows))
+    _plot(rows, "trainable_parameters", "trainable parameters", root / PLOT_PARAMS, log_x=True)
+    _plot(rows, "wall_time_s", "wall time (s)", root / PLOT_TIME, log_x=False)
+    logger.info("Comparison:\n%s", comparison_markdown(rows))

@@ -1,0 +1,85 @@
+"""compare: every method on the same split, a row each (ok, skipped with a reason, or failed with a reason)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import digits_dataset
+from datasets import DatasetDict
+from PIL import Image
+
+from hf_finetune.compare import (
+    COMPARISON_JSON,
+    COMPARISON_MD,
+    PLOT_PARAMS,
+    PLOT_TIME,
+    compare,
+    parse_compare_args,
+)
+from hf_finetune.errors import UserError
+from hf_finetune.tiny import build_tiny_checkpoint
+
+LABELS = ["zero", "one", "two"]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return DatasetDict(
+        {
+            "train": digits_dataset(16, names=LABELS),
+            "validation": digits_dataset(6, names=LABELS, offset=16),
+            "test": digits_dataset(6, names=LABELS, offset=22),
+        }
+    )
+
+
+def argv(checkpoints, out, methods, *extra):
+    return ["--model_name_or_path", ",".join(str(c) for c in checkpoints), "--output_dir", str(out),
+            "--compare_methods", *methods, "--num_train_epochs", "1", "--per_device_train_batch_size", "16",
+            "--use_cpu", "true", "--dataloader_num_workers", "0", "--feature_cache_dir", str(out / "features"),
+            "--c_values", "1.0", *extra]  # fmt: skip
+
+
+def test_compare_writes_one_table_two_plots_and_a_folder_per_method(tmp_path, data):
+    vit = build_tiny_checkpoint("vit", tmp_path / "vit", labels=["a", "b", "c", "d"])
+    resnet = build_tiny_checkpoint("resnet", tmp_path / "resnet", labels=["a", "b"])
+    out = tmp_path / "cmp"
+    methods = ["scratch", "as_is", "probe_logistic_regression", "head", "full", "fusion", "lora"]
+    rows = compare(*parse_compare_args(argv([vit, resnet], out, methods, "--lora_target_modules", "nope")),
+                   dataset=data)  # fmt: skip
+    by_name = {row["method"]: row for row in rows}
+    assert [row["method"] for row in rows] == methods
+    assert by_name["as_is"]["status"] == "skipped" and "labels" in by_name["as_is"]["reason"]
+    # A failing method is a row that says why; the others still ran.
+    assert by_name["lora"]["status"] == "failed" and "nope" in by_name["lora"]["reason"]
+    for name in ("scratch", "probe_logistic_regression", "head", "full", "fusion"):
+        row = by_name[name]
+        assert row["status"] == "ok", row
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["split"] == "test"
+        assert row["wall_time_s"] > 0 and row["trainable_parameters"] > 0
+        results = json.loads((out / name / "all_results.json").read_text())
+        assert results["test_accuracy"] == row["accuracy"]
+        assert (out / name / "README.md").is_file()
+    assert by_name["head"]["trainable_parameters"] < by_name["full"]["trainable_parameters"]
+    assert by_name["scratch"]["trainable_parameters"] == by_name["full"]["trainable_parameters"]
+    assert json.loads((out / COMPARISON_JSON).read_text()) == json.loads(json.dumps(rows))
+    table = (out / COMPARISON_MD).read_text()
+    assert all(f"| {name} |" in table for name in methods) and "failed" in table and "skipped" in table
+    for plot in (PLOT_PARAMS, PLOT_TIME):
+        with Image.open(out / plot) as image:
+            assert image.format == "PNG" and image.size[0] > 100
+
+
+def test_as_is_evaluates_a_checkpoint_whose_labels_fit_without_training(tmp_path, data):
+    fitting = build_tiny_checkpoint("vit", tmp_path / "fit", labels=LABELS)
+    out = tmp_path / "cmp"
+    rows = compare(*parse_compare_args(argv([fitting], out, ["as_is", "fusion"])), dataset=data)
+    assert rows[0]["status"] == "ok" and not (out / "as_is" / "train_results.json").exists()
+    assert "test_accuracy" in json.loads((out / "as_is" / "all_results.json").read_text())
+    assert rows[1]["status"] == "skipped" and "several checkpoints" in rows[1]["reason"]
+
+
+def test_unknown_method_is_a_clear_error():
+    with pytest.raises(UserError, match=r"probe_svm.*did you mean `probe_mlp`.*probe_linear_svm"):
+        parse_compare_args(["--model_name_or_path", "x", "--compare_methods", "probe_svm"])
