@@ -36,13 +36,22 @@ def setup_logging(training_args) -> None:
     transformers.utils.logging.enable_explicit_format()
 
 
-def build_trainer(model, training_args, splits, image_processor, num_labels: int, callbacks=None, plan=None):
+def build_trainer(
+    model,
+    training_args,
+    splits,
+    image_processor,
+    num_labels: int,
+    callbacks=None,
+    plan=None,
+    channels_last=False,
+):
     from transformers import EarlyStoppingCallback, Trainer
 
     from hf_finetune.checkpoints import CheckpointLoadingMixin, CompleteCheckpointCallback
     from hf_finetune.evaluation import ComputeMetrics
     from hf_finetune.strategies import strategy_trainer_class
-    from hf_finetune.transforms import collate
+    from hf_finetune.transforms import Collator
 
     callbacks = list(callbacks or [])
     if getattr(training_args, "early_stopping_patience", None):
@@ -56,7 +65,7 @@ def build_trainer(model, training_args, splits, image_processor, num_labels: int
         args=training_args,
         train_dataset=splits["train"],
         eval_dataset=splits["validation"],
-        data_collator=collate,
+        data_collator=Collator(channels_last),
         compute_metrics=ComputeMetrics(num_labels),
         processing_class=image_processor,
         callbacks=callbacks,
@@ -115,6 +124,7 @@ def run(
     from hf_finetune.checkpoints import last_complete_checkpoint
     from hf_finetune.data import prepare_data
     from hf_finetune.modeling import load_config, load_image_processor, load_model
+    from hf_finetune.performance import apply_channels_last, log_input_pipeline
     from hf_finetune.strategies import (
         STRATEGY_SUMMARY,
         StrategyArguments,
@@ -152,8 +162,18 @@ def run(
     # Two real training images let the plan find parameters the forward pass never uses.
     example = collate([splits["train"][i] for i in range(min(2, len(splits["train"])))])
     plan = prepare_strategy(model, strategy_args, training_args, example_inputs=example)
+    channels_last = apply_channels_last(model, training_args)
+    log_input_pipeline(training_args, channels_last)
 
-    trainer = build_trainer(model, training_args, splits, image_processor, len(data.labels), plan=plan)
+    trainer = build_trainer(
+        model,
+        training_args,
+        splits,
+        image_processor,
+        len(data.labels),
+        plan=plan,
+        channels_last=channels_last,
+    )
     resume = training_args.resume_from_checkpoint or last_complete_checkpoint(output_dir)
     if resume:
         logger.info("Resuming from %s", resume)

@@ -171,13 +171,26 @@ class BatchTransform:
         return out
 
 
-def collate(examples: list[dict]) -> dict:
+def collate(examples: list[dict], channels_last: bool = False) -> dict:
     import torch
 
-    batch = {"pixel_values": torch.stack([e["pixel_values"] for e in examples])}
+    pixels = torch.stack([e["pixel_values"] for e in examples])
+    if channels_last:
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+    batch = {"pixel_values": pixels}
     if "labels" in examples[0]:
         batch["labels"] = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
     return batch
+
+
+class Collator:
+    """`collate` with its options bound, picklable for dataloader workers."""
+
+    def __init__(self, channels_last: bool = False):
+        self.channels_last = channels_last
+
+    def __call__(self, examples: list[dict]) -> dict:
+        return collate(examples, channels_last=self.channels_last)
 
 
 def draft_sizes(spec: ProcessorSpec, crop_scale=(0.08, 1.0)) -> tuple[tuple[int, int], tuple[int, int]]:

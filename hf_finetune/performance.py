@@ -1,0 +1,46 @@
+"""Speed settings that depend on the model and the hardware: channels-last, and the input-pipeline log line."""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+CONVOLUTIONAL_MODEL_TYPES = {"resnet", "regnet", "convnext", "convnextv2", "mobilenet_v1", "mobilenet_v2",
+                             "efficientnet", "bit", "van", "poolformer"}  # fmt: skip
+
+
+def wants_channels_last(model, setting: str, device_type: str) -> bool:
+    """`auto`: on for convolutional models on CUDA, where cuDNN's NHWC kernels use tensor cores best."""
+    if setting == "true":
+        return True
+    if setting == "false":
+        return False
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return device_type == "cuda" and model_type in CONVOLUTIONAL_MODEL_TYPES
+
+
+def apply_channels_last(model, training_args) -> bool:
+    import torch
+
+    enabled = wants_channels_last(model, training_args.channels_last, training_args.device.type)
+    if enabled:
+        model.to(memory_format=torch.channels_last)
+    return enabled
+
+
+def log_input_pipeline(training_args, channels_last: bool) -> None:
+    logger.info(
+        "Input pipeline: %d dataloader worker(s)%s, pin_memory=%s, train batch %d / eval batch %d per device, "
+        "precision %s, channels_last=%s, torch_compile=%s, gradient_checkpointing=%s, accumulation %d.",
+        training_args.dataloader_num_workers,
+        " (persistent)" if training_args.dataloader_persistent_workers else "",
+        training_args.dataloader_pin_memory,
+        training_args.per_device_train_batch_size,
+        training_args.per_device_eval_batch_size,
+        "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",
+        channels_last,
+        training_args.torch_compile,
+        training_args.gradient_checkpointing,
+        training_args.gradient_accumulation_steps,
+    )
