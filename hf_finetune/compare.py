@@ -323,8 +323,18 @@ def _plot(rows, x_key: str, x_label: str, path: Path, log_x: bool) -> None:
 
 
 def write_comparison(root: Path, rows: list[dict[str, Any]]) -> None:
+    table = comparison_markdown(rows)
     output.write_json(root / COMPARISON_JSON, rows)
-    output.write_text_atomic(root / COMPARISON_MD, comparison_markdown(rows))
+    output.write_text_atomic(root / COMPARISON_MD, table)
+    # Each method's model card shows where it stands among the others.
+    for row in rows:
+        card = root / row["method"] / output.CARD
+        if row["status"] == "ok" and card.is_file():
+            text = card.read_text().split("\n## Comparison with other ways to transfer\n")[0].rstrip()
+            section = (
+                f"\n\n## Comparison with other ways to transfer\n\nSame data, split and seed:\n\n{table}"
+            )
+            output.write_text_atomic(card, text + section)
     _plot(rows, "trainable_parameters", "trainable parameters", root / PLOT_PARAMS, log_x=True)
     _plot(rows, "wall_time_s", "wall time (s)", root / PLOT_TIME, log_x=False)
     logger.info("Comparison:\n%s", comparison_markdown(rows))

@@ -46,3 +46,19 @@ def test_sixteen_bit_and_palette_images_flow_through_the_transform():
     palette = Image.new("RGB", (20, 20), (200, 10, 10)).convert("P")
     out = BatchTransform(eval_tf, "image", None)({"image": [sixteen, palette]})
     assert all(t.shape == (3, 16, 16) and torch.isfinite(t).all() for t in out["pixel_values"])
+
+
+def test_split_emptied_by_unreadable_images_is_a_clear_error(tmp_path, small_digits_folder):
+    import shutil
+
+    from hf_finetune.args import DataArguments
+    from hf_finetune.data import prepare_data
+
+    validation = tmp_path / "validation"
+    for cls in ("zero", "one", "two"):
+        (validation / cls).mkdir(parents=True)
+        (validation / cls / "broken.png").write_bytes(b"not an image")
+    train = tmp_path / "train"
+    shutil.copytree(small_digits_folder, train)
+    with pytest.raises(UserError, match=r"validation split is empty after removing 3 unreadable"):
+        prepare_data(DataArguments(train_dir=str(train), validation_dir=str(validation)), seed=0)

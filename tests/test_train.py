@@ -120,3 +120,30 @@ def test_training_improves_over_chance(tmp_path, tiny_vit):
         dataset=data,
     )  # fmt: skip
     assert results["test_accuracy"] >= 0.6  # chance is 0.33
+
+
+def test_model_card_metadata_parses_with_huggingface_hub(tmp_path, three_splits, tiny_vit):
+    # ModelCard.validate() asks the Hub's server; offline, parse it with huggingface_hub's own readers, which
+    # reject a malformed model-index.
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    out = tmp_path / "out"
+    results = run_training(
+        quick_argv("google/vit-base-patch16-224-in21k", out, "--max_steps", "1", "--license", "apache-2.0",
+                   "--hub_model_id", "me/digits", "--eval_strategy", "no", "--save_strategy", "no",
+                   "--load_best_model_at_end", "false", "--model_name_or_path", str(tiny_vit)),
+        dataset=three_splits,
+    )  # fmt: skip
+    card = ModelCard.load(out / "README.md")
+    data = card.data.to_dict()
+    assert data["pipeline_tag"] == "image-classification" and data["license"] == "apache-2.0"
+    assert "image-classification" in data["tags"] and data["library_name"] == "transformers"
+    name, eval_results = model_index_to_eval_results(data["model-index"])
+    assert name == "me/digits"
+    accuracy = next(r for r in eval_results if r.metric_type == "accuracy")
+    assert (
+        accuracy.metric_value == pytest.approx(results["test_accuracy"]) and accuracy.dataset_split == "test"
+    )
+    assert 'model="me/digits"' in card.text  # the usage snippet names the repository it will live in
+    assert "confusion_matrix.png" in card.text and "classification_report.md" in card.text
