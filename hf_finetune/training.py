@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -94,15 +95,24 @@ def prepare_output_dir(training_args) -> None:
             from hf_finetune.lora import remove_lora_outputs
 
             remove_lora_outputs(output_dir)  # a stale adapter would be loaded over the new weights
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
-                pass
-        except OSError as err:
+        # Checked without creating anything: a run that stops early (a bad id, bad data) leaves no folder.
+        existing = next(p for p in (output_dir.absolute(), *output_dir.absolute().parents) if p.exists())
+        problem = None
+        if not existing.is_dir():
+            problem = f"{existing} is a file, not a folder"
+        elif existing == output_dir.absolute():
+            try:
+                with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
+                    pass
+            except OSError as err:
+                problem = err.strerror or str(err)
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            problem = f"{existing} is not writable"
+        if problem:
             raise UserError(
-                f"Cannot write to output_dir={output_dir} ({err.strerror or err}). Choose a folder you can write "
-                "to, e.g. --output_dir outputs/my_run."
-            ) from None
+                f"Cannot write to output_dir={output_dir} ({problem}). Choose a folder you can write to, e.g. "
+                "--output_dir outputs/my_run."
+            )
 
 
 def run(
@@ -179,6 +189,7 @@ def run(
         logger.info("Resuming from %s", resume)
 
     if trainer.is_world_process_zero():
+        output_dir.mkdir(parents=True, exist_ok=True)
         output.write_resolved_config(output_dir, model_args, data_args, *extra_args, training_args)
         output.write_bad_images(output_dir, data.bad_images)
         output.write_json(output_dir / output.DATA_SPLITS, {"labels": data.labels, "splits": data.report})
