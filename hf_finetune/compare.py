@@ -135,7 +135,7 @@ def _peak_memory_mib(rss_at_start: float | None) -> dict[str, float | None]:
 
     peak = _memory_mib()["VmHWM"]
     gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    added = round(peak - rss_at_start, 1) if rss_at_start is not None else None
+    added = round(max(0.0, peak - rss_at_start), 1) if rss_at_start is not None else None
     return {"peak_rss_mib": round(peak, 1), "peak_rss_added_mib": added, "peak_gpu_mib": gpu}
 
 
@@ -292,7 +292,9 @@ def comparison_markdown(rows: list[dict[str, Any]]) -> str:
         )
     footnote = (
         "\nPeak memory: the most GPU memory allocated during the method when it ran on a GPU, otherwise the rise "
-        "of this process's peak resident memory over what it held when the method started. Trainable "
+        "of this process's peak resident memory over what it held when the method started (on a CPU, memory "
+        "that an earlier method freed is reused, so later rows understate; compare one method alone for its "
+        "full footprint). Trainable "
         "parameters of a probe: the numbers its fitted classifier holds.\n"
     )
     return header + "\n".join(lines) + "\n" + footnote
