@@ -35,8 +35,10 @@ quality: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
+# Every CPU benchmark (benchmarks/gpu.sh is for a GPU machine); BENCH_ARGS=--quick for short variants.
+BENCHMARKS := $(filter-out benchmarks/_common.py benchmarks/gpu_bench.py,$(wildcard benchmarks/*.py))
 bench: $(STAMP)
-	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done
+	for script in $(BENCHMARKS); do $(BIN)/python $$script $(BENCH_ARGS) || exit 1; done
 
 clean:
 	rm -rf outputs data/quickstart .pytest_cache
