@@ -16,7 +16,7 @@ BIN = Path(sys.executable).parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def run(cmd, cwd=REPO, env=ENV, timeout=600):
+def run(cmd, cwd=REPO, env=ENV, timeout=1200):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
