@@ -147,3 +147,14 @@ def test_model_card_metadata_parses_with_huggingface_hub(tmp_path, three_splits,
     )
     assert 'model="me/digits"' in card.text  # the usage snippet names the repository it will live in
     assert "confusion_matrix.png" in card.text and "classification_report.md" in card.text
+
+
+def test_early_stopping_stops_when_validation_stops_improving(tmp_path, three_splits, tiny_vit):
+    # A learning rate of zero never improves the validation accuracy: patience 1 stops after the second epoch.
+    run_training(
+        quick_argv(tiny_vit, tmp_path / "out", "--num_train_epochs", "6", "--learning_rate", "0",
+                   "--early_stopping_patience", "1"),
+        dataset=three_splits,
+    )  # fmt: skip
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert state["epoch"] == 2.0
