@@ -279,3 +279,313 @@ def machine() -> str:
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), {device}"
     )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Data written by several processes
+# --------------------------------------------------------------------------------------------------------
+def _write_views(job: tuple) -> int:
+    """One (class, split) of `make_photo_folder_parallel`: the same views, seeds and files as the serial one."""
+    import numpy as np
+
+    root, name, class_index, split, split_index, count, size, area, noise, quality, seed = job
+    photo = load_photo(name)
+    rng = np.random.default_rng([seed, class_index, split_index])
+    folder = Path(root) / split / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        _random_view(photo, rng, size, area, noise).save(folder / f"{i:05d}.jpg", quality=quality)
+    return count
+
+
+def make_photo_folder_parallel(
+    root: str | Path,
+    per_class: dict[str, int],
+    classes: tuple[str, ...] = PHOTOS,
+    size: tuple[int, int] = (640, 480),
+    area: tuple[float, float] = (0.15, 0.6),
+    noise: float = 3.0,
+    quality: int = 90,
+    seed: int = 0,
+    processes: int | None = None,
+) -> Path:
+    """`make_photo_folder` with one process per core: the same files and marker, so either reuses the other's.
+
+    Large photographs (1600x1200) take a fifth of a second each to draw and compress; split over the cores,
+    the first run of a benchmark waits for them correspondingly less.
+    """
+    from multiprocessing import get_context
+
+    root = Path(root)
+    settings = {
+        "generator": _GENERATOR_VERSION,
+        "per_class": per_class,
+        "classes": list(classes),
+        "size": list(size),
+        "area": list(area),
+        "noise": noise,
+        "quality": quality,
+        "seed": seed,
+    }
+    marker = root / ".complete.json"
+    if marker.is_file() and json.loads(marker.read_text()) == settings:
+        return root
+    jobs = [
+        (str(root), name, class_index, split, split_index, count, size, area, noise, quality, seed)
+        for class_index, name in enumerate(classes)
+        for split_index, (split, count) in enumerate(per_class.items())
+    ]
+    start = time.perf_counter()
+    # fork is enough (no threads yet) and avoids re-importing this module in every worker.
+    with get_context("fork").Pool(processes or os.cpu_count() or 1) as pool:
+        total = sum(pool.imap_unordered(_write_views, jobs))
+    marker.write_text(json.dumps(settings))
+    print(f"  wrote {total} JPEGs of {size[0]}x{size[1]} to {root} in {time.perf_counter() - start:.0f} s")
+    return root
+
+
+# --------------------------------------------------------------------------------------------------------
+# ViT checkpoints of a given size
+# --------------------------------------------------------------------------------------------------------
+def build_vit_checkpoint(
+    folder: str | Path, image_size: int, seed: int = 0, labels: tuple[str, ...] = STAND_IN_LABELS, **config
+) -> Path:
+    """A randomly initialised ViTForImageClassification of `ViTConfig(image_size=..., **config)`, saved with a
+    ViTImageProcessor at `image_size` (mean = std = 0.5, as google/vit-* ship) like a Hub download.
+
+    `build_vit_checkpoint(folder, 224)` is ViT-B/16. Rebuilt only when the folder holds a different config.
+    """
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from transformers.utils import logging
+
+    folder = Path(folder)
+    wanted = ViTConfig(
+        image_size=image_size,
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        **config,
+    )
+    saved = folder / "config.json"
+    if saved.is_file() and (folder / "preprocessor_config.json").is_file():
+        have = json.loads(saved.read_text())
+        if all(have.get(key) == value for key, value in {"image_size": image_size, **config}.items()):
+            return folder
+    import torch
+
+    logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    ViTForImageClassification(wanted).save_pretrained(folder)
+    ViTImageProcessor(
+        size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    ).save_pretrained(folder)
+    return folder
+
+
+# --------------------------------------------------------------------------------------------------------
+# Ours against the docs-style peer, in alternating subprocess runs
+# --------------------------------------------------------------------------------------------------------
+# The peer is `peer_main` of throughput_vs_peer.py: the transformers docs' image-classification tutorial.
+PEER_SCRIPT = Path(__file__).resolve().parent / "throughput_vs_peer.py"
+
+
+def ours_arguments(checkpoint, data_dir, output_dir, flags: list[str]) -> list[str]:
+    """The `hf_finetune.cli train` arguments for data_dir/{train,validation,test}: its defaults plus `flags`."""
+    data_dir = Path(data_dir)
+    return [
+        "--model_name_or_path", str(checkpoint),
+        "--train_dir", str(data_dir / "train"),
+        "--validation_dir", str(data_dir / "validation"),
+        "--test_dir", str(data_dir / "test"),
+        "--output_dir", str(output_dir),
+        *flags,
+    ]  # fmt: skip
+
+
+def ours_command(checkpoint, data_dir, output_dir, flags: list[str]) -> list[str]:
+    """`python -m hf_finetune.cli train` on data_dir/{train,validation,test} with its defaults plus `flags`."""
+    return [
+        sys.executable,
+        "-m",
+        "hf_finetune.cli",
+        "train",
+        *ours_arguments(checkpoint, data_dir, output_dir, flags),
+    ]
+
+
+def peer_command(checkpoint, data_dir, output_dir, flags: list[str]) -> list[str]:
+    """The docs-style peer of throughput_vs_peer.py; `flags` must give every setting it requires."""
+    return [
+        sys.executable, str(PEER_SCRIPT), "peer",
+        "--data_dir", str(data_dir),
+        "--model_name_or_path", str(checkpoint),
+        "--output_dir", str(output_dir),
+        *flags,
+    ]  # fmt: skip
+
+
+def run_alternating(
+    commands: dict,
+    runs_dir: str | Path,
+    repeats: int,
+    keep: bool = False,
+    between=None,
+    extra=None,
+    pass_repeat: bool = False,
+) -> dict[str, list[dict]]:
+    """Run each side `repeats` times, the order alternating (a, b, b, a, ...) so that a drift in the machine's
+    speed hits both alike. `commands[side](output_dir)` gives the command line (with `pass_repeat`,
+    `commands[side](output_dir, repeat)`, e.g. to give each repeat its own seed). Returns, per side, one dict
+    per run: the run's all_results.json metrics plus `wall_s`, `cpu_s` and `peak_rss`. `between()` (if given)
+    is called before every run, e.g. to measure the machine while nothing else of ours runs; `extra(output_dir)`
+    (if given) returns more figures of a finished run, read before its outputs are removed.
+
+    Each run gets a fresh datasets cache, so each pays for its own data preparation as a first run would.
+    Logs and outputs stay in runs_dir when a run fails or with `keep`; otherwise they are removed.
+    """
+    import shutil
+
+    runs_dir = Path(runs_dir)
+    shutil.rmtree(runs_dir, ignore_errors=True)
+    sides = list(commands)
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    order = 0
+    for repeat in range(repeats):
+        for side in sides if repeat % 2 == 0 else sides[::-1]:
+            if between is not None:
+                between()
+            run_dir = runs_dir / f"{side}-{repeat}"
+            print(f"  running {side} (log: {run_dir / 'log.txt'}) ...", flush=True)
+            load_before = os.getloadavg()[0]
+            output_dir = run_dir / "output"
+            stats = run_measured(
+                commands[side](output_dir, repeat) if pass_repeat else commands[side](output_dir),
+                log=run_dir / "log.txt",
+                env=offline_env(datasets_cache=run_dir / "datasets-cache"),
+            )
+            check_ok(stats, side)
+            runs[side].append(
+                {
+                    **read_results(run_dir / "output"),
+                    "wall_s": stats.wall_s,
+                    "cpu_s": stats.cpu_s,
+                    "peak_rss": stats.peak_rss_bytes,
+                    # Where the run came in the sequence, and the 1-minute load average around it.
+                    "order": order,
+                    "repeat": repeat,
+                    "load_before": load_before,
+                    "load_after": os.getloadavg()[0],
+                    **(extra(run_dir / "output") if extra is not None else {}),
+                }
+            )
+            order += 1
+    if keep:
+        print(f"  outputs and logs kept in {runs_dir}")
+    else:
+        shutil.rmtree(runs_dir)
+    return runs
+
+
+def eval_seconds_in_training(output_dir: str | Path) -> float:
+    """Seconds the per-epoch evaluations took inside `train_runtime`, from the run's trainer_state.json (the
+    output directory's, written after training, else the last checkpoint's: the docs' script saves no state)."""
+    output_dir = Path(output_dir)
+    state = output_dir / "trainer_state.json"
+    if not state.is_file():
+        checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        state = checkpoints[-1] / "trainer_state.json"
+    history = json.loads(state.read_text())["log_history"]
+    return sum(entry["eval_runtime"] for entry in history if "eval_runtime" in entry)
+
+
+def median_of(runs: list[dict], key: str) -> float:
+    import statistics
+
+    return statistics.median(run[key] for run in runs)
+
+
+def best_of(runs: list[dict], key: str) -> dict:
+    """The run with the lowest `key` (e.g. train_runtime). Other jobs on a machine only ever slow a run down,
+    so the fastest of several is the least disturbed estimate of what the code itself costs."""
+    return min(runs, key=lambda run: run[key])
+
+
+def print_runs(runs: dict[str, list[dict]], columns: dict[str, str]) -> None:
+    """One line per run in the order they ran, with the load average before and after it: shows which runs
+    other work slowed down. `columns` maps a heading to a format string over the run's fields."""
+    ordered = sorted(((run["order"], side, run) for side, side_runs in runs.items() for run in side_runs))
+    header = ["run", *columns, "load before -> after"]
+    rows = [
+        [f"{order + 1}. {side}", *(fmt.format(**run) for fmt in columns.values()),
+         f"{run['load_before']:.1f} -> {run['load_after']:.1f}"]
+        for order, side, run in ordered
+    ]  # fmt: skip
+    print_table(header, rows)
+
+
+def accuracy_noise(acc_a: float, acc_b: float, n: int) -> float:
+    """Two binomial standard errors of the difference of two accuracies measured on n images each."""
+    import math
+
+    return 2 * math.sqrt((acc_a * (1 - acc_a) + acc_b * (1 - acc_b)) / n)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Arithmetic: FLOPs of a training step, the machine's matmul rate, a step's own rate
+# --------------------------------------------------------------------------------------------------------
+def training_flops_per_image(model, batch: dict) -> float:
+    """FLOPs of forward + backward on `batch`, per image, as `torch.utils.flop_counter` counts them (matmuls,
+    convolutions and attention; the optimizer's and the element-wise work are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        model(**batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return counter.get_total_flops() / len(batch["pixel_values"])
+
+
+def matmul_flops(size: int = 2048, reps: int = 5, device: str = "cpu", dtype=None) -> float:
+    """FLOP/s of a dense `size`x`size` @ `size`x`size` matmul (torch's current thread count on the CPU): the
+    best of `reps` after a warm-up, since the machine's peak is what the other figures are a fraction of."""
+    import torch
+
+    dtype = dtype or torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(2):
+        a @ b
+    sync()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def step_images_per_s(model, optimizer, batch: dict, min_s: float = 1.0, max_grad_norm: float = 1.0) -> float:
+    """Images/s of forward + backward + gradient clipping + optimizer step + zero_grad on one fixed batch,
+    as the Trainer's loop does them; steps repeat until `min_s` has passed (after one warm-up step)."""
+    import torch
+
+    model.train()
+    sync = torch.cuda.synchronize if batch["pixel_values"].is_cuda else (lambda: None)
+
+    def step():
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    sync()
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_s:
+        step()
+        steps += 1
+    sync()
+    return steps * len(batch["pixel_values"]) / (time.perf_counter() - start)
