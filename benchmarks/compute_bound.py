@@ -94,6 +94,7 @@ def model_and_batch(checkpoint: Path, num_labels: int, batch_size: int, seed: in
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # the expected "classifier re-initialised" report
+    logging.disable_progress_bar()
     model = AutoModelForImageClassification.from_pretrained(
         checkpoint, num_labels=num_labels, ignore_mismatched_sizes=True
     )

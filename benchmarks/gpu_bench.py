@@ -235,7 +235,7 @@ def parse(argv):
         "--peak_tflops", type=float, default=None, help="Dense bf16 peak (default: by GPU name)."
     )
     parser.add_argument("--synthetic", action="store_true", help="Synthetic pictures even with scikit-image.")
-    parser.add_argument("--budget_s", type=float, default=280, help="Skip the optional extras past this.")
+    parser.add_argument("--budget_s", type=float, default=270, help="Skip the optional extras past this.")
     parser.add_argument(
         "--json", default=None, help="Also write the figures here (default bench_out/gpu_bench.json)."
     )
