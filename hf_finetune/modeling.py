@@ -111,17 +111,28 @@ def head_linears(model, num_labels: int) -> dict[str, object]:
 
 
 def reinitialise_head(model, num_labels: int) -> list[str]:
-    """Give the classifier fresh weights (normal(0, initializer_range), zero bias) and return tensor names."""
+    """Give the classifier fresh weights with the model family's own initialisation; return the tensor names.
+
+    The family's `_init_weights` matters: ViTs draw from normal(0, 0.02), while ResNet-style heads use
+    PyTorch's default (fan-in scaled) initialisation, about seven times larger for a small head; forcing one
+    scheme on every family slows the new head's start markedly.
+    """
     import torch
 
-    std = getattr(model.config, "initializer_range", 0.02) or 0.02
     names = []
     with torch.no_grad():
         for name, module in head_linears(model, num_labels).items():
-            module.weight.normal_(0.0, std)
+            before = module.weight.detach().clone()
+            for parameter in module.parameters():
+                # transformers skips modules it has marked as initialised from the checkpoint.
+                if hasattr(parameter, "_is_hf_initialized"):
+                    parameter._is_hf_initialized = False
+            module._is_hf_initialized = False
+            model._init_weights(module)
+            if torch.equal(module.weight, before):  # the family defines nothing for Linear layers
+                module.reset_parameters()
             names.append(f"{name}.weight")
             if module.bias is not None:
-                module.bias.zero_()
                 names.append(f"{name}.bias")
     return names
 

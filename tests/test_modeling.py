@@ -113,3 +113,16 @@ def test_from_scratch_keeps_the_architecture_but_no_pretrained_weight(tiny_vit):
     ]
     assert weights and all(not torch.equal(state[n], saved[n]) for n in weights)
     assert len(report.reinitialised) == len(list(model.parameters()))
+
+
+def test_new_head_uses_the_model_familys_own_initialisation(tmp_path):
+    # ResNet heads start from PyTorch's fan-in scaled default (std ~ 1/sqrt(3 * fan_in)), ViT heads from
+    # normal(0, 0.02): one hard-coded scheme for every family slows the new head's start.
+    stds = {}
+    for arch in ("resnet", "vit"):
+        folder = build_tiny_checkpoint(arch, tmp_path / arch, labels=["a", "b", "c"])
+        model, report = load_model(ModelArguments(str(folder)), ["x", "y", "z"])
+        head = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 3][-1]
+        assert report.reinitialised
+        stds[arch] = head.weight.std().item()
+    assert stds["resnet"] > 0.08 and 0.01 < stds["vit"] < 0.03
