@@ -77,53 +77,6 @@ def _random_view(photo, rng, size: tuple[int, int], area: tuple[float, float], n
     return view
 
 
-def make_photo_folder(
-    root: str | Path,
-    per_class: dict[str, int],
-    classes: tuple[str, ...] = PHOTOS,
-    size: tuple[int, int] = (640, 480),
-    area: tuple[float, float] = (0.15, 0.6),
-    noise: float = 3.0,
-    quality: int = 90,
-    seed: int = 0,
-) -> Path:
-    """Write root/<split>/<photo>/<n>.jpg: `per_class[split]` random views of each photo per split.
-
-    The folder is reused when a previous call with the same settings completed (a marker file records them).
-    """
-    root = Path(root)
-    settings = {
-        "generator": _GENERATOR_VERSION,
-        "per_class": per_class,
-        "classes": list(classes),
-        "size": list(size),
-        "area": list(area),
-        "noise": noise,
-        "quality": quality,
-        "seed": seed,
-    }
-    marker = root / ".complete.json"
-    if marker.is_file() and json.loads(marker.read_text()) == settings:
-        return root
-    import numpy as np
-
-    start = time.perf_counter()
-    total = 0
-    for class_index, name in enumerate(classes):
-        photo = load_photo(name)
-        for split_index, (split, count) in enumerate(per_class.items()):
-            rng = np.random.default_rng([seed, class_index, split_index])
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                view = _random_view(photo, rng, size, area, noise)
-                view.save(folder / f"{i:05d}.jpg", quality=quality)
-            total += count
-    marker.write_text(json.dumps(settings))
-    print(f"  wrote {total} JPEGs of {size[0]}x{size[1]} to {root} in {time.perf_counter() - start:.0f} s")
-    return root
-
-
 def folder_bytes(root: str | Path) -> tuple[int, int]:
     """(number of .jpg files, total bytes) under root."""
     files = list(Path(root).rglob("*.jpg"))
@@ -285,7 +238,7 @@ def machine() -> str:
 # Data written by several processes
 # --------------------------------------------------------------------------------------------------------
 def _write_views(job: tuple) -> int:
-    """One (class, split) of `make_photo_folder_parallel`: the same views, seeds and files as the serial one."""
+    """One (class, split) of `make_photo_folder`."""
     import numpy as np
 
     root, name, class_index, split, split_index, count, size, area, noise, quality, seed = job
@@ -298,7 +251,7 @@ def _write_views(job: tuple) -> int:
     return count
 
 
-def make_photo_folder_parallel(
+def make_photo_folder(
     root: str | Path,
     per_class: dict[str, int],
     classes: tuple[str, ...] = PHOTOS,
@@ -307,12 +260,14 @@ def make_photo_folder_parallel(
     noise: float = 3.0,
     quality: int = 90,
     seed: int = 0,
-    processes: int | None = None,
+    processes: int | None = 1,
 ) -> Path:
-    """`make_photo_folder` with one process per core: the same files and marker, so either reuses the other's.
+    """Write root/<split>/<photo>/<n>.jpg: `per_class[split]` random views of each photo per split.
 
-    Large photographs (1600x1200) take a fifth of a second each to draw and compress; split over the cores,
-    the first run of a benchmark waits for them correspondingly less.
+    The folder is reused when a previous call with the same settings completed (a marker file records them).
+    `processes=None` uses one process per core: large photographs (1600x1200) take a fifth of a second each to
+    draw and compress, so the first run of a benchmark waits correspondingly less. The files do not depend
+    on the process count.
     """
     from multiprocessing import get_context
 
@@ -336,9 +291,13 @@ def make_photo_folder_parallel(
         for split_index, (split, count) in enumerate(per_class.items())
     ]
     start = time.perf_counter()
-    # fork is enough (no threads yet) and avoids re-importing this module in every worker.
-    with get_context("fork").Pool(processes or os.cpu_count() or 1) as pool:
-        total = sum(pool.imap_unordered(_write_views, jobs))
+    processes = processes or os.cpu_count() or 1
+    if processes == 1:
+        total = sum(map(_write_views, jobs))
+    else:
+        # fork is enough (no threads yet) and avoids re-importing this module in every worker.
+        with get_context("fork").Pool(processes) as pool:
+            total = sum(pool.imap_unordered(_write_views, jobs))
     marker.write_text(json.dumps(settings))
     print(f"  wrote {total} JPEGs of {size[0]}x{size[1]} to {root} in {time.perf_counter() - start:.0f} s")
     return root

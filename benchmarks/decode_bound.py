@@ -75,7 +75,9 @@ def prepare(args) -> tuple[Path, Path, dict[str, int]]:
     classes = _common.PHOTOS[: args.classes]
     width, height = PHOTO_SIZE
     name = f"photos_{len(classes)}x{per_class['train']}-{per_class['validation']}-{per_class['test']}_{width}x{height}"
-    data_dir = _common.make_photo_folder_parallel(_common.BENCH_OUT / name, per_class, classes, PHOTO_SIZE)
+    data_dir = _common.make_photo_folder(
+        _common.BENCH_OUT / name, per_class, classes, PHOTO_SIZE, processes=None
+    )
     checkpoint = _common.build_checkpoint(
         _common.BENCH_OUT / f"tiny-{args.arch}-{args.image_size}", args.arch, args.image_size
     )

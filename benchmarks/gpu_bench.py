@@ -288,8 +288,11 @@ def main(argv: list[str]) -> None:
             raise ImportError
         import skimage  # noqa: F401
 
-        data_dir = _common.make_photo_folder_parallel(
-            out / f"photos_{classes}x{per_class['train']}_{size[0]}x{size[1]}", per_class, size=size
+        data_dir = _common.make_photo_folder(
+            out / f"photos_{classes}x{per_class['train']}_{size[0]}x{size[1]}",
+            per_class,
+            size=size,
+            processes=None,
         )
         kind = "random crops of scikit-image photographs"
     except ImportError:
