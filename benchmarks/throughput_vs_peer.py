@@ -34,7 +34,6 @@ the machine's speed hits both alike, and compares the medians; --quick runs each
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 import statistics
 import sys
@@ -192,11 +191,6 @@ def parse(argv):
     return args
 
 
-def accuracy_noise(acc_a: float, acc_b: float, n: int) -> float:
-    """Two binomial standard errors of the difference of two accuracies measured on n images each."""
-    return 2 * math.sqrt((acc_a * (1 - acc_a) + acc_b * (1 - acc_b)) / n)
-
-
 def main(argv: list[str]) -> None:
     args = parse(argv)
     from hf_finetune.args import VISION_TRAINING_DEFAULTS
@@ -319,7 +313,7 @@ def main(argv: list[str]) -> None:
     )
     ratio = median("ours", "images_per_s") / median("peer", "images_per_s")
     acc_ours, acc_peer = median("ours", "test_accuracy"), median("peer", "test_accuracy")
-    noise = accuracy_noise(acc_ours, acc_peer, n_test)
+    noise = _common.accuracy_noise(acc_ours, acc_peer, n_test)
     print()
     print(f"throughput ratio ours/peer: {ratio:.2f}   (target >= 1.00)  {_common.verdict(ratio >= 1.0)}")
     print(
