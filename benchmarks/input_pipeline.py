@@ -52,33 +52,12 @@ BATCH_SIZE = 32
 def our_trainer(checkpoint: Path, data_dir: Path, output_dir: Path, flags: list[str]):
     """The Trainer that `hf_finetune.cli train` would build for these arguments (nothing is trained)."""
     from hf_finetune.cli import parse_train_args
-    from hf_finetune.data import prepare_data
-    from hf_finetune.modeling import load_config, load_image_processor, load_model
-    from hf_finetune.performance import apply_channels_last
-    from hf_finetune.strategies import prepare_strategy
-    from hf_finetune.training import build_trainer
-    from hf_finetune.transforms import attach_transforms, collate
+    from hf_finetune.training import prepare_trainer
 
     model_args, data_args, strategy_args, training_args = parse_train_args(
         _common.ours_arguments(checkpoint, data_dir, output_dir, flags)
     )
-    config = load_config(model_args)
-    image_processor = load_image_processor(model_args)
-    data = prepare_data(data_args, training_args.seed, cache_dir=model_args.cache_dir)
-    model, _ = load_model(model_args, data.labels, config)
-    splits = attach_transforms(data.splits, image_processor, data_args, data.image_column, data.label_column)
-    example = collate([splits["train"][i] for i in range(2)])
-    plan = prepare_strategy(model, strategy_args, training_args, example_inputs=example)
-    channels_last = apply_channels_last(model, training_args)
-    trainer = build_trainer(
-        model,
-        training_args,
-        splits,
-        image_processor,
-        len(data.labels),
-        plan=plan,
-        channels_last=channels_last,
-    )
+    trainer, *_ = prepare_trainer(model_args, data_args, training_args, strategy_args)
     return trainer, training_args
 
 

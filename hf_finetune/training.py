@@ -115,6 +115,44 @@ def prepare_output_dir(training_args) -> None:
             )
 
 
+def prepare_trainer(model_args, data_args, training_args, strategy_args, dataset=None):
+    """Checkpoint, data, strategy and the Trainer built from them, exactly as a run uses them (nothing trains).
+
+    Returns (trainer, prepared data, transformed splits, the checkpoint's load report).
+    """
+    from hf_finetune.data import prepare_data
+    from hf_finetune.modeling import load_config, load_image_processor, load_model
+    from hf_finetune.performance import apply_channels_last, log_input_pipeline
+    from hf_finetune.strategies import prepare_strategy, wrap_for_strategy
+    from hf_finetune.transforms import attach_transforms, collate
+
+    # Checkpoint first: a wrong id fails in seconds, before any data is read.
+    config = load_config(model_args)
+    image_processor = load_image_processor(model_args)
+    # The main process scans and caches the data first; the others then read its cache.
+    with training_args.main_process_first(desc="dataset preparation"):
+        data = prepare_data(data_args, training_args.seed, cache_dir=model_args.cache_dir, dataset=dataset)
+    model, load_report = load_model(model_args, data.labels, config)
+    model = wrap_for_strategy(model, strategy_args)  # lora: the checkpoint in peft adapters
+    splits = attach_transforms(data.splits, image_processor, data_args, data.image_column, data.label_column)
+    # Freeze before the Trainer exists: it reads ddp_find_unused_parameters when it builds the accelerator.
+    # Two real training images let the plan find parameters the forward pass never uses.
+    example = collate([splits["train"][i] for i in range(min(2, len(splits["train"])))])
+    plan = prepare_strategy(model, strategy_args, training_args, example_inputs=example)
+    channels_last = apply_channels_last(model, training_args)
+    log_input_pipeline(training_args, channels_last)
+    trainer = build_trainer(
+        model,
+        training_args,
+        splits,
+        image_processor,
+        len(data.labels),
+        plan=plan,
+        channels_last=channels_last,
+    )
+    return trainer, data, splits, load_report
+
+
 def run(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -132,16 +170,7 @@ def run(
     from transformers import set_seed
 
     from hf_finetune.checkpoints import last_complete_checkpoint
-    from hf_finetune.data import prepare_data
-    from hf_finetune.modeling import load_config, load_image_processor, load_model
-    from hf_finetune.performance import apply_channels_last, log_input_pipeline
-    from hf_finetune.strategies import (
-        STRATEGY_SUMMARY,
-        StrategyArguments,
-        prepare_strategy,
-        wrap_for_strategy,
-    )
-    from hf_finetune.transforms import attach_transforms, collate
+    from hf_finetune.strategies import STRATEGY_SUMMARY, StrategyArguments
 
     strategy_args = strategy_args or StrategyArguments()
     extra_args = (strategy_args, *(a for a in extra_args if not isinstance(a, StrategyArguments)))
@@ -159,30 +188,8 @@ def run(
     ##############################
     # Checkpoint, data, strategy #
     ##############################
-    # Checkpoint first: a wrong id fails in seconds, before any data is read.
-    config = load_config(model_args)
-    image_processor = load_image_processor(model_args)
-    # The main process scans and caches the data first; the others then read its cache.
-    with training_args.main_process_first(desc="dataset preparation"):
-        data = prepare_data(data_args, training_args.seed, cache_dir=model_args.cache_dir, dataset=dataset)
-    model, load_report = load_model(model_args, data.labels, config)
-    model = wrap_for_strategy(model, strategy_args)  # lora: the checkpoint in peft adapters
-    splits = attach_transforms(data.splits, image_processor, data_args, data.image_column, data.label_column)
-    # Freeze before the Trainer exists: it reads ddp_find_unused_parameters when it builds the accelerator.
-    # Two real training images let the plan find parameters the forward pass never uses.
-    example = collate([splits["train"][i] for i in range(min(2, len(splits["train"])))])
-    plan = prepare_strategy(model, strategy_args, training_args, example_inputs=example)
-    channels_last = apply_channels_last(model, training_args)
-    log_input_pipeline(training_args, channels_last)
-
-    trainer = build_trainer(
-        model,
-        training_args,
-        splits,
-        image_processor,
-        len(data.labels),
-        plan=plan,
-        channels_last=channels_last,
+    trainer, data, splits, load_report = prepare_trainer(
+        model_args, data_args, training_args, strategy_args, dataset=dataset
     )
     resume = training_args.resume_from_checkpoint or last_complete_checkpoint(output_dir)
     if resume:
