@@ -14,11 +14,13 @@ difference below it). Printed with PASS/MISS, never asserted.
 
 Why this is decode-bound: a 1600x1200 JPEG costs milliseconds to decode, while a tiny ResNet at 64 px costs
 a fraction of that per image, so the run's speed is the speed of turning files into 64 px tensors. The peer
-decodes every picture in full (datasets' Image feature) and crops and resizes the full-size picture. Ours
-decodes in PIL's draft mode at the smallest power-of-two scale that still covers the largest crop the
-augmentation can take at full resolution (`hf_finetune.transforms.draft_sizes`: 64 / sqrt(0.08) = 227 px
-for training, so 1/4 scale, 400x300; the eval resize of 73 px, so 1/8 scale, 200x150), which cuts the
-inverse DCT, the colour conversion and the resize, but not the entropy decoding of the file.
+decodes every picture in full (datasets' Image feature) in every epoch and crops and resizes the full-size
+picture. Ours decodes each file once, in the image check before training, in PIL's draft mode at the smallest
+power-of-two scale that covers what the transforms need, and stores a copy at just that size in the datasets
+cache (`downscale_images`; `hf_finetune.transforms.decode_sizes`: 64 / sqrt(0.08) = 227 px on the short side
+for training, 302x227, so the smallest random crop keeps full resolution; the eval resize of 73 px, 97x73,
+lossless); the epochs then decode those small copies. The copies are made inside the timed run (each run has
+a fresh datasets cache), so their cost is counted.
 
 Data: an image folder (train / validation / test, one sub-folder per class) of 1600x1200 JPEGs (quality 90),
 each a random crop of one of scikit-image's bundled photographs (the class), flipped, colour-jittered and

@@ -13,8 +13,8 @@ consumes, so that the step, not the pictures, sets the pace. Printed with PASS/M
 What is measured, in this process, with the objects a run of `hf_finetune.cli train` builds (the same library
 calls as `hf_finetune.training.run`, in the same order: checkpoint, `prepare_data`, `load_model`,
 `attach_transforms`, `prepare_strategy`, `build_trainer`), with our defaults:
-  * input pipeline: `trainer.get_train_dataloader()` (the Trainer's own loader: our lazy transforms with JPEG
-    draft decoding, our collator, the dataloader workers our defaults choose for this machine, persistent),
+  * input pipeline: `trainer.get_train_dataloader()` (the Trainer's own loader: our lazy transforms over the
+    downscaled copies the image check stored, our collator, the dataloader workers our defaults choose for this machine, persistent),
     iterated for one epoch per round; the clock starts when the first batch arrives, so the figure is the
     steady rate, not the workers' start-up;
   * training step: forward + loss + backward + gradient clipping + the Trainer's own optimizer

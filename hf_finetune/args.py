@@ -125,6 +125,14 @@ class DataArguments:
             "help": "Unreadable images: `skip` (counted, listed in bad_images.json) or `error` (stop first)."
         },
     )
+    downscale_images: bool = field(
+        default=True,
+        metadata={
+            "help": "While checking the images before training, store a copy of each picture much larger than the "
+            "model needs at just the size the transforms need, in the datasets cache (reused by later runs), so "
+            "that epochs decode small pictures. Off: decode the originals in every epoch (no extra disk)."
+        },
+    )
 
     def __post_init__(self):
         for f in fields(self):

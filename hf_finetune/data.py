@@ -8,6 +8,7 @@ lazily by `hf_finetune.transforms`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 from hf_finetune.args import VALIDATION_SPLIT_NAMES, DataArguments
 from hf_finetune.errors import UserError
 from hf_finetune.hub import check_hub_repo, offline
-from hf_finetune.images import image_location, image_problem
+from hf_finetune.images import DecodeSizes, check_image, image_location
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ IMAGE_EXTENSIONS = {
 LABEL_COLUMN_NAMES = ("label", "labels", "class", "category", "target", "fine_label")
 PATH_COLUMN_NAMES = ("image", "image_path", "path", "file", "filename", "file_name", "filepath", "img")
 SCAN_PROBLEM_COLUMN = "__image_problem__"
+SCAN_COPY_COLUMN = "__downscaled__"
 STRING_DTYPES = ("string", "large_string")
 
 
@@ -377,32 +379,86 @@ def make_splits(raw, args: DataArguments, label_column: str, seed: int):
 # --------------------------------------------------------------------------------------------------------
 # Image hygiene
 # --------------------------------------------------------------------------------------------------------
-def _scan_batch(batch, image_column: str):
-    return {SCAN_PROBLEM_COLUMN: [image_problem(value) for value in batch[image_column]]}
+# Bumped whenever what the scan stores changes, so that cached scans of older versions are not reused.
+SCAN_VERSION = 2
 
 
-def find_bad_images(splits, image_column: str) -> tuple[Any, list[dict[str, Any]]]:
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@functools.cache
+def _scan_pool():
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=min(16, usable_cores()), thread_name_prefix="image-scan")
+
+
+def _scan_batch(
+    batch,
+    image_column: str,
+    cover=None,
+    interpolation: str = "bilinear",
+    lossless: bool = True,
+    exact: bool = False,
+    version: int = 0,
+):
+    # `version` is unused here: as an argument it enters the map's cache fingerprint.
+    # Threads rather than processes: PIL releases the GIL while it decodes, resizes and encodes, which is nearly
+    # all of the work, and threads need neither forking nor the pickling of in-memory data.
+    checked = list(
+        _scan_pool().map(
+            lambda value: check_image(value, cover, interpolation, lossless, exact), batch[image_column]
+        )
+    )
+    out = {SCAN_PROBLEM_COLUMN: [problem for problem, _ in checked]}
+    if cover is not None:
+        out[image_column] = [value for _, value in checked]
+        out[SCAN_COPY_COLUMN] = [
+            new is not old for (_, new), old in zip(checked, batch[image_column], strict=True)
+        ]
+    return out
+
+
+def find_bad_images(splits, image_column: str, downscale: DecodeSizes | None = None):
     """Decode every image once before training; drop the unreadable ones and return them in a list.
 
-    The scan is a `datasets.map`, so for on-disk datasets its result is cached by fingerprint and a second run
-    over the same data does not decode anything again.
+    With `downscale`, the same pass stores each picture that is much larger than the transforms need as an
+    upright RGB copy that just covers `downscale.cover(split)`, so that every epoch decodes a small picture
+    instead of the original (a 12-megapixel photo bound for a 224-pixel model: a tenth of the pixels). Copies
+    of evaluation splits are lossless; training copies of JPEGs are quality-95 JPEGs (`images.downscaled_copy`).
+    The scan is a `datasets.map`, so for on-disk datasets its result, copies included, is cached by fingerprint (input
+    data, sizes, filter, SCAN_VERSION): a second run over the same data decodes nothing, and a run with another
+    checkpoint size or crop scale makes its own copies.
     """
-    from datasets import Features, Image, Value
+    from datasets import DatasetDict, Image, Value
 
     bad: list[dict[str, Any]] = []
     cleaned = {}
     for name, dataset in splits.items():
-        undecoded = dataset.select_columns([image_column]).cast_column(image_column, Image(decode=False))
-        num_proc = min(4, os.cpu_count() or 1) if len(dataset) >= 4000 else None
+        cover = downscale.cover(name) if downscale is not None else None
+        columns = dataset.column_names if cover is not None else [image_column]
+        undecoded = dataset.select_columns(columns).cast_column(image_column, Image(decode=False))
+        features = undecoded.features.copy()
+        # Typed up front: a first batch of all-readable images would otherwise fix the column as null.
+        features[SCAN_PROBLEM_COLUMN] = Value("string")
+        if cover is not None:
+            features[SCAN_COPY_COLUMN] = Value("bool")
         scanned = undecoded.map(
             _scan_batch,
             batched=True,
             batch_size=64,
-            fn_kwargs={"image_column": image_column},
-            # Typed up front: a first batch of all-readable images would otherwise fix the column as null.
-            features=Features({image_column: Image(decode=False), SCAN_PROBLEM_COLUMN: Value("string")}),
-            num_proc=num_proc,
-            desc=f"Checking {name} images",
+            fn_kwargs={
+                "image_column": image_column,
+                "cover": tuple(cover) if cover is not None else None,
+                "interpolation": downscale.interpolation if downscale is not None else "bilinear",
+                # Evaluation sees exactly the pixels it would see without copies; training copies may be lossy.
+                "lossless": name != "train",
+                "exact": downscale is not None and downscale.exact(name),
+                "version": SCAN_VERSION,
+            },
+            features=features,
+            desc=f"{'Checking and downscaling' if cover else 'Checking'} {name} images",
         )
         problems = scanned[SCAN_PROBLEM_COLUMN]
         bad_rows = [i for i, problem in enumerate(problems) if problem is not None]
@@ -415,12 +471,24 @@ def find_bad_images(splits, image_column: str) -> tuple[Any, list[dict[str, Any]
                     "problem": problems[i],
                 }
             )
+        if cover is not None:
+            copies = sum(scanned[SCAN_COPY_COLUMN])
+            logger.info(
+                "Downscaled copies (datasets cache): %s %d of %d picture(s), covering %dx%d%s, %s",
+                name,
+                copies,
+                len(scanned),
+                *cover,
+                " exactly" if downscale.exact(name) else "",
+                "lossless" if name != "train" else "JPEG quality 95 (lossless for other formats)",
+            )
+            dataset = scanned.remove_columns([SCAN_PROBLEM_COLUMN, SCAN_COPY_COLUMN]).cast_column(
+                image_column, dataset.features[image_column]
+            )
         if bad_rows:
             keep = sorted(set(range(len(dataset))) - set(bad_rows))
             dataset = dataset.select(keep)
         cleaned[name] = dataset
-    from datasets import DatasetDict
-
     return DatasetDict(cleaned), bad
 
 
@@ -448,8 +516,18 @@ def _check_labels(splits, label_column: str, labels: list[str]) -> None:
             )
 
 
-def prepare_data(args: DataArguments, seed: int, cache_dir: str | None = None, dataset=None) -> PreparedData:
-    """Load, detect columns, encode labels, split and clean: the data a run trains and evaluates on."""
+def prepare_data(
+    args: DataArguments,
+    seed: int,
+    cache_dir: str | None = None,
+    dataset=None,
+    downscale: DecodeSizes | None = None,
+) -> PreparedData:
+    """Load, detect columns, encode labels, split and clean: the data a run trains and evaluates on.
+
+    `downscale` (the sizes the run's transforms need): store downscaled copies of large pictures while
+    checking them (`find_bad_images`).
+    """
     raw = load_raw_splits(args, cache_dir=cache_dir, dataset=dataset)
     where = args.dataset_name or args.train_dir or args.train_file or "the given dataset"
     first = raw[args.train_split] if args.train_split in raw else next(iter(raw.values()))
@@ -460,7 +538,7 @@ def prepare_data(args: DataArguments, seed: int, cache_dir: str | None = None, d
     labels = list(next(iter(raw.values())).features[label_column].names)
 
     splits, report = make_splits(raw, args, label_column, seed)
-    splits, bad = find_bad_images(splits, image_column)
+    splits, bad = find_bad_images(splits, image_column, downscale)
     if bad:
         listing = "; ".join(f"{b['image']} ({b['split']}): {b['problem']}" for b in bad[:5])
         if args.on_bad_image == "error":

@@ -1,9 +1,11 @@
-"""Image hygiene: every picture reaches the model as 8-bit RGB, and unreadable files are found up front."""
+"""Image hygiene: every picture reaches the model upright, as 8-bit RGB and at no more pixels than it needs;
+unreadable files are found up front."""
 
 from __future__ import annotations
 
 import io
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 # Decoding a 12-megapixel JPEG in full only to check that it is readable is wasted work: PIL's draft mode
 # decodes JPEGs at a reduced scale, which still reads every entropy-coded block (so truncation shows).
@@ -52,23 +54,158 @@ def open_image(value: Any):
     return Image.open(value)
 
 
-def image_problem(value: Any) -> str | None:
-    """Why this image cannot be used for training, or None when it decodes fully."""
+# EXIF orientations 5-8 store the picture turned by 90 degrees: width and height swap once it is upright.
+_EXIF_ORIENTATION = 0x0112
+_TURNED = (5, 6, 7, 8)
+
+
+def load_rgb(value: Any, draft_size: tuple[int, int] | None = None):
+    """Open an image upright (EXIF orientation applied) as 8-bit RGB.
+
+    Phone cameras store most photographs sideways with an EXIF orientation tag; `datasets`' own decoding and
+    transformers' pipelines turn them upright, so training must too. With `draft_size` (width, height, of the
+    upright picture), JPEGs are decoded in PIL's draft mode at the smallest power-of-two reduction that still
+    covers it: a 12-megapixel photo bound for a 224-pixel model decodes at 1/4 or 1/8 scale, several times
+    faster than a full decode followed by a downscale.
+    """
+    from PIL import ImageOps
+
+    image = open_image(value)
+    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    if draft_size and getattr(image, "format", None) == "JPEG" and image.mode in ("RGB", "L", "CMYK"):
+        width, height = draft_size
+        image.draft(image.mode, (height, width) if orientation in _TURNED else (width, height))
+    if orientation not in (None, 1):
+        image = ImageOps.exif_transpose(image)
+    return to_rgb(image)
+
+
+# Beyond this aspect ratio (a 1x5000 strip, a panorama) a short-edge resize would blow up the long edge into
+# hundreds of thousands of pixels; the middle of the long side is kept instead, before any resizing.
+MAX_ASPECT_RATIO = 8.0
+
+
+def limit_aspect_ratio(image, max_ratio: float = MAX_ASPECT_RATIO):
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    if long <= max_ratio * short:
+        return image
+    keep = max(1, int(max_ratio * short))
+    if width > height:
+        left = (width - keep) // 2
+        return image.crop((left, 0, left + keep, height))
+    top = (height - keep) // 2
+    return image.crop((0, top, width, top + keep))
+
+
+class DecodeSizes(NamedTuple):
+    """What the transforms need from each picture: the (width, height) it must cover, for training and for eval
+    (None: the whole picture, e.g. an eval transform that only crops), and whether that split's transform
+    resizes to exactly that size, aspect ratio ignored (ViT-style processors) rather than by its short edge."""
+
+    train: tuple[int, int] | None
+    eval: tuple[int, int] | None
+    interpolation: str = "bilinear"  # the checkpoint processor's resampling filter
+    train_exact: bool = False
+    eval_exact: bool = False
+
+    def cover(self, split: str) -> tuple[int, int] | None:
+        return self.train if split == "train" else self.eval
+
+    def exact(self, split: str) -> bool:
+        return self.train_exact if split == "train" else self.eval_exact
+
+
+# A stored copy pays off only when it saves a real share of the pixels; a picture within this factor (per side)
+# of the size the transforms need is used as it is.
+DOWNSCALE_MIN_FACTOR = 1.25
+_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+
+
+def downscaled_copy(
+    value: Any,
+    cover: tuple[int, int],
+    interpolation: str = "bilinear",
+    lossless: bool = True,
+    exact: bool = False,
+) -> Any:
+    """`value` ({"bytes", "path"}) as a smaller, upright RGB picture that still covers `cover` (width, height).
+
+    Returns the new {"bytes", "path"} (the original path is kept for reports; the bytes win when the image is
+    opened), or `value` itself when the picture is already within DOWNSCALE_MIN_FACTOR of `cover`. The copy is
+    resized with the checkpoint's own filter to what the eval transform resizes to (`exact`: to `cover`
+    itself; otherwise the short edge to `cover`, rounded like torchvision), so that resize of the copy is the
+    identity. Stored as uncompressed PPM, exactly the pixels the transforms would have made from the original
+    (3 bytes a pixel: meant for evaluation copies, which are small), or, with `lossless=False` and a JPEG
+    source, as a quality-95 JPEG without chroma subsampling (a sixth of the size, under one grey level of
+    difference on average: meant for training copies, which are larger and whose augmentation changes pixels
+    far more). Raises what PIL raises on a bad file.
+    """
+    source = open_image(value)
+    source_format, source_pixels = getattr(source, "format", None), source.size[0] * source.size[1]
+    image = limit_aspect_ratio(load_rgb(source, cover))
+    image.load()
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ValueError("image has no pixels")
+    if exact:
+        size = tuple(cover)
+    else:
+        scale = max(cover[0] / width, cover[1] / height)
+        size = (
+            max(cover[0], math.floor(width * scale + 1e-6)),
+            max(cover[1], math.floor(height * scale + 1e-6)),
+        )
+    # Judged against the file's full size, not the reduced-size decode: even a draft decode reads the whole file.
+    if size[0] * size[1] * DOWNSCALE_MIN_FACTOR**2 >= source_pixels:
+        return value
+    image = image.resize(size, resample=_RESAMPLE.get(interpolation, 2))
+    buffer = io.BytesIO()
+    if source_format == "JPEG" and not lossless:
+        image.save(buffer, format="JPEG", quality=95, subsampling=0)
+    else:
+        # Uncompressed: PNG's inflate would cost as much as the reduced-size decode of the original.
+        image.save(buffer, format="PPM")
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+    return {"bytes": buffer.getvalue(), "path": path}
+
+
+def _problem(err: BaseException) -> str:
+    if isinstance(err, FileNotFoundError):
+        return "file not found"
+    if isinstance(err, ValueError) and str(err) in ("image has no pixels", "no image data"):
+        return str(err)
+    return f"unreadable image ({type(err).__name__}: {err})"
+
+
+def check_image(
+    value: Any,
+    cover: tuple[int, int] | None = None,
+    interpolation: str = "bilinear",
+    lossless: bool = True,
+    exact: bool = False,
+):
+    """(problem, value): why this image cannot be used (None when it decodes fully) and, with `cover`, its
+    downscaled copy (`downscaled_copy`; the value itself when it has a problem or is small already)."""
     from PIL import Image
 
     try:
+        if cover is not None:
+            return None, downscaled_copy(value, cover, interpolation, lossless, exact)
         image = open_image(value)
         if image.format == "JPEG":
             image.draft("RGB", _CHECK_DRAFT_SIZE)
         image.load()
-        width, height = image.size
-        if width < 1 or height < 1:
-            return "image has no pixels"
-    except FileNotFoundError:
-        return "file not found"
+        if min(image.size) < 1:
+            raise ValueError("image has no pixels")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        return f"unreadable image ({type(err).__name__}: {err})"
-    return None
+        return _problem(err), value
+    return None, value
+
+
+def image_problem(value: Any) -> str | None:
+    """Why this image cannot be used for training, or None when it decodes fully."""
+    return check_image(value)[0]
 
 
 def image_location(value: Any) -> str:

@@ -167,10 +167,9 @@ class _ProbeClassifier:
         self.labels = list(self.probe.labels)
 
     def load(self, path: str):
-        from hf_finetune.images import open_image, to_rgb
-        from hf_finetune.transforms import limit_aspect_ratio
+        from hf_finetune.images import limit_aspect_ratio, load_rgb
 
-        image = limit_aspect_ratio(to_rgb(open_image(path)))
+        image = limit_aspect_ratio(load_rgb(path))
         image.load()
         return image
 

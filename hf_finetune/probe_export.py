@@ -561,9 +561,9 @@ class ProbeModel:
     def _pixels(self, transform, images):
         import torch
 
-        from hf_finetune.images import open_image, to_rgb
+        from hf_finetune.images import limit_aspect_ratio, load_rgb
 
-        return torch.stack([transform(to_rgb(open_image(image))) for image in images])
+        return torch.stack([transform(limit_aspect_ratio(load_rgb(image))) for image in images])
 
     def probabilities(self, images, batch_size: int = 64) -> np.ndarray:
         """(num_images, num_labels) class probabilities for images (PIL images or file paths)."""

@@ -269,12 +269,12 @@ def most_confident_errors(
 
 
 def _thumbnail(value, size: int = 256):
-    from hf_finetune.images import open_image, to_rgb
+    from hf_finetune.images import load_rgb
 
-    image = open_image(value)
-    if getattr(image, "format", None) == "JPEG":
-        image.draft("RGB", (size, size))
-    image = to_rgb(image)
+    if isinstance(value, dict) and value.get("path") and os.path.isfile(value["path"]):
+        # The original file rather than the bytes of a downscaled training copy, which may be smaller than this.
+        value = {"bytes": None, "path": value["path"]}
+    image = load_rgb(value, (size, size))
     image.thumbnail((size, size))
     return image
 

@@ -124,14 +124,21 @@ def prepare_trainer(model_args, data_args, training_args, strategy_args, dataset
     from hf_finetune.modeling import load_config, load_image_processor, load_model
     from hf_finetune.performance import apply_channels_last, log_input_pipeline
     from hf_finetune.strategies import prepare_strategy, wrap_for_strategy
-    from hf_finetune.transforms import attach_transforms, collate
+    from hf_finetune.transforms import attach_transforms, collate, decode_sizes
 
     # Checkpoint first: a wrong id fails in seconds, before any data is read.
     config = load_config(model_args)
     image_processor = load_image_processor(model_args)
     # The main process scans and caches the data first; the others then read its cache.
+    downscale = decode_sizes(image_processor, data_args) if data_args.downscale_images else None
     with training_args.main_process_first(desc="dataset preparation"):
-        data = prepare_data(data_args, training_args.seed, cache_dir=model_args.cache_dir, dataset=dataset)
+        data = prepare_data(
+            data_args,
+            training_args.seed,
+            cache_dir=model_args.cache_dir,
+            dataset=dataset,
+            downscale=downscale,
+        )
     model, load_report = load_model(model_args, data.labels, config)
     model = wrap_for_strategy(model, strategy_args)  # lora: the checkpoint in peft adapters
     splits = attach_transforms(data.splits, image_processor, data_args, data.image_column, data.label_column)

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from hf_finetune.images import open_image, to_rgb
+from hf_finetune.images import DecodeSizes, limit_aspect_ratio, load_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -119,32 +119,12 @@ def build_transforms(
     return v2.Compose(train_steps + _tail(spec)), eval_transform
 
 
-# Beyond this aspect ratio (a 1x5000 strip, a panorama) a short-edge resize would blow up the long edge into
-# hundreds of thousands of pixels; the middle of the long side is kept instead, before any resizing.
-MAX_ASPECT_RATIO = 8.0
-
-
-def limit_aspect_ratio(image, max_ratio: float = MAX_ASPECT_RATIO):
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    if long <= max_ratio * short:
-        return image
-    keep = max(1, int(max_ratio * short))
-    if width > height:
-        left = (width - keep) // 2
-        return image.crop((left, 0, left + keep, height))
-    top = (height - keep) // 2
-    return image.crop((0, top, width, top + keep))
-
-
 class BatchTransform:
     """`Dataset.with_transform` callable: image column -> `pixel_values`, label column -> `labels`.
 
-    Images may arrive decoded (PIL) or undecoded (`datasets.Image(decode=False)`: {"bytes", "path"}). Undecoded
-    JPEGs are opened in PIL's draft mode at the smallest power-of-two reduction that still covers
-    `draft_size` (width, height): a 12-megapixel photo bound for a 224-pixel model is decoded at 1/4 or 1/8
-    scale, which is several times faster than a full decode followed by a downscale.
-    A class rather than a closure so that dataloader worker processes can pickle it.
+    Images may arrive decoded (PIL) or undecoded (`datasets.Image(decode=False)`: {"bytes", "path"}); every one
+    is turned upright and to RGB (`images.load_rgb`), and undecoded JPEGs are decoded at reduced size covering
+    `draft_size` (width, height). A class rather than a closure so that dataloader worker processes can pickle it.
     """
 
     def __init__(self, transform, image_column: str, label_column: str | None, draft_size=None):
@@ -153,19 +133,9 @@ class BatchTransform:
         self.label_column = label_column
         self.draft_size = tuple(draft_size) if draft_size else None
 
-    def _open(self, value):
-        image = open_image(value)
-        if (
-            self.draft_size
-            and getattr(image, "format", None) == "JPEG"
-            and image.mode in ("RGB", "L", "CMYK")
-        ):
-            image.draft(image.mode, self.draft_size)
-        return image
-
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        images = (self._open(value) for value in batch[self.image_column])
-        out = {"pixel_values": [self.transform(limit_aspect_ratio(to_rgb(image))) for image in images]}
+        images = (load_rgb(value, self.draft_size) for value in batch[self.image_column])
+        out = {"pixel_values": [self.transform(limit_aspect_ratio(image)) for image in images]}
         if self.label_column is not None and self.label_column in batch:
             out["labels"] = batch[self.label_column]
         return out
@@ -193,12 +163,15 @@ class Collator:
         return collate(examples, channels_last=self.channels_last)
 
 
-def draft_sizes(spec: ProcessorSpec, crop_scale=(0.08, 1.0)) -> tuple[tuple[int, int], tuple[int, int]]:
+def draft_sizes(
+    spec: ProcessorSpec, crop_scale=(0.08, 1.0)
+) -> tuple[tuple[int, int], tuple[int, int] | None]:
     """(train, eval) decode sizes (width, height) that lose no detail the transforms would keep.
 
-    Eval resizes to `spec.resize` (or the input size), so decoding at that size loses nothing. Training crops a
-    random area fraction down to `crop_scale[0]` and resizes it to the input size: the source must be
-    1/sqrt(min scale) times the input size for even the smallest crop to keep full resolution.
+    Eval resizes to `spec.resize`, so decoding at that size loses nothing (None when the processor does not
+    resize: its centre crop then needs the picture at full resolution). Training crops a random area fraction
+    down to `crop_scale[0]` and resizes it to the input size: the source must be 1/sqrt(min scale) times the
+    input size for even the smallest crop to keep full resolution.
     """
     height, width = spec.input_size
     if isinstance(spec.resize, int):
@@ -206,10 +179,20 @@ def draft_sizes(spec: ProcessorSpec, crop_scale=(0.08, 1.0)) -> tuple[tuple[int,
     elif isinstance(spec.resize, tuple):
         eval_size = (spec.resize[1], spec.resize[0])
     else:
-        eval_size = (width, height)
+        eval_size = None
     factor = 1.0 / math.sqrt(max(crop_scale[0], 1e-3))
     train_size = (math.ceil(width * factor), math.ceil(height * factor))
     return train_size, eval_size
+
+
+def decode_sizes(image_processor, data_args) -> DecodeSizes:
+    """The sizes a run decodes (and stores downscaled copies at) for its checkpoint and augmentation."""
+    spec = processor_spec(image_processor)
+    train, eval_ = draft_sizes(spec, data_args.random_resized_crop_scale)
+    exact = isinstance(spec.resize, tuple)
+    if not data_args.augment:  # training then uses the eval transform
+        return DecodeSizes(eval_, eval_, spec.interpolation, train_exact=exact, eval_exact=exact)
+    return DecodeSizes(train, eval_, spec.interpolation, eval_exact=exact)
 
 
 def attach_transforms(splits, image_processor, data_args, image_column: str, label_column: str):
@@ -222,14 +205,13 @@ def attach_transforms(splits, image_processor, data_args, image_column: str, lab
     train_tf, eval_tf = build_transforms(
         image_processor, data_args.augment, data_args.random_resized_crop_scale, data_args.horizontal_flip
     )
-    scale = data_args.random_resized_crop_scale if data_args.augment else (1.0, 1.0)
-    train_draft, eval_draft = draft_sizes(processor_spec(image_processor), scale)
-    logger.info("JPEG decode sizes (at least): train %s, eval %s", train_draft, eval_draft)
+    sizes = decode_sizes(image_processor, data_args)
+    logger.info("JPEG decode sizes (at least): train %s, eval %s", sizes.train, sizes.eval)
     attached = {}
     for name, dataset in splits.items():
         train = name == "train"
         transform = BatchTransform(
-            train_tf if train else eval_tf, image_column, label_column, train_draft if train else eval_draft
+            train_tf if train else eval_tf, image_column, label_column, sizes.cover(name)
         )
         undecoded = dataset.cast_column(image_column, Image(decode=False))
         attached[name] = undecoded.with_transform(transform)

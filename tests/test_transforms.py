@@ -63,6 +63,7 @@ def test_batch_transform_converts_every_mode_to_rgb_and_collates():
 def test_large_jpegs_are_decoded_at_reduced_size_but_never_below_what_the_transform_needs():
     import io
 
+    from hf_finetune.images import load_rgb
     from hf_finetune.transforms import draft_sizes
 
     buffer = io.BytesIO()
@@ -74,8 +75,8 @@ def test_large_jpegs_are_decoded_at_reduced_size_but_never_below_what_the_transf
     train_draft, eval_draft = draft_sizes(processor_spec(processor), crop_scale=(0.25, 1.0))
     assert eval_draft == (64, 64) and train_draft == (128, 128)  # 1/sqrt(0.25) = 2x for the smallest crop
     train_tf, eval_tf = build_transforms(processor, crop_scale=(0.25, 1.0))
-    assert BatchTransform(eval_tf, "image", None, eval_draft)._open(undecoded).size == (200, 150)  # 1/8 scale
-    assert BatchTransform(train_tf, "image", None, train_draft)._open(undecoded).size == (200, 150)
-    assert BatchTransform(eval_tf, "image", None, (300, 300))._open(undecoded).size == (400, 300)  # 1/4
+    assert load_rgb(undecoded, eval_draft).size == (200, 150)  # 1/8 scale
+    assert load_rgb(undecoded, train_draft).size == (200, 150)
+    assert load_rgb(undecoded, (300, 300)).size == (400, 300)  # 1/4
     out = BatchTransform(train_tf, "image", None, train_draft)({"image": [undecoded]})
     assert out["pixel_values"][0].shape == (3, 64, 64)

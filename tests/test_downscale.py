@@ -1,0 +1,257 @@
+"""Pictures reach the model upright and at no more pixels than it needs: EXIF orientation, and the downscaled
+copies that the pre-training scan stores in the datasets cache (fingerprinted, reused, invalidated)."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, Features, Image, load_from_disk
+from PIL import Image as PILImage
+
+from hf_finetune.args import DataArguments
+from hf_finetune.data import find_bad_images
+from hf_finetune.images import DecodeSizes, downscaled_copy, load_rgb
+from hf_finetune.transforms import BatchTransform, build_transforms
+
+ORIENTATION = 0x0112
+
+
+def _photo(size=(1600, 1200)) -> PILImage.Image:
+    """A real photograph (scikit-image's cat) at `size` (width, height)."""
+    from skimage import data
+
+    return PILImage.fromarray(data.chelsea()).resize(size, PILImage.Resampling.BICUBIC)
+
+
+def _jpeg(image: PILImage.Image, orientation: int | None = None, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    exif = PILImage.Exif()
+    if orientation is not None:
+        exif[ORIENTATION] = orientation
+    image.save(buffer, "JPEG", quality=quality, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+def _png(image: PILImage.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_exif_orientation_is_applied_like_datasets_does():
+    # Stored 40x20 with a red left half; orientation 6 means "turn 90 degrees clockwise to view".
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20] = (255, 0, 0)
+    value = {"bytes": _jpeg(PILImage.fromarray(stored), orientation=6, quality=100), "path": "turned.jpg"}
+    upright = load_rgb(value)
+    assert upright.size == (20, 40)
+    assert np.asarray(upright)[5, 10, 0] > 200 and np.asarray(upright)[35, 10, 0] < 50  # red is now on top
+    decoded_by_datasets = Image().decode_example(value)
+    assert np.abs(np.asarray(upright, int) - np.asarray(decoded_by_datasets.convert("RGB"), int)).max() <= 1
+    out = BatchTransform(lambda image: torch.tensor(image.size), "image", None)({"image": [value]})
+    assert out["pixel_values"][0].tolist() == [20, 40]
+
+
+def test_turned_jpegs_are_drafted_against_their_upright_size():
+    value = {"bytes": _jpeg(_photo((1600, 1200)), orientation=6), "path": "turned.jpg"}
+    # Upright the photo is 1200x1600; covering 300x400 upright is a 1/4-scale decode (300x400), not 1/2.
+    assert load_rgb(value, (300, 400)).size == (300, 400)
+    assert load_rgb(value, (301, 400)).size == (600, 800)  # one pixel more does not fit 1/4 any longer
+
+
+def test_downscaled_copy_covers_the_target_and_keeps_the_path():
+    value = {"bytes": _jpeg(_photo()), "path": "photos/cat.jpg"}
+    copy = downscaled_copy(value, (227, 227), lossless=False)
+    assert copy["path"] == "photos/cat.jpg"
+    small = PILImage.open(io.BytesIO(copy["bytes"]))
+    assert small.format == "JPEG" and small.size == (302, 227)  # aspect kept, the short side just covers
+    assert len(copy["bytes"]) < len(value["bytes"]) / 5
+    assert PILImage.open(io.BytesIO(downscaled_copy(value, (227, 227))["bytes"])).format == "PPM"
+    png = downscaled_copy({"bytes": _png(_photo((800, 600))), "path": None}, (100, 100), lossless=False)
+    assert PILImage.open(io.BytesIO(png["bytes"])).format == "PPM"  # a lossless source stays lossless
+    # A picture within 1.25x of the target is used as it is: a copy would save too little to pay for itself.
+    near = {"bytes": _jpeg(_photo((280, 210))), "path": "near.jpg"}
+    assert downscaled_copy(near, (200, 200)) is near
+    turned = downscaled_copy({"bytes": _jpeg(_photo(), orientation=8), "path": None}, (227, 227))
+    assert PILImage.open(io.BytesIO(turned["bytes"])).size == (227, 302)  # stored upright
+
+
+@pytest.mark.parametrize(
+    "processor",
+    [
+        {"kind": "convnext", "size": {"shortest_edge": 64}, "crop_pct": 0.875},  # resize 73, crop 64
+        {"kind": "convnext", "size": {"shortest_edge": 224}},  # resize 256, crop 224
+        {"kind": "vit", "size": {"height": 64, "width": 64}},  # exact 64x64
+    ],
+)
+def test_eval_pixels_from_the_lossless_copy_are_exactly_the_originals(processor):
+    from transformers import ConvNextImageProcessor, ViTImageProcessor
+
+    from hf_finetune.transforms import decode_sizes
+
+    kind = processor.pop("kind")
+    processor = (ConvNextImageProcessor if kind == "convnext" else ViTImageProcessor)(**processor)
+    _, eval_tf = build_transforms(processor, augment=False)
+    sizes = decode_sizes(processor, DataArguments())
+    value = {"bytes": _jpeg(_photo()), "path": None}
+    copy = downscaled_copy(value, sizes.eval, sizes.interpolation, exact=sizes.eval_exact)
+    copy_size = PILImage.open(io.BytesIO(copy["bytes"])).size
+    assert copy_size[1] == sizes.eval[1] and copy_size[0] * copy_size[1] < 1600 * 1200 / 16
+    assert (copy_size == sizes.eval) == (kind == "vit")  # ViT squashes to 64x64; the others keep the aspect
+    # What the run computes from the original (reduced-size decode, eval resize, crop) is what it computes from
+    # the copy, to the last bit: the copy was resized with the same filter to the same size.
+    assert torch.equal(eval_tf(load_rgb(copy, sizes.eval)), eval_tf(load_rgb(value, sizes.eval)))
+    # The lossy training kind stays within about one grey level on average (normalised units: ~0.23 per level).
+    lossy = downscaled_copy(value, sizes.eval, sizes.interpolation, lossless=False, exact=sizes.eval_exact)
+    assert (eval_tf(load_rgb(lossy)) - eval_tf(load_rgb(value, sizes.eval))).abs().mean() < 0.02
+
+
+def test_random_resized_crop_of_the_copy_still_sees_full_resolution():
+    from transformers import ViTImageProcessor
+
+    from hf_finetune.transforms import draft_sizes, processor_spec
+
+    processor = ViTImageProcessor(size={"height": 64, "width": 64})
+    train_cover, _ = draft_sizes(processor_spec(processor), (0.08, 1.0))
+    value = {"bytes": _jpeg(_photo()), "path": None}
+    copy = PILImage.open(io.BytesIO(downscaled_copy(value, train_cover, lossless=False)["bytes"]))
+    width, height = copy.size
+    # The smallest crop (8 % of the area, at the most extreme aspect ratio) must still be >= 64 px on each side.
+    area = 0.08 * width * height
+    assert min(np.sqrt(area * 3 / 4), np.sqrt(area * 4 / 3)) >= 64 - 1
+
+
+@pytest.fixture
+def on_disk_photos(tmp_path):
+    """An on-disk dataset (as image folders and Hub datasets are) of 6 photos: 4 large JPEGs, 1 small, 1 bad."""
+    values = [{"bytes": _jpeg(_photo((1600 - 40 * i, 1200))), "path": f"p{i}.jpg"} for i in range(4)]
+    values.append({"bytes": _jpeg(_photo((96, 96))), "path": "small.jpg"})
+    values.append({"bytes": _jpeg(_photo())[:2000], "path": "cut.jpg"})
+    features = Features({"image": Image(), "label": ClassLabel(names=["a", "b"])})
+    Dataset.from_dict({"image": values, "label": [0, 1, 0, 1, 0, 1]}, features=features).save_to_disk(
+        tmp_path / "ds"
+    )
+    return load_from_disk(str(tmp_path / "ds"))
+
+
+def _count_opens(monkeypatch) -> list[int]:
+    calls = [0]
+    original = PILImage.open
+
+    def counting_open(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(PILImage, "open", counting_open)
+    return calls
+
+
+def test_scan_stores_copies_once_and_reuses_them_by_fingerprint(on_disk_photos, monkeypatch):
+    sizes = DecodeSizes(train=(227, 227), eval=(73, 73), interpolation="bilinear")
+    opens = _count_opens(monkeypatch)
+    splits, bad = find_bad_images({"train": on_disk_photos, "test": on_disk_photos}, "image", sizes)
+    assert opens[0] >= 12  # every picture of both splits decoded once
+    assert [(b["split"], b["image"]) for b in bad] == [("train", "cut.jpg"), ("test", "cut.jpg")]
+    train, test = splits["train"], splits["test"]
+    assert train.features["image"] == Image() and train["label"] == [0, 1, 0, 1, 0]
+    # Aspect kept, the short side just covers the target: 227 for training, the eval resize (73) for test.
+    assert [image.size for image in train["image"][:4]] == [
+        (math.floor((1600 - 40 * i) * 227 / 1200), 227) for i in range(4)
+    ]
+    assert [image.size for image in test["image"][:4]] == [
+        (math.floor((1600 - 40 * i) * 73 / 1200), 73) for i in range(4)
+    ]
+    assert train["image"][4].size == (96, 96)  # already small: the original
+    raw = train.cast_column("image", Image(decode=False))["image"]
+    assert [v["path"] for v in raw] == ["p0.jpg", "p1.jpg", "p2.jpg", "p3.jpg", "small.jpg"]  # for reports
+
+    opens[0] = 0
+    again, bad_again = find_bad_images({"train": on_disk_photos}, "image", sizes)
+    assert opens[0] == 0  # same data, same sizes: the cached scan and copies, nothing decoded
+    assert len(bad_again) == 1
+    assert again["train"].cast_column("image", Image(decode=False))["image"] == raw
+
+    other = DecodeSizes(train=(160, 160), eval=(73, 73), interpolation="bilinear")
+    reshaped, _ = find_bad_images({"train": on_disk_photos}, "image", other)
+    assert opens[0] >= 6  # another checkpoint size: new copies
+    assert all(min(image.size) == 160 for image in reshaped["train"]["image"][:4])
+
+
+def test_without_downscale_the_scan_keeps_the_originals(on_disk_photos):
+    splits, bad = find_bad_images({"train": on_disk_photos}, "image", None)
+    assert len(bad) == 1
+    assert [image.size for image in splits["train"]["image"][:2]] == [(1600, 1200), (1560, 1200)]
+
+
+def test_decode_sizes_follow_the_processor_and_the_augmentation():
+    from transformers import ConvNextImageProcessor, ViTImageProcessor
+
+    from hf_finetune.transforms import decode_sizes
+
+    convnext = ConvNextImageProcessor(size={"shortest_edge": 64}, crop_pct=0.875)
+    assert decode_sizes(convnext, DataArguments()) == DecodeSizes((227, 227), (73, 73), "bicubic")
+    # Without augmentation training uses the eval transform, so its copies are eval copies.
+    plain = decode_sizes(convnext, DataArguments(augment=False))
+    assert plain.cover("train") == plain.cover("validation") == (73, 73)
+    vit = decode_sizes(ViTImageProcessor(size={"height": 64, "width": 64}), DataArguments(augment=False))
+    assert vit.exact("train") and vit.exact("test") and vit.train == (64, 64)
+    # A processor that only centre-crops needs the full picture for evaluation: no eval copies.
+    crop_only = ConvNextImageProcessor(do_resize=False, crop_size={"height": 64, "width": 64})
+    crop_only.do_center_crop = True
+    assert decode_sizes(crop_only, DataArguments()).eval is None
+
+
+def test_image_folder_copies_follow_the_files(tmp_path, monkeypatch):
+    """Through `prepare_data` on an image folder: copies are made, reused, and remade when a file changes."""
+    import os
+
+    from hf_finetune.data import prepare_data
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    for label in ("cat", "other"):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        for i in range(3):
+            _photo((1200 + 40 * i, 900)).save(tmp_path / "train" / label / f"{i}.jpg", quality=90)
+    args = DataArguments(train_dir=str(tmp_path / "train"), train_val_split=0.34)
+    sizes = DecodeSizes(train=(120, 120), eval=(40, 40), interpolation="bilinear")
+
+    opens = _count_opens(monkeypatch)
+
+    def train_sizes():
+        opens[0] = 0
+        data = prepare_data(args, seed=0, downscale=sizes)
+        decoded = opens[0]
+        return sorted(image.size for image in data.splits["train"]["image"]), decoded
+
+    first, decoded = train_sizes()
+    assert len(first) == 3 and all(height == 120 and width > 120 for width, height in first)
+    assert decoded == 6  # both splits
+    assert train_sizes() == (first, 0)  # cached: nothing decoded
+    # Replace every training picture with a square one (a newer file): the copies follow.
+    for path in (tmp_path / "train").rglob("*.jpg"):
+        _photo((1000, 1000)).save(path, quality=90)
+        stat = path.stat()
+        os.utime(path, (stat.st_atime + 10, stat.st_mtime + 10))
+    assert train_sizes() == ([(120, 120)] * 3, 6)
+
+
+def test_error_grid_thumbnails_come_from_the_original_file(tmp_path):
+    from hf_finetune.reports import _thumbnail
+
+    path = tmp_path / "cat.jpg"
+    _photo().save(path, quality=90)
+    copy = downscaled_copy({"bytes": None, "path": str(path)}, (40, 40))
+    assert _thumbnail(copy).size == (256, 192)  # from the 1600x1200 file, not the 53x40 copy
+    assert _thumbnail({"bytes": copy["bytes"], "path": "gone.jpg"}).size == (53, 40)
+
+
+def test_the_log_counts_the_copies(on_disk_photos, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="hf_finetune.data"):
+        find_bad_images({"train": on_disk_photos}, "image", DecodeSizes((227, 227), (73, 73)))
+    assert "train 4 of 6 picture(s), covering 227x227" in caplog.text  # 4 large; the small and the bad kept
