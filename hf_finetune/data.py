@@ -8,7 +8,7 @@ lazily by `hf_finetune.transforms`.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -387,11 +387,22 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-@functools.cache
+# The scan's thread pool, set only while `find_bad_images` runs (not a map argument: it would enter the cache
+# fingerprint, and cannot be hashed).
+_scan_threads = None
+
+
+@contextlib.contextmanager
 def _scan_pool():
+    global _scan_threads
     from concurrent.futures import ThreadPoolExecutor
 
-    return ThreadPoolExecutor(max_workers=min(16, usable_cores()), thread_name_prefix="image-scan")
+    with ThreadPoolExecutor(max_workers=min(16, usable_cores()), thread_name_prefix="image-scan") as pool:
+        _scan_threads = pool
+        try:
+            yield
+        finally:
+            _scan_threads = None
 
 
 def _scan_batch(
@@ -406,10 +417,9 @@ def _scan_batch(
     # `version` is unused here: as an argument it enters the map's cache fingerprint.
     # Threads rather than processes: PIL releases the GIL while it decodes, resizes and encodes, which is nearly
     # all of the work, and threads need neither forking nor the pickling of in-memory data.
+    mapper = _scan_threads.map if _scan_threads is not None else map
     checked = list(
-        _scan_pool().map(
-            lambda value: check_image(value, cover, interpolation, lossless, exact), batch[image_column]
-        )
+        mapper(lambda value: check_image(value, cover, interpolation, lossless, exact), batch[image_column])
     )
     out = {SCAN_PROBLEM_COLUMN: [problem for problem, _ in checked]}
     if cover is not None:
@@ -444,22 +454,23 @@ def find_bad_images(splits, image_column: str, downscale: DecodeSizes | None = N
         features[SCAN_PROBLEM_COLUMN] = Value("string")
         if cover is not None:
             features[SCAN_COPY_COLUMN] = Value("bool")
-        scanned = undecoded.map(
-            _scan_batch,
-            batched=True,
-            batch_size=64,
-            fn_kwargs={
-                "image_column": image_column,
-                "cover": tuple(cover) if cover is not None else None,
-                "interpolation": downscale.interpolation if downscale is not None else "bilinear",
-                # Evaluation sees exactly the pixels it would see without copies; training copies may be lossy.
-                "lossless": name != "train",
-                "exact": downscale is not None and downscale.exact(name),
-                "version": SCAN_VERSION,
-            },
-            features=features,
-            desc=f"{'Checking and downscaling' if cover else 'Checking'} {name} images",
-        )
+        with _scan_pool():
+            scanned = undecoded.map(
+                _scan_batch,
+                batched=True,
+                batch_size=64,
+                fn_kwargs={
+                    "image_column": image_column,
+                    "cover": tuple(cover) if cover is not None else None,
+                    "interpolation": downscale.interpolation if downscale is not None else "bilinear",
+                    # Evaluation sees exactly the pixels it would see without copies; training copies may be lossy.
+                    "lossless": name != "train",
+                    "exact": downscale is not None and downscale.exact(name),
+                    "version": SCAN_VERSION,
+                },
+                features=features,
+                desc=f"{'Checking and downscaling' if cover else 'Checking'} {name} images",
+            )
         problems = scanned[SCAN_PROBLEM_COLUMN]
         bad_rows = [i for i, problem in enumerate(problems) if problem is not None]
         for i in bad_rows:
