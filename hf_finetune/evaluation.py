@@ -49,7 +49,7 @@ class ComputeMetrics:
         self.num_labels = num_labels
         # Load the metric modules now, while the Trainer is being built: `import evaluate` and the module loads
         # take about a second, which would otherwise land inside the first evaluation and the training time.
-        for name in ("accuracy", "f1", "top_k_accuracy"):
+        for name in ("accuracy", "f1", "top_k_accuracy") if num_labels > TOP_K else ("accuracy", "f1"):
             load_metric(name)
 
     def __call__(self, eval_prediction) -> dict[str, float]:
