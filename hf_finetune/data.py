@@ -9,6 +9,7 @@ lazily by `hf_finetune.transforms`.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 from dataclasses import dataclass, field
@@ -379,8 +380,9 @@ def make_splits(raw, args: DataArguments, label_column: str, seed: int):
 # --------------------------------------------------------------------------------------------------------
 # Image hygiene
 # --------------------------------------------------------------------------------------------------------
-# Bumped whenever what the scan stores changes, so that cached scans of older versions are not reused.
-SCAN_VERSION = 2
+# Bumped whenever what the scan stores changes (including anything `images.downscaled_copy` does: `datasets`
+# fingerprints the map function by name, not by what it calls), so that older cached scans are not reused.
+SCAN_VERSION = 3
 
 
 def usable_cores() -> int:
@@ -388,21 +390,48 @@ def usable_cores() -> int:
 
 
 # The scan's thread pool, set only while `find_bad_images` runs (not a map argument: it would enter the cache
-# fingerprint, and cannot be hashed).
-_scan_threads = None
+# fingerprint, and cannot be hashed); a context variable, so that concurrent scans each see their own.
+_scan_threads: contextvars.ContextVar = contextvars.ContextVar("scan_threads", default=None)
 
 
 @contextlib.contextmanager
 def _scan_pool():
-    global _scan_threads
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=min(16, usable_cores()), thread_name_prefix="image-scan") as pool:
-        _scan_threads = pool
+        token = _scan_threads.set(pool)
         try:
             yield
         finally:
-            _scan_threads = None
+            _scan_threads.reset(token)
+
+
+def _files_signature(dataset, image_column: str) -> str | None:
+    """A digest of (path, modification time, size) of the files that path-only image values point to.
+
+    `datasets` fingerprints a table of paths (CSV / JSON lines) by the table alone, so without this a picture
+    edited in place would keep its stale downscaled copy and its stale check result. Image folders are covered
+    by `datasets` already; this costs one `stat` per file.
+    """
+    import hashlib
+
+    import pyarrow.compute as pc
+
+    digest, files = hashlib.sha256(), 0
+    for table in dataset.select_columns([image_column]).with_format("arrow").iter(batch_size=4096):
+        column = table.column(image_column)
+        paths = pc.struct_field(column, "path").to_pylist()
+        path_only = pc.is_null(pc.struct_field(column, "bytes")).to_pylist()
+        for path, only in zip(paths, path_only, strict=True):
+            if not (only and path):
+                continue
+            try:
+                stat = os.stat(path)
+                digest.update(f"{path}\0{stat.st_mtime_ns}\0{stat.st_size}\n".encode())
+            except OSError:
+                digest.update(f"{path}\0missing\n".encode())
+            files += 1
+    return digest.hexdigest() if files else None
 
 
 def _scan_batch(
@@ -413,11 +442,13 @@ def _scan_batch(
     lossless: bool = True,
     exact: bool = False,
     version: int = 0,
+    files: str | None = None,
 ):
-    # `version` is unused here: as an argument it enters the map's cache fingerprint.
+    # `version` and `files` are unused here: as arguments they enter the map's cache fingerprint.
     # Threads rather than processes: PIL releases the GIL while it decodes, resizes and encodes, which is nearly
     # all of the work, and threads need neither forking nor the pickling of in-memory data.
-    mapper = _scan_threads.map if _scan_threads is not None else map
+    pool = _scan_threads.get()
+    mapper = pool.map if pool is not None else map
     checked = list(
         mapper(lambda value: check_image(value, cover, interpolation, lossless, exact), batch[image_column])
     )
@@ -436,17 +467,19 @@ def find_bad_images(splits, image_column: str, downscale: DecodeSizes | None = N
     With `downscale`, the same pass stores each picture that is much larger than the transforms need as an
     upright RGB copy that just covers `downscale.cover(split)`, so that every epoch decodes a small picture
     instead of the original (a 12-megapixel photo bound for a 224-pixel model: a tenth of the pixels). Copies
-    of evaluation splits are lossless; training copies of JPEGs are quality-95 JPEGs (`images.downscaled_copy`).
-    The scan is a `datasets.map`, so for on-disk datasets its result, copies included, is cached by fingerprint (input
-    data, sizes, filter, SCAN_VERSION): a second run over the same data decodes nothing, and a run with another
-    checkpoint size or crop scale makes its own copies.
+    of evaluation splits are lossless; training copies are quality-95 JPEGs (`images.downscaled_copy`).
+    In-memory datasets get no copies (nothing of theirs is cached). The scan is a `datasets.map`, so for
+    on-disk datasets its result, copies included, is cached by fingerprint (input data, the listed files' times
+    and sizes, sizes, filter, SCAN_VERSION): a second run over the same data decodes nothing, and a run with
+    another checkpoint size or crop scale, or after a picture changed, makes new ones.
     """
     from datasets import DatasetDict, Image, Value
 
     bad: list[dict[str, Any]] = []
     cleaned = {}
     for name, dataset in splits.items():
-        cover = downscale.cover(name) if downscale is not None else None
+        # In-memory datasets are not cached: copies would only add to the memory the data already takes.
+        cover = downscale.cover(name) if downscale is not None and dataset.cache_files else None
         columns = dataset.column_names if cover is not None else [image_column]
         undecoded = dataset.select_columns(columns).cast_column(image_column, Image(decode=False))
         features = undecoded.features.copy()
@@ -464,9 +497,10 @@ def find_bad_images(splits, image_column: str, downscale: DecodeSizes | None = N
                     "cover": tuple(cover) if cover is not None else None,
                     "interpolation": downscale.interpolation if downscale is not None else "bilinear",
                     # Evaluation sees exactly the pixels it would see without copies; training copies may be lossy.
-                    "lossless": name != "train",
+                    "lossless": downscale is None or downscale.lossless(name),
                     "exact": downscale is not None and downscale.exact(name),
                     "version": SCAN_VERSION,
+                    "files": _files_signature(undecoded, image_column),
                 },
                 features=features,
                 desc=f"{'Checking and downscaling' if cover else 'Checking'} {name} images",
@@ -491,7 +525,7 @@ def find_bad_images(splits, image_column: str, downscale: DecodeSizes | None = N
                 len(scanned),
                 *cover,
                 " exactly" if downscale.exact(name) else "",
-                "lossless" if name != "train" else "JPEG quality 95 (lossless for other formats)",
+                "lossless" if downscale.lossless(name) else "JPEG quality 95",
             )
             dataset = scanned.remove_columns([SCAN_PROBLEM_COLUMN, SCAN_COPY_COLUMN]).cast_column(
                 image_column, dataset.features[image_column]

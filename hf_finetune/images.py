@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from typing import Any, NamedTuple
 
 # Decoding a 12-megapixel JPEG in full only to check that it is readable is wasted work: PIL's draft mode
@@ -57,6 +58,19 @@ def open_image(value: Any):
 # EXIF orientations 5-8 store the picture turned by 90 degrees: width and height swap once it is upright.
 _EXIF_ORIENTATION = 0x0112
 _TURNED = (5, 6, 7, 8)
+# Phone cameras often write MPO files (a JPEG with extra frames); PIL decodes both with the same JPEG decoder.
+_JPEG_FORMATS = ("JPEG", "MPO")
+
+
+def is_jpeg(image) -> bool:
+    return getattr(image, "format", None) in _JPEG_FORMATS
+
+
+def _orientation(image) -> int:
+    try:
+        return int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # a damaged EXIF block leaves the picture as stored rather than unreadable
+        return 1
 
 
 def load_rgb(value: Any, draft_size: tuple[int, int] | None = None):
@@ -68,16 +82,26 @@ def load_rgb(value: Any, draft_size: tuple[int, int] | None = None):
     covers it: a 12-megapixel photo bound for a 224-pixel model decodes at 1/4 or 1/8 scale, several times
     faster than a full decode followed by a downscale.
     """
-    from PIL import ImageOps
+    from PIL import Image
 
     image = open_image(value)
-    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-    if draft_size and getattr(image, "format", None) == "JPEG" and image.mode in ("RGB", "L", "CMYK"):
+    orientation = _orientation(image)
+    if draft_size and is_jpeg(image) and image.mode in ("RGB", "L", "CMYK"):
         width, height = draft_size
         image.draft(image.mode, (height, width) if orientation in _TURNED else (width, height))
-    if orientation not in (None, 1):
-        image = ImageOps.exif_transpose(image)
-    return to_rgb(image)
+    # The turn itself, as PIL's ImageOps.exif_transpose does it, without rewriting the EXIF block (which raises
+    # on damaged EXIF data that the picture itself does not depend on).
+    turn = {
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        3: Image.Transpose.ROTATE_180,
+        4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_270,
+        7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_90,
+    }.get(orientation)
+    image = to_rgb(image)
+    return image.transpose(turn) if turn is not None else image
 
 
 # Beyond this aspect ratio (a 1x5000 strip, a panorama) a short-edge resize would blow up the long edge into
@@ -108,6 +132,7 @@ class DecodeSizes(NamedTuple):
     interpolation: str = "bilinear"  # the checkpoint processor's resampling filter
     train_exact: bool = False
     eval_exact: bool = False
+    train_augmented: bool = True  # False: training uses the eval transform, so it gets eval (lossless) copies
 
     def cover(self, split: str) -> tuple[int, int] | None:
         return self.train if split == "train" else self.eval
@@ -115,10 +140,14 @@ class DecodeSizes(NamedTuple):
     def exact(self, split: str) -> bool:
         return self.train_exact if split == "train" else self.eval_exact
 
+    def lossless(self, split: str) -> bool:
+        return split != "train" or not self.train_augmented
+
 
 # A stored copy pays off only when it saves a real share of the pixels; a picture within this factor (per side)
 # of the size the transforms need is used as it is.
 DOWNSCALE_MIN_FACTOR = 1.25
+TRAIN_COPY_QUALITY = 95
 _RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
 
@@ -132,17 +161,17 @@ def downscaled_copy(
     """`value` ({"bytes", "path"}) as a smaller, upright RGB picture that still covers `cover` (width, height).
 
     Returns the new {"bytes", "path"} (the original path is kept for reports; the bytes win when the image is
-    opened), or `value` itself when the picture is already within DOWNSCALE_MIN_FACTOR of `cover`. The copy is
-    resized to what the eval transform resizes to (`exact`: to `cover` itself; otherwise the short edge to
-    `cover`, rounded like torchvision; lossless copies with the checkpoint's own filter), so that resize of the
-    copy is the identity. Stored as uncompressed PPM, exactly the pixels the transforms would have made from the original
-    (3 bytes a pixel: meant for evaluation copies, which are small), or, with `lossless=False` and a JPEG
-    source, as a quality-95 JPEG without chroma subsampling (a sixth of the size, about one grey level of
-    difference on average: meant for training copies, which are larger and whose augmentation changes pixels
-    far more). Raises what PIL raises on a bad file.
+    opened), or `value` itself when the picture is already within DOWNSCALE_MIN_FACTOR of `cover` or the copy
+    would take no fewer bytes than the original. The copy is resized to what the eval transform resizes to
+    (`exact`: to `cover` itself; otherwise the short edge to `cover`, rounded like torchvision). Lossless
+    copies (evaluation) are resized with the checkpoint's own filter and stored as uncompressed PPM: the eval
+    transform's resize of them is the identity, so they give exactly the pixels the original gives. Lossy
+    copies (training, whose augmentation changes pixels far more) are quality-95 JPEGs without chroma
+    subsampling, resized with the cheaper bilinear filter: about one grey level from the original on
+    average. Raises what PIL raises on a bad file.
     """
     source = open_image(value)
-    source_format, source_pixels = getattr(source, "format", None), source.size[0] * source.size[1]
+    source_pixels = source.size[0] * source.size[1]
     image = limit_aspect_ratio(load_rgb(source, cover))
     image.load()
     width, height = image.size
@@ -165,13 +194,27 @@ def downscaled_copy(
     resample = _RESAMPLE.get(interpolation, 2) if lossless else _RESAMPLE["bilinear"]
     image = image.resize(size, resample=resample)
     buffer = io.BytesIO()
-    if source_format == "JPEG" and not lossless:
-        image.save(buffer, format="JPEG", quality=95, subsampling=0)
-    else:
+    if lossless:
         # Uncompressed: PNG's inflate would cost as much as the reduced-size decode of the original.
         image.save(buffer, format="PPM")
+    else:
+        image.save(buffer, format="JPEG", quality=TRAIN_COPY_QUALITY, subsampling=0)
+    copy = buffer.getvalue()
+    if len(copy) >= _stored_size(value):
+        return value  # a copy no smaller than the file would cost disk for little
     path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
-    return {"bytes": buffer.getvalue(), "path": path}
+    return {"bytes": copy, "path": path}
+
+
+def _stored_size(value: Any) -> float:
+    """Bytes the original takes (its file or its bytes); unknown sizes count as unlimited."""
+    if isinstance(value, dict) and value.get("bytes"):
+        return len(value["bytes"])
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+    try:
+        return os.path.getsize(path) if path else math.inf
+    except OSError:
+        return math.inf
 
 
 def _problem(err: BaseException) -> str:
@@ -191,18 +234,16 @@ def check_image(
 ):
     """(problem, value): why this image cannot be used (None when it decodes fully) and, with `cover`, its
     downscaled copy (`downscaled_copy`; the value itself when it has a problem or is small already)."""
-    from PIL import Image
-
     try:
         if cover is not None:
             return None, downscaled_copy(value, cover, interpolation, lossless, exact)
         image = open_image(value)
-        if image.format == "JPEG":
+        if is_jpeg(image):
             image.draft("RGB", _CHECK_DRAFT_SIZE)
         image.load()
         if min(image.size) < 1:
             raise ValueError("image has no pixels")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except Exception as err:  # whatever a file makes PIL raise, the file is reported, not the run stopped
         return _problem(err), value
     return None, value
 

@@ -272,9 +272,10 @@ def most_confident_errors(
 def _thumbnail(value, size: int = 256):
     from hf_finetune.images import load_rgb
 
-    if isinstance(value, dict) and value.get("path") and os.path.isfile(value["path"]):
+    path = value.get("path") if isinstance(value, dict) else None
+    if path and os.path.isabs(path) and os.path.isfile(path):
         # The original file rather than the bytes of a downscaled training copy, which may be smaller than this.
-        value = {"bytes": None, "path": value["path"]}
+        value = {"bytes": None, "path": path}
     image = load_rgb(value, (size, size))
     image.thumbnail((size, size))
     return image

@@ -191,7 +191,9 @@ def decode_sizes(image_processor, data_args) -> DecodeSizes:
     train, eval_ = draft_sizes(spec, data_args.random_resized_crop_scale)
     exact = isinstance(spec.resize, tuple)
     if not data_args.augment:  # training then uses the eval transform
-        return DecodeSizes(eval_, eval_, spec.interpolation, train_exact=exact, eval_exact=exact)
+        return DecodeSizes(
+            eval_, eval_, spec.interpolation, train_exact=exact, eval_exact=exact, train_augmented=False
+        )
     return DecodeSizes(train, eval_, spec.interpolation, eval_exact=exact)
 
 

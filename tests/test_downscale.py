@@ -14,7 +14,7 @@ from PIL import Image as PILImage
 
 from hf_finetune.args import DataArguments
 from hf_finetune.data import find_bad_images
-from hf_finetune.images import DecodeSizes, downscaled_copy, load_rgb
+from hf_finetune.images import DecodeSizes, check_image, downscaled_copy, load_rgb
 from hf_finetune.transforms import BatchTransform, build_transforms
 
 ORIENTATION = 0x0112
@@ -71,8 +71,17 @@ def test_downscaled_copy_covers_the_target_and_keeps_the_path():
     assert small.format == "JPEG" and small.size == (302, 227)  # aspect kept, the short side just covers
     assert len(copy["bytes"]) < len(value["bytes"]) / 5
     assert PILImage.open(io.BytesIO(downscaled_copy(value, (227, 227))["bytes"])).format == "PPM"
-    png = downscaled_copy({"bytes": _png(_photo((800, 600))), "path": None}, (100, 100), lossless=False)
-    assert PILImage.open(io.BytesIO(png["bytes"])).format == "PPM"  # a lossless source stays lossless
+    png = {"bytes": _png(_photo((800, 600))), "path": None}
+    assert (
+        PILImage.open(io.BytesIO(downscaled_copy(png, (100, 100), lossless=False)["bytes"])).format == "JPEG"
+    )
+    assert PILImage.open(io.BytesIO(downscaled_copy(png, (100, 100))["bytes"])).format == "PPM"
+    # A copy that would take more bytes than the file (an uncompressed copy of a small, compressed picture)
+    # is not made.
+    webp = io.BytesIO()
+    _photo((800, 600)).save(webp, "WEBP", quality=50)
+    small_file = {"bytes": webp.getvalue(), "path": None}
+    assert downscaled_copy(small_file, (300, 300)) is small_file
     # A picture within 1.25x of the target is used as it is: a copy would save too little to pay for itself.
     near = {"bytes": _jpeg(_photo((280, 210))), "path": "near.jpg"}
     assert downscaled_copy(near, (200, 200)) is near
@@ -97,10 +106,10 @@ def test_eval_pixels_from_the_lossless_copy_are_exactly_the_originals(processor)
     processor = (ConvNextImageProcessor if kind == "convnext" else ViTImageProcessor)(**processor)
     _, eval_tf = build_transforms(processor, augment=False)
     sizes = decode_sizes(processor, DataArguments())
-    value = {"bytes": _jpeg(_photo()), "path": None}
+    value = {"bytes": _jpeg(_photo((3200, 2400))), "path": None}
     copy = downscaled_copy(value, sizes.eval, sizes.interpolation, exact=sizes.eval_exact)
     copy_size = PILImage.open(io.BytesIO(copy["bytes"])).size
-    assert copy_size[1] == sizes.eval[1] and copy_size[0] * copy_size[1] < 1600 * 1200 / 16
+    assert copy_size[1] == sizes.eval[1] and copy_size[0] * copy_size[1] < 3200 * 2400 / 16
     assert (copy_size == sizes.eval) == (kind == "vit")  # ViT squashes to 64x64; the others keep the aspect
     # What the run computes from the original (reduced-size decode, eval resize, crop) is what it computes from
     # the copy, to the last bit: the copy was resized with the same filter to the same size.
@@ -256,3 +265,81 @@ def test_the_log_counts_the_copies(on_disk_photos, caplog):
     with caplog.at_level(logging.INFO, logger="hf_finetune.data"):
         find_bad_images({"train": on_disk_photos}, "image", DecodeSizes((227, 227), (73, 73)))
     assert "train 4 of 6 picture(s), covering 227x227" in caplog.text  # 4 large; the small and the bad kept
+
+
+def test_damaged_exif_leaves_the_picture_usable():
+    from PIL import ImageOps
+
+    exif = PILImage.Exif()
+    exif[ORIENTATION] = 6
+    exif[0x010F] = "Camera"
+    blob = bytearray(exif.tobytes())
+    blob[17] = 62  # one damaged byte in the EXIF block: PIL still decodes the picture
+    buffer = io.BytesIO()
+    PILImage.new("RGB", (80, 60), (10, 20, 30)).save(buffer, "JPEG", exif=bytes(blob))
+    value = {"bytes": buffer.getvalue(), "path": "odd.jpg"}
+    with pytest.raises(TypeError):  # what rewriting the EXIF block (ImageOps.exif_transpose) does with it
+        ImageOps.exif_transpose(PILImage.open(io.BytesIO(value["bytes"])))
+    assert load_rgb(value).size == (60, 80)  # turned all the same
+    assert check_image(value, (40, 40)) == (None, value)  # checked; too small to copy
+    out = BatchTransform(lambda image: torch.tensor(image.size), "image", None)({"image": [value]})
+    assert out["pixel_values"][0].tolist() == [60, 80]
+
+
+def test_mpo_photos_are_decoded_at_reduced_size_like_jpegs():
+    buffer = io.BytesIO()
+    _photo().save(buffer, "MPO", save_all=True, append_images=[_photo((160, 120))])
+    value = {"bytes": buffer.getvalue(), "path": "phone.mpo"}
+    assert PILImage.open(io.BytesIO(value["bytes"])).format == "MPO"
+    assert load_rgb(value, (300, 300)).size == (400, 300)  # 1/4 scale, as for a JPEG
+    copy = downscaled_copy(value, (227, 227), lossless=False)
+    assert PILImage.open(io.BytesIO(copy["bytes"])).format == "JPEG"
+
+
+def test_without_augmentation_training_gets_lossless_eval_copies():
+    from transformers import ConvNextImageProcessor
+
+    from hf_finetune.transforms import decode_sizes
+
+    processor = ConvNextImageProcessor(size={"shortest_edge": 64}, crop_pct=0.875)
+    plain = decode_sizes(processor, DataArguments(augment=False))
+    assert plain.lossless("train") and plain.cover("train") == (73, 73)
+    augmented = decode_sizes(processor, DataArguments())
+    assert not augmented.lossless("train") and augmented.lossless("validation")
+    # Training then computes from its copy exactly what evaluation computes from the same picture.
+    _, eval_tf = build_transforms(processor, augment=False)
+    value = {"bytes": _jpeg(_photo()), "path": None}
+    train_copy = downscaled_copy(value, plain.cover("train"), plain.interpolation, plain.lossless("train"))
+    assert torch.equal(eval_tf(load_rgb(train_copy)), eval_tf(load_rgb(value, plain.cover("test"))))
+
+
+def test_in_memory_datasets_get_no_copies():
+    values = [{"bytes": _jpeg(_photo()), "path": f"p{i}.jpg"} for i in range(2)]
+    features = Features({"image": Image(), "label": ClassLabel(names=["a", "b"])})
+    in_memory = Dataset.from_dict({"image": values, "label": [0, 1]}, features=features)
+    splits, bad = find_bad_images({"train": in_memory}, "image", DecodeSizes((227, 227), (73, 73)))
+    assert bad == [] and [image.size for image in splits["train"]["image"]] == [(1600, 1200)] * 2
+
+
+def test_copies_from_a_csv_of_paths_follow_the_files(tmp_path, monkeypatch):
+    """`datasets` fingerprints a CSV by its own bytes; the scan adds the listed files' times and sizes."""
+    import os
+
+    from hf_finetune.data import prepare_data
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    rows = ["image,label"]
+    for i in range(6):
+        _photo((1200, 900)).save(tmp_path / f"{i}.jpg", quality=90)
+        rows.append(f"{i}.jpg,{'ab'[i % 2]}")
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    args = DataArguments(train_file=str(tmp_path / "data.csv"), train_val_split=0.34)
+    sizes = DecodeSizes(train=(120, 120), eval=(40, 40))
+    first = prepare_data(args, seed=0, downscale=sizes).splits["train"]["image"]
+    assert [image.size for image in first] == [(160, 120)] * 3
+    for i in range(6):
+        path = tmp_path / f"{i}.jpg"
+        _photo((1000, 1000)).save(path, quality=90)
+        os.utime(path, (path.stat().st_atime + 10, path.stat().st_mtime + 10))
+    again = prepare_data(args, seed=0, downscale=sizes).splits["train"]["image"]
+    assert [image.size for image in again] == [(120, 120)] * 3
