@@ -33,6 +33,7 @@ Batch 32 on both.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -71,12 +72,15 @@ def loader_images_per_s(loader) -> float:
     return images / (time.perf_counter() - start)
 
 
-def measure(name: str, checkpoint: Path, data_dir: Path, rounds: int, step_s: float) -> dict:
+def measure(
+    name: str, checkpoint: Path, data_dir: Path, rounds: int, step_s: float, workers: int | None = None
+) -> dict:
     trainer, training_args = our_trainer(
         checkpoint,
         data_dir,
         _common.BENCH_OUT / "input_pipeline-runs" / name,
-        ["--per_device_train_batch_size", str(BATCH_SIZE), "--overwrite_output_dir", "true"],
+        ["--per_device_train_batch_size", str(BATCH_SIZE), "--overwrite_output_dir", "true"]
+        + (["--dataloader_num_workers", str(workers)] if workers is not None else []),
     )
     loader = trainer.get_train_dataloader()
     fixed = next(iter(loader))
@@ -103,6 +107,12 @@ def main(argv: list[str]) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="2 rounds instead of 4: about 1 minute.")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="Dataloader workers (default: our default for this machine).",
+    )
     args = parser.parse_args(argv)
     rounds = 2 if args.quick else 4
     # Like the benchmark subprocesses: offline, and a datasets cache of our own instead of the user's.
@@ -134,7 +144,8 @@ def main(argv: list[str]) -> None:
     results = {}
     for name, (checkpoint, data_dir) in setups.items():
         print(f"  measuring {name} ({describe[name]}) ...", flush=True)
-        results[name] = measure(name, checkpoint, data_dir, rounds, 3.0 if name == "compute-bound" else 1.5)
+        step_s = 3.0 if name == "compute-bound" else 1.5
+        results[name] = measure(name, checkpoint, data_dir, rounds, step_s, args.workers)
     print(f"  done; {_common.load()}\n")
 
     rows, verdicts = [], []
@@ -143,7 +154,10 @@ def main(argv: list[str]) -> None:
         loader, step = max(result["loader"]), max(result["step"])
         ratio = loader / step
         median_ratio = statistics.median(result["loader"]) / statistics.median(result["step"])
-        verdicts.append((name, ratio, median_ratio))
+        # What the target would take on a machine with more cores, if the loader keeps its rate per worker
+        # (each worker decodes and augments its own batches; check with --workers up to the core count).
+        workers_needed = math.ceil(TARGET_RATIO * step / (loader / max(1, result["workers"])))
+        verdicts.append((name, ratio, median_ratio, workers_needed))
         rows.append(
             [
                 f"{name}: {describe[name]}",
@@ -159,10 +173,11 @@ def main(argv: list[str]) -> None:
         ["", "workers", "loader images/s", "range", "step images/s", "range", "loader / step"], rows
     )
     print()
-    for name, ratio, median_ratio in verdicts:
+    for name, ratio, median_ratio, workers_needed in verdicts:
         print(
             f"{name}: input pipeline / training step = {ratio:.2f}   (target >= {TARGET_RATIO:.2f})  "
-            f"{_common.verdict(ratio >= TARGET_RATIO)}   (medians: {median_ratio:.2f})"
+            f"{_common.verdict(ratio >= TARGET_RATIO)}   (medians: {median_ratio:.2f}; the target takes about "
+            f"{workers_needed} worker core(s) at this rate per worker)"
         )
     print(
         f"(best of {rounds} rounds each, ranges shown; batch {BATCH_SIZE}, {torch.get_num_threads()} torch threads "
