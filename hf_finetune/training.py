@@ -115,9 +115,10 @@ def prepare_output_dir(training_args) -> None:
             )
 
 
-def prepare_trainer(model_args, data_args, training_args, strategy_args, dataset=None):
+def prepare_trainer(model_args, data_args, training_args, strategy_args, dataset=None, train: bool = True):
     """Checkpoint, data, strategy and the Trainer built from them, exactly as a run uses them (nothing trains).
 
+    `train=False` (evaluation only) makes no downscaled copies: each picture is decoded once either way.
     Returns (trainer, prepared data, transformed splits, the checkpoint's load report).
     """
     from hf_finetune.data import prepare_data
@@ -130,7 +131,7 @@ def prepare_trainer(model_args, data_args, training_args, strategy_args, dataset
     config = load_config(model_args)
     image_processor = load_image_processor(model_args)
     # The main process scans and caches the data first; the others then read its cache.
-    downscale = decode_sizes(image_processor, data_args) if data_args.downscale_images else None
+    downscale = decode_sizes(image_processor, data_args) if data_args.downscale_images and train else None
     with training_args.main_process_first(desc="dataset preparation"):
         data = prepare_data(
             data_args,
@@ -196,7 +197,7 @@ def run(
     # Checkpoint, data, strategy #
     ##############################
     trainer, data, splits, load_report = prepare_trainer(
-        model_args, data_args, training_args, strategy_args, dataset=dataset
+        model_args, data_args, training_args, strategy_args, dataset=dataset, train=train
     )
     resume = training_args.resume_from_checkpoint or last_complete_checkpoint(output_dir)
     if resume:

@@ -343,3 +343,29 @@ def test_copies_from_a_csv_of_paths_follow_the_files(tmp_path, monkeypatch):
         os.utime(path, (path.stat().st_atime + 10, path.stat().st_mtime + 10))
     again = prepare_data(args, seed=0, downscale=sizes).splits["train"]["image"]
     assert [image.size for image in again] == [(120, 120)] * 3
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_a_run_makes_copies_only_when_it_trains(tmp_path, monkeypatch, caplog, tiny_vit, train):
+    """An evaluation-only run decodes each picture once either way, so a copy would only cost more."""
+    import logging
+
+    from hf_finetune.cli import parse_train_args
+    from hf_finetune.training import prepare_trainer
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    for label in ("cat", "dog"):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        for i in range(3):
+            _photo((400 + 8 * i, 300)).save(tmp_path / "train" / label / f"{i}.jpg", quality=90)
+    model_args, data_args, strategy_args, training_args = parse_train_args(
+        ["--model_name_or_path", str(tiny_vit), "--train_dir", str(tmp_path / "train"),
+         "--output_dir", str(tmp_path / "out"), "--train_val_split", "0.34", "--dataloader_num_workers", "0"]
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="hf_finetune.data"):
+        _, data, _, _ = prepare_trainer(model_args, data_args, training_args, strategy_args, train=train)
+    sizes = {image.size for image in data.splits["validation"]["image"]}
+    if train:
+        assert "Downscaled copies" in caplog.text and sizes == {(32, 32)}  # the tiny ViT's exact 32x32 resize
+    else:
+        assert "Downscaled copies" not in caplog.text and all(width >= 400 for width, _ in sizes)
