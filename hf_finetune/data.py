@@ -473,7 +473,7 @@ def find_bad_images(splits, image_column: str, downscale: DecodeSizes | None = N
     and sizes, sizes, filter, SCAN_VERSION): a second run over the same data decodes nothing, and a run with
     another checkpoint size or crop scale, or after a picture changed, makes new ones.
     """
-    from datasets import DatasetDict, Image, Value
+    from datasets import DatasetDict, Features, Image, Value
 
     bad: list[dict[str, Any]] = []
     cleaned = {}
@@ -482,11 +482,13 @@ def find_bad_images(splits, image_column: str, downscale: DecodeSizes | None = N
         cover = downscale.cover(name) if downscale is not None and dataset.cache_files else None
         columns = dataset.column_names if cover is not None else [image_column]
         undecoded = dataset.select_columns(columns).cast_column(image_column, Image(decode=False))
-        features = undecoded.features.copy()
         # Typed up front: a first batch of all-readable images would otherwise fix the column as null.
-        features[SCAN_PROBLEM_COLUMN] = Value("string")
         if cover is not None:
+            features = undecoded.features.copy()
+            features[SCAN_PROBLEM_COLUMN] = Value("string")
             features[SCAN_COPY_COLUMN] = Value("bool")
+        else:
+            features = Features({SCAN_PROBLEM_COLUMN: Value("string")})
         with _scan_pool():
             scanned = undecoded.map(
                 _scan_batch,
@@ -503,6 +505,9 @@ def find_bad_images(splits, image_column: str, downscale: DecodeSizes | None = N
                     "files": _files_signature(undecoded, image_column),
                 },
                 features=features,
+                # A check alone writes only its findings, not another copy of the images (for datasets that
+                # embed their image bytes, that would be the whole dataset again).
+                remove_columns=None if cover is not None else [image_column],
                 desc=f"{'Checking and downscaling' if cover else 'Checking'} {name} images",
             )
         problems = scanned[SCAN_PROBLEM_COLUMN]

@@ -192,9 +192,17 @@ def test_scan_stores_copies_once_and_reuses_them_by_fingerprint(on_disk_photos, 
 
 
 def test_without_downscale_the_scan_keeps_the_originals(on_disk_photos):
+    from pathlib import Path
+
+    folder = Path(on_disk_photos.cache_files[0]["filename"]).parent
+    before = set(folder.iterdir())
     splits, bad = find_bad_images({"train": on_disk_photos}, "image", None)
     assert len(bad) == 1
     assert [image.size for image in splits["train"]["image"][:2]] == [(1600, 1200), (1560, 1200)]
+    # The check's cached result holds its findings only, not a second copy of the embedded image bytes.
+    written = [path.stat().st_size for path in set(folder.iterdir()) - before]
+    dataset_bytes = sum(Path(f["filename"]).stat().st_size for f in on_disk_photos.cache_files)
+    assert written and max(written) < dataset_bytes / 50
 
 
 def test_decode_sizes_follow_the_processor_and_the_augmentation():
