@@ -19,7 +19,7 @@ from typing import Any
 from hf_finetune.args import VALIDATION_SPLIT_NAMES, DataArguments
 from hf_finetune.errors import UserError
 from hf_finetune.hub import check_hub_repo, offline
-from hf_finetune.images import DecodeSizes, check_image, image_location
+from hf_finetune.images import DOWNSCALE_MIN_FACTOR, DecodeSizes, check_image, image_location, may_downscale
 
 logger = logging.getLogger(__name__)
 
@@ -461,6 +461,14 @@ def _scan_batch(
     return out
 
 
+def _any_may_downscale(dataset, image_column: str, cover, exact: bool) -> bool:
+    """Whether any picture of `dataset` is large enough for a copy, judged from file headers; stops at the first."""
+    for batch in dataset.select_columns([image_column]).iter(batch_size=256):
+        if any(may_downscale(value, cover, exact) for value in batch[image_column]):
+            return True
+    return False
+
+
 def find_bad_images(splits, image_column: str, downscale: DecodeSizes | None = None):
     """Decode every image once before training; drop the unreadable ones and return them in a list.
 
@@ -480,8 +488,21 @@ def find_bad_images(splits, image_column: str, downscale: DecodeSizes | None = N
     for name, dataset in splits.items():
         # In-memory datasets are not cached: copies would only add to the memory the data already takes.
         cover = downscale.cover(name) if downscale is not None and dataset.cache_files else None
-        columns = dataset.column_names if cover is not None else [image_column]
-        undecoded = dataset.select_columns(columns).cast_column(image_column, Image(decode=False))
+        undecoded = dataset.cast_column(image_column, Image(decode=False))
+        if cover is not None and not _any_may_downscale(
+            undecoded, image_column, cover, downscale.exact(name)
+        ):
+            # A scan that stores copies writes the whole image column again; with nothing to copy (pictures
+            # already about the size the model needs), a check that writes only its findings does.
+            logger.info(
+                "Downscaled copies: %s needs none (no picture is more than %gx the %dx%d the transforms need)",
+                name,
+                DOWNSCALE_MIN_FACTOR,
+                *cover,
+            )
+            cover = None
+        if cover is None:
+            undecoded = undecoded.select_columns([image_column])
         # Typed up front: a first batch of all-readable images would otherwise fix the column as null.
         if cover is not None:
             features = undecoded.features.copy()

@@ -177,16 +177,9 @@ def downscaled_copy(
     width, height = image.size
     if width < 1 or height < 1:
         raise ValueError("image has no pixels")
-    if exact:
-        size = tuple(cover)
-    else:
-        scale = max(cover[0] / width, cover[1] / height)
-        size = (
-            max(cover[0], math.floor(width * scale + 1e-6)),
-            max(cover[1], math.floor(height * scale + 1e-6)),
-        )
+    size = _copy_size(width, height, cover, exact)
     # Judged against the file's full size, not the reduced-size decode: even a draft decode reads the whole file.
-    if size[0] * size[1] * DOWNSCALE_MIN_FACTOR**2 >= source_pixels:
+    if not _worth_copying(size, source_pixels):
         return value
     # Lossless (evaluation) copies use the checkpoint's own filter, so their pixels are exactly the originals';
     # training copies use PIL's antialiased bilinear filter, 40 % cheaper than bicubic, before a random crop
@@ -204,6 +197,33 @@ def downscaled_copy(
         return value  # a copy no smaller than the file would cost disk for little
     path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
     return {"bytes": copy, "path": path}
+
+
+def _copy_size(width: int, height: int, cover: tuple[int, int], exact: bool) -> tuple[int, int]:
+    if exact:
+        return tuple(cover)
+    scale = max(cover[0] / width, cover[1] / height)
+    return (max(cover[0], math.floor(width * scale + 1e-6)), max(cover[1], math.floor(height * scale + 1e-6)))
+
+
+def _worth_copying(size: tuple[int, int], source_pixels: int) -> bool:
+    return size[0] * size[1] * DOWNSCALE_MIN_FACTOR**2 < source_pixels
+
+
+def may_downscale(value: Any, cover: tuple[int, int], exact: bool = False) -> bool:
+    """Whether `downscaled_copy` would make a copy of `value` by its pixel count, read from the file's header
+    alone (no decoding). False for anything unreadable: the check reports those."""
+    try:
+        image = open_image(value)
+        width, height = image.size
+        if _orientation(image) in _TURNED:
+            width, height = height, width
+    except Exception:
+        return False
+    short, long = min(width, height), max(width, height)
+    long = min(long, max(1, int(MAX_ASPECT_RATIO * short)))  # what limit_aspect_ratio keeps
+    kept = (long, short) if width >= height else (short, long)
+    return _worth_copying(_copy_size(*kept, cover, exact), width * height)
 
 
 def _stored_size(value: Any) -> float:

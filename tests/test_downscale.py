@@ -148,23 +148,26 @@ def on_disk_photos(tmp_path):
     return load_from_disk(str(tmp_path / "ds"))
 
 
-def _count_opens(monkeypatch) -> list[int]:
+def _count_decodes(monkeypatch) -> list[int]:
+    """Counts pixel decodes (PIL prepares one each time it decodes a file; opening reads only the header)."""
+    from PIL import ImageFile
+
     calls = [0]
-    original = PILImage.open
+    original = ImageFile.ImageFile.load_prepare
 
-    def counting_open(*args, **kwargs):
+    def counting_load_prepare(self):
         calls[0] += 1
-        return original(*args, **kwargs)
+        return original(self)
 
-    monkeypatch.setattr(PILImage, "open", counting_open)
+    monkeypatch.setattr(ImageFile.ImageFile, "load_prepare", counting_load_prepare)
     return calls
 
 
 def test_scan_stores_copies_once_and_reuses_them_by_fingerprint(on_disk_photos, monkeypatch):
     sizes = DecodeSizes(train=(227, 227), eval=(73, 73), interpolation="bilinear")
-    opens = _count_opens(monkeypatch)
+    decodes = _count_decodes(monkeypatch)
     splits, bad = find_bad_images({"train": on_disk_photos, "test": on_disk_photos}, "image", sizes)
-    assert opens[0] >= 12  # every picture of both splits decoded once
+    assert decodes[0] >= 12  # every picture of both splits decoded once
     assert [(b["split"], b["image"]) for b in bad] == [("train", "cut.jpg"), ("test", "cut.jpg")]
     train, test = splits["train"], splits["test"]
     assert train.features["image"] == Image() and train["label"] == [0, 1, 0, 1, 0]
@@ -179,15 +182,15 @@ def test_scan_stores_copies_once_and_reuses_them_by_fingerprint(on_disk_photos, 
     raw = train.cast_column("image", Image(decode=False))["image"]
     assert [v["path"] for v in raw] == ["p0.jpg", "p1.jpg", "p2.jpg", "p3.jpg", "small.jpg"]  # for reports
 
-    opens[0] = 0
+    decodes[0] = 0
     again, bad_again = find_bad_images({"train": on_disk_photos}, "image", sizes)
-    assert opens[0] == 0  # same data, same sizes: the cached scan and copies, nothing decoded
+    assert decodes[0] == 0  # same data, same sizes: the cached scan and copies, nothing decoded
     assert len(bad_again) == 1
     assert again["train"].cast_column("image", Image(decode=False))["image"] == raw
 
     other = DecodeSizes(train=(160, 160), eval=(73, 73), interpolation="bilinear")
     reshaped, _ = find_bad_images({"train": on_disk_photos}, "image", other)
-    assert opens[0] >= 6  # another checkpoint size: new copies
+    assert decodes[0] >= 6  # another checkpoint size: new copies
     assert all(min(image.size) == 160 for image in reshaped["train"]["image"][:4])
 
 
@@ -237,12 +240,12 @@ def test_image_folder_copies_follow_the_files(tmp_path, monkeypatch):
     args = DataArguments(train_dir=str(tmp_path / "train"), train_val_split=0.34)
     sizes = DecodeSizes(train=(120, 120), eval=(40, 40), interpolation="bilinear")
 
-    opens = _count_opens(monkeypatch)
+    decodes = _count_decodes(monkeypatch)
 
     def train_sizes():
-        opens[0] = 0
+        decodes[0] = 0
         data = prepare_data(args, seed=0, downscale=sizes)
-        decoded = opens[0]
+        decoded = decodes[0]
         return sorted(image.size for image in data.splits["train"]["image"]), decoded
 
     first, decoded = train_sizes()
@@ -377,3 +380,44 @@ def test_a_run_makes_copies_only_when_it_trains(tmp_path, monkeypatch, caplog, t
         assert "Downscaled copies" in caplog.text and sizes == {(32, 32)}  # the tiny ViT's exact 32x32 resize
     else:
         assert "Downscaled copies" not in caplog.text and all(width >= 400 for width, _ in sizes)
+
+
+@pytest.mark.parametrize(
+    ("size", "orientation", "cover", "exact"),
+    [
+        ((1600, 1200), None, (227, 227), False),
+        ((280, 210), None, (200, 200), False),  # within 1.25x: no copy
+        ((300, 1600), 6, (227, 227), False),  # turned
+        ((4000, 200), None, (64, 64), False),  # a panorama, cut to 8:1 first
+        ((400, 300), None, (224, 224), True),  # exact resize: 224x224 vs 400x300
+        ((300, 250), None, (224, 224), True),
+    ],
+)
+def test_the_header_alone_predicts_whether_a_copy_is_made(size, orientation, cover, exact):
+    from hf_finetune.images import may_downscale
+
+    value = {"bytes": _jpeg(_photo(size), orientation=orientation, quality=98), "path": None}
+    # The header predicts the pixel rule; a copy can still be dropped for taking more bytes than the file.
+    assert may_downscale(value, cover, exact) == (
+        downscaled_copy(value, cover, lossless=False, exact=exact) is not value
+    )
+    assert may_downscale(value, cover, exact) or downscaled_copy(value, cover, exact=exact) is value
+
+
+def test_splits_with_nothing_to_copy_are_only_checked(tmp_path, caplog):
+    import logging
+    from pathlib import Path
+
+    values = [{"bytes": _jpeg(_photo((96, 72))), "path": f"s{i}.jpg"} for i in range(4)]
+    features = Features({"image": Image(), "label": ClassLabel(names=["a", "b"])})
+    Dataset.from_dict({"image": values, "label": [0, 1, 0, 1]}, features=features).save_to_disk(
+        tmp_path / "ds"
+    )
+    small = load_from_disk(str(tmp_path / "ds"))
+    before = set(Path(small.cache_files[0]["filename"]).parent.iterdir())
+    with caplog.at_level(logging.INFO, logger="hf_finetune.data"):
+        splits, bad = find_bad_images({"train": small}, "image", DecodeSizes((64, 64), (32, 32)))
+    assert "train needs none" in caplog.text and bad == []
+    assert [image.size for image in splits["train"]["image"]] == [(96, 72)] * 4
+    written = set(Path(small.cache_files[0]["filename"]).parent.iterdir()) - before
+    assert all(path.stat().st_size < 5000 for path in written)  # findings only, not the images again
