@@ -3,6 +3,7 @@ unreadable files are found up front."""
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -40,6 +41,10 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+class UnusableImage(ValueError):
+    """A picture that decodes but cannot be used, or a value with no picture in it; reported as its message."""
+
+
 def open_image(value: Any):
     """Open a `datasets.Image(decode=False)` value ({"bytes", "path"}), a path or a PIL image."""
     from PIL import Image
@@ -51,7 +56,7 @@ def open_image(value: Any):
             return Image.open(io.BytesIO(value["bytes"]))
         value = value.get("path")
     if not value:
-        raise ValueError("no image data")
+        raise UnusableImage("no image data")
     return Image.open(value)
 
 
@@ -73,6 +78,23 @@ def _orientation(image) -> int:
         return 1
 
 
+@functools.cache
+def _upright_turns() -> dict:
+    """EXIF orientation -> the transpose that makes the picture upright, as PIL's ImageOps.exif_transpose does
+    it, but without rewriting the EXIF block (which raises on damaged EXIF data the picture does not need)."""
+    from PIL import Image
+
+    return {
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        3: Image.Transpose.ROTATE_180,
+        4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_270,
+        7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_90,
+    }
+
+
 def load_rgb(value: Any, draft_size: tuple[int, int] | None = None):
     """Open an image upright (EXIF orientation applied) as 8-bit RGB.
 
@@ -82,8 +104,6 @@ def load_rgb(value: Any, draft_size: tuple[int, int] | None = None):
     covers it: a 12-megapixel photo bound for a 224-pixel model decodes at 1/4 or 1/8 scale, several times
     faster than a full decode followed by a downscale.
     """
-    from PIL import Image
-
     image = open_image(value)
     orientation = _orientation(image)
     if draft_size and is_jpeg(image) and image.mode in ("RGB", "L", "CMYK"):
@@ -92,17 +112,7 @@ def load_rgb(value: Any, draft_size: tuple[int, int] | None = None):
         # and skipping `draft` then saves its own cost, which shows on small pictures.
         if image.size[0] >= 2 * width and image.size[1] >= 2 * height:
             image.draft(image.mode, (width, height))
-    # The turn itself, as PIL's ImageOps.exif_transpose does it, without rewriting the EXIF block (which raises
-    # on damaged EXIF data that the picture itself does not depend on).
-    turn = {
-        2: Image.Transpose.FLIP_LEFT_RIGHT,
-        3: Image.Transpose.ROTATE_180,
-        4: Image.Transpose.FLIP_TOP_BOTTOM,
-        5: Image.Transpose.TRANSPOSE,
-        6: Image.Transpose.ROTATE_270,
-        7: Image.Transpose.TRANSVERSE,
-        8: Image.Transpose.ROTATE_90,
-    }.get(orientation)
+    turn = _upright_turns().get(orientation)
     image = to_rgb(image)
     return image.transpose(turn) if turn is not None else image
 
@@ -112,17 +122,22 @@ def load_rgb(value: Any, draft_size: tuple[int, int] | None = None):
 MAX_ASPECT_RATIO = 8.0
 
 
-def limit_aspect_ratio(image, max_ratio: float = MAX_ASPECT_RATIO):
-    width, height = image.size
+def aspect_limited_size(width: int, height: int, max_ratio: float = MAX_ASPECT_RATIO) -> tuple[int, int]:
+    """(width, height) that `limit_aspect_ratio` keeps of a picture of this size."""
     short, long = min(width, height), max(width, height)
     if long <= max_ratio * short:
-        return image
+        return width, height
     keep = max(1, int(max_ratio * short))
-    if width > height:
-        left = (width - keep) // 2
-        return image.crop((left, 0, left + keep, height))
-    top = (height - keep) // 2
-    return image.crop((0, top, width, top + keep))
+    return (keep, height) if width > height else (width, keep)
+
+
+def limit_aspect_ratio(image, max_ratio: float = MAX_ASPECT_RATIO):
+    width, height = image.size
+    kept = aspect_limited_size(width, height, max_ratio)
+    if kept == (width, height):
+        return image
+    left, top = (width - kept[0]) // 2, (height - kept[1]) // 2
+    return image.crop((left, top, left + kept[0], top + kept[1]))
 
 
 class DecodeSizes(NamedTuple):
@@ -179,7 +194,7 @@ def downscaled_copy(
     image.load()
     width, height = image.size
     if width < 1 or height < 1:
-        raise ValueError("image has no pixels")
+        raise UnusableImage("image has no pixels")
     size = _copy_size(width, height, cover, exact)
     # Judged against the file's full size, not the reduced-size decode: even a draft decode reads the whole file.
     if not _worth_copying(size, source_pixels):
@@ -198,8 +213,7 @@ def downscaled_copy(
     copy = buffer.getvalue()
     if len(copy) >= _stored_size(value):
         return value  # a copy no smaller than the file would cost disk for little
-    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
-    return {"bytes": copy, "path": path}
+    return {"bytes": copy, "path": _path_of(value)}
 
 
 def _copy_size(width: int, height: int, cover: tuple[int, int], exact: bool) -> tuple[int, int]:
@@ -223,17 +237,22 @@ def may_downscale(value: Any, cover: tuple[int, int], exact: bool = False) -> bo
             width, height = height, width
     except Exception:
         return False
-    short, long = min(width, height), max(width, height)
-    long = min(long, max(1, int(MAX_ASPECT_RATIO * short)))  # what limit_aspect_ratio keeps
-    kept = (long, short) if width >= height else (short, long)
+    kept = aspect_limited_size(width, height)
     return _worth_copying(_copy_size(*kept, cover, exact), width * height)
+
+
+def _path_of(value: Any) -> str | None:
+    """The file path of a {"bytes", "path"} value or a plain path; None for bytes-only values and PIL images."""
+    if isinstance(value, dict):
+        return value.get("path")
+    return value if isinstance(value, str) else None
 
 
 def _stored_size(value: Any) -> float:
     """Bytes the original takes (its file or its bytes); unknown sizes count as unlimited."""
     if isinstance(value, dict) and value.get("bytes"):
         return len(value["bytes"])
-    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+    path = _path_of(value)
     try:
         return os.path.getsize(path) if path else math.inf
     except OSError:
@@ -243,7 +262,7 @@ def _stored_size(value: Any) -> float:
 def _problem(err: BaseException) -> str:
     if isinstance(err, FileNotFoundError):
         return "file not found"
-    if isinstance(err, ValueError) and str(err) in ("image has no pixels", "no image data"):
+    if isinstance(err, UnusableImage):
         return str(err)
     return f"unreadable image ({type(err).__name__}: {err})"
 
@@ -265,7 +284,7 @@ def check_image(
             image.draft("RGB", _CHECK_DRAFT_SIZE)
         image.load()
         if min(image.size) < 1:
-            raise ValueError("image has no pixels")
+            raise UnusableImage("image has no pixels")
     except Exception as err:  # whatever a file makes PIL raise, the file is reported, not the run stopped
         return _problem(err), value
     return None, value

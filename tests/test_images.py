@@ -84,3 +84,16 @@ def test_good_files_and_missing_files(tmp_path):
     tiny = tmp_path / "one.png"
     Image.new("RGB", (1, 1)).save(tiny)
     assert image_problem(str(tiny)) is None  # 1x1 is odd but readable; the resize handles it
+
+
+def test_extreme_aspect_ratios_keep_the_middle():
+    from hf_finetune.images import limit_aspect_ratio
+
+    strip = np.zeros((10, 5000, 3), np.uint8)
+    strip[:, 2460:2540] = 255  # the middle 80 columns
+    kept = limit_aspect_ratio(Image.fromarray(strip))
+    assert kept.size == (80, 10) and np.asarray(kept).min() == 255
+    tall = Image.new("RGB", (3, 1000))
+    assert limit_aspect_ratio(tall).size == (3, 24)
+    photo = Image.new("RGB", (640, 480))
+    assert limit_aspect_ratio(photo) is photo
