@@ -550,16 +550,27 @@ def step_images_per_s(model, optimizer, batch: dict, min_s: float = 1.0, max_gra
     return steps * len(batch["pixel_values"]) / (time.perf_counter() - start)
 
 
-def parse_repeated_comparison_args(argv, description: str, add_setup_arguments):
-    """Arguments shared by the ours-vs-peer benchmarks that alternate repeated runs (decode / compute bound)."""
+def parse_repeated_comparison_args(
+    argv,
+    description: str,
+    add_setup_arguments,
+    *,
+    epochs: tuple[float, float] = (3.0, 1.0),
+    repeats: tuple[int, int] = (3, 1),
+    quick_help: str = "1 epoch, one run per side: about 1 minute.",
+):
+    """Arguments shared by the ours-vs-peer benchmarks that alternate repeated runs. `epochs` and `repeats`
+    are the defaults of a full and of a --quick run."""
     import argparse
 
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="1 epoch, one run per side: about 1 minute.")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
     add_setup_arguments(parser)
-    parser.add_argument("--num_train_epochs", type=float, default=None, help="Default 3 (quick: 1).")
+    parser.add_argument(
+        "--num_train_epochs", type=float, default=None, help=f"Default {epochs[0]:g} (quick: {epochs[1]:g})."
+    )
     parser.add_argument("--batch_size", type=int, default=32, help="Train batch size; eval uses 4x.")
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=42)
@@ -570,12 +581,12 @@ def parse_repeated_comparison_args(argv, description: str, add_setup_arguments):
         "--repeats",
         type=int,
         default=None,
-        help="Runs per side, alternating, seed + 0, 1, ... Default 3 (quick: 1).",
+        help=f"Runs per side, alternating, seed + 0, 1, ... Default {repeats[0]} (quick: {repeats[1]}).",
     )
     parser.add_argument("--keep", action="store_true", help="Keep the run outputs and logs under bench_out/.")
     args = parser.parse_args(argv)
     if args.num_train_epochs is None:
-        args.num_train_epochs = 1.0 if args.quick else 3.0
+        args.num_train_epochs = epochs[1] if args.quick else epochs[0]
     if args.repeats is None:
-        args.repeats = 1 if args.quick else 3
+        args.repeats = repeats[1] if args.quick else repeats[0]
     return args

@@ -158,36 +158,24 @@ def peer_main(argv: list[str]) -> None:
 # --------------------------------------------------------------------------------------------------------
 # The benchmark
 # --------------------------------------------------------------------------------------------------------
-def parse(argv):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="Fewer images and epochs: about 1 minute.")
+def add_setup_arguments(parser) -> None:
     parser.add_argument("--arch", default="vit", help="Tiny architecture of hf_finetune.tiny (default vit).")
     parser.add_argument("--image_size", type=int, default=128, help="Model input size in pixels.")
     parser.add_argument("--classes", type=int, default=len(_common.PHOTOS), help="Number of photos/classes.")
     parser.add_argument("--train_per_class", type=int, default=None, help="Default 250 (quick: 100).")
-    parser.add_argument("--num_train_epochs", type=float, default=None, help="Default 3 (quick: 2).")
-    parser.add_argument("--batch_size", type=int, default=32, help="Train batch size; eval uses 4x.")
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument(
-        "--workers", type=int, default=None, help="Dataloader workers for both (default: our default)."
+
+
+def parse(argv):
+    args = _common.parse_repeated_comparison_args(
+        argv,
+        __doc__,
+        add_setup_arguments,
+        epochs=(3.0, 2.0),
+        repeats=(2, 1),
+        quick_help="Fewer images and epochs: about 1 minute.",
     )
-    parser.add_argument(
-        "--repeats",
-        type=int,
-        default=None,
-        help="Runs per side, alternating which goes first. Default 2 (quick: 1).",
-    )
-    parser.add_argument("--keep", action="store_true", help="Keep the run outputs under bench_out/.")
-    args = parser.parse_args(argv)
     if args.train_per_class is None:
         args.train_per_class = 100 if args.quick else 250
-    if args.num_train_epochs is None:
-        args.num_train_epochs = 2.0 if args.quick else 3.0
-    if args.repeats is None:
-        args.repeats = 1 if args.quick else 2
     return args
 
 
