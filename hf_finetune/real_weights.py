@@ -155,20 +155,35 @@ def build_model(variant: str):
     return model.eval()
 
 
+def hub_preprocessing(variant: str) -> dict:
+    """Input size and crop of the Hub repo's pretrained_cfg (timm's own record of it)."""
+    from timm.models import get_pretrained_cfg
+
+    spec = VARIANTS[_check_variant(variant)]
+    cfg = get_pretrained_cfg(f"{spec.architecture}.{spec.hub_id.split('.')[-1]}")
+    return {"input_size": tuple(cfg.input_size), "crop_pct": cfg.crop_pct}
+
+
 def default_folder(variant: str) -> Path:
     """Where converted weights are kept when no folder is given: beside the feature cache."""
     cache = Path(os.environ.get("HF_FINETUNE_CACHE", Path.home() / ".cache" / "hf_finetune"))
     return cache / "real_weights" / VARIANTS[_check_variant(variant)].hub_id.replace("/", "--")
 
 
-def _is_conversion(folder: Path, variant: str) -> bool:
+def _is_conversion(folder: Path, variant: str, data_config: dict) -> bool:
+    """Whether `folder` holds the conversion of `variant` with these preprocessing overrides."""
     config = folder / "config.json"
     if not (config.is_file() and (folder / "model.safetensors").is_file()):
         return False
     try:
-        return json.loads(config.read_text()).get("architecture") == VARIANTS[variant].architecture
+        config = json.loads(config.read_text())
     except (OSError, ValueError):
         return False
+    cfg = config.get("pretrained_cfg", {})
+    return config.get("architecture") == VARIANTS[variant].architecture and all(
+        list(cfg.get(key, [])) == list(value) if isinstance(value, tuple) else cfg.get(key) == value
+        for key, value in data_config.items()
+    )
 
 
 def _card(spec: LiteVariant, source: Path) -> str:
@@ -194,22 +209,37 @@ def _drop_model_args(config_path: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2))
 
 
-def convert_efficientnet_lite(variant: str = "lite0", folder: str | os.PathLike | None = None) -> Path:
+def convert_efficientnet_lite(
+    variant: str = "lite0",
+    folder: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    crop_pct: float | None = None,
+) -> Path:
     """Write `variant`'s ImageNet weights into `folder` in the Hub's timm layout and return it.
 
-    A folder that already holds the conversion is reused as it is. The folder appears complete or not at all:
-    it is written under a temporary name beside it and renamed into place.
+    `image_size` / `crop_pct` replace the Hub repo's preprocessing (224 px, crop 0.875 for Lite0) in the saved
+    `pretrained_cfg`, through timm's own `save_for_hf(data_config=...)`, so the folder's image processor, every
+    run on it and `pipeline()` on its fine-tuned copies all use them: small pictures need no 224-px inputs.
+    A folder that already holds the same conversion is reused as it is. The folder appears complete or not at
+    all: it is written under a temporary name beside it and renamed into place.
     """
     from timm.models import save_for_hf
 
     spec = VARIANTS[_check_variant(variant)]
     folder = Path(folder) if folder is not None else default_folder(variant)
-    if _is_conversion(folder, variant):
+    data_config = {}
+    if image_size is not None:
+        data_config["input_size"] = (3, int(image_size), int(image_size))
+    if crop_pct is not None:
+        data_config["crop_pct"] = float(crop_pct)
+    expected = {**hub_preprocessing(variant), **data_config}
+    if _is_conversion(folder, variant, expected):
         return folder
     if folder.exists() and any(folder.iterdir()):
         raise UserError(
-            f"'{folder}' exists and is not a converted {spec.architecture} checkpoint (no config.json naming "
-            f"that architecture, or no model.safetensors); remove it or choose another folder."
+            f"'{folder}' exists and is not a converted {spec.architecture} checkpoint with "
+            f"{expected} (its config.json names another architecture or "
+            f"preprocessing, or there is no model.safetensors); remove it or choose another folder."
         )
     model = build_model(variant)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -223,6 +253,7 @@ def convert_efficientnet_lite(variant: str = "lite0", folder: str | os.PathLike 
             str(tmp),
             model_config={"label_names": imagenet_label_names()},
             safe_serialization=True,
+            data_config=data_config or None,
         )
         _drop_model_args(tmp / "config.json")
         (tmp / "README.md").write_text(_card(spec, source_weights(variant)))
@@ -231,7 +262,7 @@ def convert_efficientnet_lite(variant: str = "lite0", folder: str | os.PathLike 
         os.rename(tmp, folder)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-        if _is_conversion(folder, variant):  # another process finished the same conversion first
+        if _is_conversion(folder, variant, expected):  # another process finished the same conversion first
             return folder
         raise
     except BaseException:

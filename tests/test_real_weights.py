@@ -142,3 +142,25 @@ def test_timm_save_for_hf_model_args_still_break_timm_wrapper(tmp_path):
         pytest.fail("timm no longer records num_classes in model_args: remove real_weights._drop_model_args")
     with pytest.raises(TypeError, match="multiple values for keyword argument 'num_classes'"):
         AutoModelForImageClassification.from_pretrained(tmp_path)
+
+
+def test_preprocessing_override_reaches_the_image_processor(tmp_path):
+    """A copy saved for small inputs: timm's save_for_hf data_config, read back by transformers' processor."""
+    from timm.data import create_transform, resolve_data_config
+    from transformers import AutoImageProcessor
+
+    from hf_finetune.real_weights import convert_efficientnet_lite
+
+    folder = convert_efficientnet_lite("lite0", tmp_path / "small", image_size=96, crop_pct=1.0)
+    cfg = json.loads((folder / "config.json").read_text())["pretrained_cfg"]
+    assert cfg["input_size"] == [3, 96, 96] and cfg["crop_pct"] == 1.0
+    assert cfg["interpolation"] == "bicubic" and cfg["mean"] == [0.5, 0.5, 0.5]
+    processor = AutoImageProcessor.from_pretrained(folder)
+    pixels = processor(_photo("coffee"), return_tensors="pt")["pixel_values"]
+    assert tuple(pixels.shape) == (1, 3, 96, 96)
+    # The very pixels timm's own eval transform makes from that pretrained_cfg.
+    expected = create_transform(**resolve_data_config({}, pretrained_cfg=cfg))(_photo("coffee"))
+    assert float((pixels[0] - expected).abs().max()) < 0.02
+    assert convert_efficientnet_lite("lite0", folder, image_size=96, crop_pct=1.0) == folder  # reused
+    with pytest.raises(UserError, match="remove it or choose another folder"):
+        convert_efficientnet_lite("lite0", folder)  # the Hub preprocessing is not what the folder holds
