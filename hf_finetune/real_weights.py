@@ -202,7 +202,8 @@ def _drop_model_args(config_path: Path) -> None:
     num_classes, global_pool). The Hub repos have none, and transformers' TimmWrapper (checked on timm 1.0.31 +
     transformers 5.24) passes `num_classes` itself as well as `**model_args`, so a folder with them cannot be
     loaded at all ("got multiple values for keyword argument 'num_classes'").
-    tests/test_real_weights.py::test_timm_save_for_hf_model_args_still_break_timm_wrapper says when this can go.
+    The same upstream bug as `modeling.drop_timm_num_classes_arg` (which fixes checkpoints as they load);
+    tests/test_timm.py::test_transformers_still_needs_the_num_classes_workaround says when both can go.
     """
     config = json.loads(config_path.read_text())
     config.pop("model_args", None)

@@ -128,22 +128,6 @@ def test_missing_wheel_is_a_clear_error(monkeypatch):
         source_weights("lite7")
 
 
-def test_timm_save_for_hf_model_args_still_break_timm_wrapper(tmp_path):
-    """Why `_drop_model_args` exists: timm's `save_for_hf` records `model_args` with `num_classes`, and
-    transformers' TimmWrapper then passes num_classes twice. When this test fails, upstream is fixed and the
-    workaround can go (checked on timm 1.0.31, transformers 5.24)."""
-    import timm
-    from timm.models import save_for_hf
-    from transformers import AutoModelForImageClassification
-
-    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=3)
-    save_for_hf(model, str(tmp_path), safe_serialization=True)
-    if "num_classes" not in json.loads((tmp_path / "config.json").read_text()).get("model_args", {}):
-        pytest.fail("timm no longer records num_classes in model_args: remove real_weights._drop_model_args")
-    with pytest.raises(TypeError, match="multiple values for keyword argument 'num_classes'"):
-        AutoModelForImageClassification.from_pretrained(tmp_path)
-
-
 def test_preprocessing_override_reaches_the_image_processor(tmp_path):
     """A copy saved for small inputs: timm's save_for_hf data_config, read back by transformers' processor."""
     from timm.data import create_transform, resolve_data_config
