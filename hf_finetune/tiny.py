@@ -211,7 +211,7 @@ def build_tiny_timm_checkpoint(
     folder: str | Path,
     labels: list[str],
     architecture: str = "test_efficientnet",
-    image_size: int = 32,
+    image_size: int | None = 32,
     seed: int = 0,
 ) -> Path:
     """A randomly initialised timm checkpoint folder in the layout of the Hub's timm repos.
@@ -219,18 +219,15 @@ def build_tiny_timm_checkpoint(
     `timm.models.save_for_hf` (what timm's `push_to_hf_hub` uploads) writes `config.json` with
     `architecture`, `num_classes`, `label_names` and `pretrained_cfg`, and plain timm keys in
     `model.safetensors`; transformers loads it as TimmWrapperForImageClassification with
-    TimmWrapperImageProcessor. Only the input size is set (as for the other tiny checkpoints); crop_pct,
-    crop mode, interpolation, mean and std stay the architecture's own pretrained_cfg defaults.
+    TimmWrapperImageProcessor. Only the input size is set (as for the other tiny checkpoints; None keeps
+    the architecture's own); crop_pct, crop mode, interpolation, mean and std stay the architecture's
+    pretrained_cfg defaults. Any timm architecture name works; `TINY_TIMM_ARCHITECTURES` are the tiny ones.
     """
     import timm
     import torch
     from timm.models import save_for_hf
 
-    if architecture not in TINY_TIMM_ARCHITECTURES:
-        raise ValueError(
-            f"Unknown tiny timm architecture {architecture!r}; choose one of: {', '.join(TINY_TIMM_ARCHITECTURES)}."
-        )
-    sized = {"img_size": image_size} if TINY_TIMM_ARCHITECTURES[architecture] else {}
+    sized = {"img_size": image_size} if image_size and TINY_TIMM_ARCHITECTURES.get(architecture) else {}
     torch.manual_seed(seed)
     model = timm.create_model(architecture, pretrained=False, num_classes=len(labels), **sized)
     folder = Path(folder)
@@ -239,6 +236,6 @@ def build_tiny_timm_checkpoint(
         folder,
         model_config={"label_names": list(labels)},
         safe_serialization=True,
-        data_config={"input_size": (3, image_size, image_size)},
+        data_config={"input_size": (3, image_size, image_size)} if image_size else None,
     )
     return folder

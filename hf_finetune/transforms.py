@@ -275,7 +275,8 @@ def decode_sizes(image_processor, data_args) -> DecodeSizes:
 def attach_transforms(splits, image_processor, data_args, image_column: str, label_column: str):
     """Attach the lazy train / eval transforms to each split; returns a new DatasetDict.
 
-    The image column is switched to undecoded so that `BatchTransform` can decode JPEGs at reduced size.
+    The image column is switched to undecoded so that `BatchTransform` can decode training JPEGs at reduced
+    size.
     """
     from datasets import DatasetDict, Image
 
@@ -283,12 +284,14 @@ def attach_transforms(splits, image_processor, data_args, image_column: str, lab
         image_processor, data_args.augment, data_args.random_resized_crop_scale, data_args.horizontal_flip
     )
     sizes = decode_sizes(image_processor, data_args)
-    logger.info("JPEG decode sizes (at least): train %s, eval %s", sizes.train, sizes.eval)
+    logger.info("JPEG decode size (at least): train %s; eval decodes in full", sizes.train)
     attached = {}
     for name, dataset in splits.items():
         train = name == "train"
+        # Only training decodes JPEGs at reduced size: evaluation decodes in full, as pipeline() does, so that
+        # its pixels are the processor's own (a reduced-size decode changes them visibly).
         transform = BatchTransform(
-            train_tf if train else eval_tf, image_column, label_column, sizes.cover(name)
+            train_tf if train else eval_tf, image_column, label_column, sizes.cover(name) if train else None
         )
         undecoded = dataset.cast_column(image_column, Image(decode=False))
         attached[name] = undecoded.with_transform(transform)
