@@ -148,3 +148,82 @@ def test_preprocessing_override_reaches_the_image_processor(tmp_path):
     assert convert_efficientnet_lite("lite0", folder, image_size=96, crop_pct=1.0) == folder  # reused
     with pytest.raises(UserError, match="remove it or choose another folder"):
         convert_efficientnet_lite("lite0", folder)  # the Hub preprocessing is not what the folder holds
+
+
+# --------------------------------------------------------------------------------------------------------
+# Every strategy on the real checkpoint (low resolution, few steps)
+# --------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lite0_32px(tmp_path_factory):
+    """The real Lite0 saved for 32-px inputs (the digits' own size): every strategy in seconds."""
+    from hf_finetune.real_weights import convert_efficientnet_lite
+
+    return convert_efficientnet_lite(
+        "lite0", tmp_path_factory.mktemp("lite0") / "32px", image_size=32, crop_pct=1.0
+    )
+
+
+@pytest.fixture(scope="module")
+def three_digits():
+    from conftest import digits_dataset
+    from datasets import DatasetDict
+
+    return DatasetDict(
+        train=digits_dataset(24), validation=digits_dataset(8, offset=30), test=digits_dataset(10, offset=40)
+    )
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    tensors = load_file(folder / "model.safetensors")
+    return {key.removeprefix("timm_model."): value for key, value in tensors.items()}
+
+
+STRATEGY_FLAGS = {
+    "probe": ["--strategy", "probe"],
+    "head": ["--strategy", "head", "--learning_rate", "1e-2"],
+    "full": ["--strategy", "full", "--learning_rate", "1e-3"],
+    "last_n": ["--strategy", "last_n", "--unfreeze_last_n", "1", "--learning_rate", "1e-3"],
+    "gradual": ["--strategy", "gradual", "--learning_rate", "1e-3", "--num_train_epochs", "2"],
+    "llrd": ["--strategy", "llrd", "--learning_rate", "1e-3"],
+    "lora": ["--strategy", "lora", "--learning_rate", "1e-3"],
+}
+FAST = {"probe", "head"}
+
+
+@pytest.mark.parametrize(
+    "strategy", [s if s in FAST else pytest.param(s, marks=pytest.mark.slow) for s in STRATEGY_FLAGS]
+)
+def test_each_strategy_runs_on_the_real_checkpoint(strategy, lite0_32px, three_digits, tmp_path):
+    """A complete run; what was frozen is bit-identical to Google's weights, what trained moved; the output is
+    a model `pipeline()` loads with the new labels."""
+    import torch
+    from conftest import run_training
+    from transformers import pipeline
+
+    argv = ["--model_name_or_path", str(lite0_32px), "--output_dir", str(tmp_path / "out"), "--seed", "0",
+            "--per_device_train_batch_size", "16", "--num_train_epochs", "1", "--use_cpu", "true",
+            "--dataloader_num_workers", "0", *STRATEGY_FLAGS[strategy]]  # fmt: skip
+    if strategy == "probe":
+        from hf_finetune.probe import parse_probe_args, run_probe
+
+        argv += ["--feature_cache_dir", str(tmp_path / "features")]
+        results = run_probe(*parse_probe_args(argv), dataset=three_digits)
+    else:
+        results = run_training(argv, dataset=three_digits)
+    assert results["test_samples"] == 30 and 0.0 <= results["test_accuracy"] <= 1.0
+
+    before, after = _weights(lite0_32px), _weights(tmp_path / "out")
+    stem_same = torch.equal(before["conv_stem.weight"], after["conv_stem.weight"])
+    assert stem_same == (
+        strategy in {"probe", "head", "last_n", "gradual", "lora"}
+    )  # lora merges: stem untouched
+    assert after["classifier.weight"].shape == (3, 1280)
+    # Frozen BatchNorm statistics never move (head / probe: all of them).
+    if strategy in {"probe", "head"}:
+        assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("classifier."))
+    label = pipeline("image-classification", model=str(tmp_path / "out"))(_photo("coffee"), top_k=1)[0][
+        "label"
+    ]
+    assert label in {"digit_0", "digit_1", "digit_2"}
