@@ -8,8 +8,8 @@ graph), loads them with `strict=True`, and writes the folder with timm's own `sa
 exactly the layout of the Hub repos `timm/tf_efficientnet_lite0.in1k` / `timm/tf_efficientnet_lite2.in1k`:
 `config.json` (architecture, num_classes, label_names, pretrained_cfg with the in1k preprocessing) and plain
 timm keys in `model.safetensors`. transformers loads the folder as `TimmWrapperForImageClassification` with
-`TimmWrapperImageProcessor`, timm with `create_model("hf-hub:...")`-style `pretrained_cfg_overlay`, and
-`pipeline("image-classification", model=folder)` classifies photographs with it.
+`TimmWrapperImageProcessor`, timm with `create_model(f"local-dir:{folder}", pretrained=True)` (its offline twin of
+`hf-hub:`), and `pipeline("image-classification", model=folder)` classifies photographs with it.
 """
 
 from __future__ import annotations
@@ -165,9 +165,15 @@ def hub_preprocessing(variant: str) -> dict:
 
 
 def default_folder(variant: str) -> Path:
-    """Where converted weights are kept when no folder is given: beside the feature cache."""
-    cache = Path(os.environ.get("HF_FINETUNE_CACHE", Path.home() / ".cache" / "hf_finetune"))
-    return cache / "real_weights" / VARIANTS[_check_variant(variant)].hub_id.replace("/", "--")
+    """Where converted weights are kept when no folder is given: `$XDG_CACHE_HOME/hf_finetune/real_weights/`
+    (~/.cache/...), beside the default feature cache, one folder per Hub repo name."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return (
+        Path(base)
+        / "hf_finetune"
+        / "real_weights"
+        / VARIANTS[_check_variant(variant)].hub_id.replace("/", "--")
+    )
 
 
 def _is_conversion(folder: Path, variant: str, data_config: dict) -> bool:
