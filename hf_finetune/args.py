@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import enum
+import logging
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 from transformers import TrainingArguments
 
 from hf_finetune.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 VALIDATION_SPLIT_NAMES = ("validation", "valid", "val", "dev")
 
@@ -189,6 +192,22 @@ class FinetuneTrainingArguments(TrainingArguments):
         if self.dataloader_num_workers == 0:
             self.dataloader_persistent_workers = False  # torch refuses persistent workers without workers
         super().__post_init__()
+        if self.early_stopping_patience and _strategy_name(self.eval_strategy) == "no":
+            raise UserError(
+                f"early_stopping_patience={self.early_stopping_patience} needs evaluations to count, but "
+                "eval_strategy is `no`. Set eval_strategy to `epoch` or `steps`, or remove early_stopping_patience."
+            )
+
+
+def default_dataloader_workers(max_workers: int = 8) -> int:
+    """Dataloader workers for one process: the cores left after one per process, shared among the processes
+    this machine runs (`LOCAL_WORLD_SIZE`, set by `accelerate launch` / torchrun), at most `max_workers`.
+
+    8 GPUs on 16 cores get 1 worker each, not 8 x 8 workers fighting over 16 cores.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return min(max_workers, max(0, (cores - local_processes) // local_processes))
 
 
 # Vision-appropriate defaults for TrainingArguments fields. They sit under the YAML and the CLI, so any of
@@ -204,10 +223,11 @@ VISION_TRAINING_DEFAULTS: dict[str, Any] = {
     "greater_is_better": True,
     "save_total_limit": 2,
     "report_to": "none",
-    # Decoding and augmenting pictures is CPU work that must keep up with the accelerator: one worker per
-    # spare core (up to 8), kept alive between epochs so they are not re-forked (and re-import) every epoch.
-    "dataloader_num_workers": min(8, max(0, (os.cpu_count() or 1) - 1)),
-    "dataloader_persistent_workers": (os.cpu_count() or 1) > 1,
+    # Decoding and augmenting pictures is CPU work that must keep up with the accelerator: this process's
+    # share of the spare cores (see default_dataloader_workers), kept alive between epochs so they are not
+    # re-forked (and re-import) every epoch.
+    "dataloader_num_workers": default_dataloader_workers(),
+    "dataloader_persistent_workers": default_dataloader_workers() > 0,
     # Evaluation keeps no activations for a backward pass, so it affords much larger batches than training.
     "per_device_eval_batch_size": 64,
     "output_dir": "outputs/run",
@@ -256,44 +276,156 @@ def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
     return values
 
 
-def parse_args(dataclass_types, argv: list[str] | None = None, prog: str | None = None):
+def config_path(argv: list[str] | None, default_config: str | os.PathLike | None = None) -> str | None:
+    """The YAML a command line reads: its `--config`, else `default_config` (a recipe's own YAML)."""
+    config_only = argparse.ArgumentParser(add_help=False)
+    config_only.add_argument("--config", default=None)
+    pre, _ = config_only.parse_known_args(argv)
+    chosen = pre.config or default_config
+    return str(chosen) if chosen is not None else None
+
+
+def requested_setting(argv: list[str] | None, key: str, default_config: str | os.PathLike | None = None):
+    """One setting as a command line asks for it (its flag first, then the YAML), without full parsing."""
+    argv = list(argv or [])
+    for i, arg in enumerate(argv):
+        if arg == f"--{key}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(f"--{key}="):
+            return arg.split("=", 1)[1]
+    config = config_path(argv, default_config)
+    return load_yaml_config(config).get(key) if config else None
+
+
+def _strategy_name(value) -> str:
+    return str(getattr(value, "value", value)).lower()
+
+
+def _defaults_giving_way(current: dict[str, Any], user: set[str]) -> tuple[dict[str, Any], list[str]]:
+    """The project defaults (VISION_TRAINING_DEFAULTS) that contradict a setting the user made, changed to fit
+    it, with the reason for each. `current`: every value as parsed; `user`: the keys set in the YAML or on the
+    command line. What the user set is never changed; a contradiction between two of their own settings is
+    left to TrainingArguments to report."""
+    changes: dict[str, Any] = {}
+    notes: list[str] = []
+
+    def value(key):
+        return changes.get(key, current.get(key))
+
+    def give_way(key, new, why):
+        if key in user:
+            return
+        kind = "project default" if key in VISION_TRAINING_DEFAULTS else "default"
+        notes.append(f"{kind} {key}={value(key)!r} changed to {new!r}: {why}")
+        changes[key] = new
+
+    # A step count for a schedule means that schedule runs by steps.
+    for kind in ("eval", "save", "logging"):
+        if f"{kind}_steps" in user:
+            give_way(f"{kind}_strategy", "steps", f"you set {kind}_steps={current[f'{kind}_steps']}")
+    # The best-model reload needs checkpoints saved when evaluations happen: the schedule the user gave for one
+    # is taken for the other.
+    chose_eval = "eval_strategy" in user or "eval_strategy" in changes
+    chose_save = "save_strategy" in user or "save_strategy" in changes
+    if chose_eval and not chose_save and _strategy_name(value("eval_strategy")) != "no":
+        give_way(
+            "save_strategy", _strategy_name(value("eval_strategy")), "saving follows your evaluation schedule"
+        )
+        if _strategy_name(value("eval_strategy")) == "steps" and "eval_steps" in user:
+            give_way("save_steps", current["eval_steps"], "saving follows your evaluation schedule")
+    elif chose_save and not chose_eval and _strategy_name(value("save_strategy")) in ("steps", "epoch"):
+        give_way(
+            "eval_strategy", _strategy_name(value("save_strategy")), "evaluation follows your saving schedule"
+        )
+        if _strategy_name(value("save_strategy")) == "steps" and "save_steps" in user:
+            give_way("eval_steps", current["save_steps"], "evaluation follows your saving schedule")
+
+    if value("load_best_model_at_end"):
+        evaluation, saving = _strategy_name(value("eval_strategy")), _strategy_name(value("save_strategy"))
+        eval_steps = value("eval_steps") or value("logging_steps")
+        why = None
+        if saving == "no":
+            why = "save_strategy=no saves no checkpoint to reload the best model from"
+        elif evaluation == "no":
+            why = "eval_strategy=no evaluates nothing to choose the best checkpoint by"
+        elif saving != "best" and evaluation != saving:
+            why = f"eval_strategy={evaluation} and save_strategy={saving} do not save at the evaluations"
+        elif saving == "steps" and eval_steps and value("save_steps") % eval_steps:
+            why = f"save_steps={value('save_steps')} is not a multiple of eval_steps={eval_steps}"
+        if why:
+            give_way("load_best_model_at_end", False, why + " (the final weights are kept)")
+    return changes, notes
+
+
+def parse_args(
+    dataclass_types,
+    argv: list[str] | None = None,
+    prog: str | None = None,
+    default_config: str | os.PathLike | None = None,
+):
     """Parse `--config FILE.yaml` plus CLI flags into one instance of each dataclass type.
 
     Precedence, lowest first: dataclass defaults, `VISION_TRAINING_DEFAULTS`, the YAML file, CLI flags.
+    `default_config` is the YAML read when there is no `--config` (a recipe's own YAML, beside its script);
+    `--config` replaces it. A project default that contradicts a setting from the YAML or the command line
+    gives way to it (e.g. `save_strategy: no` turns the best-model reload off), and the log says so.
     """
     from transformers import HfArgumentParser
 
     dataclass_types = list(dataclass_types)
     known = _field_names(dataclass_types)
     parser = HfArgumentParser(dataclass_types, prog=prog)
-    parser.add_argument("--config", default=None, help="YAML file whose keys are any of the settings below.")
-    config_only = argparse.ArgumentParser(add_help=False)
-    config_only.add_argument("--config", default=None)
-    pre, _ = config_only.parse_known_args(argv)
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="YAML file whose keys are any of the settings below"
+        + (f" (default: {_portable_path(str(default_config))})." if default_config else "."),
+    )
+    config = config_path(argv, default_config)
+    # What the user set on the command line: the destination of every flag given (`--no_x` included).
+    flags = {
+        action.dest
+        for arg in (argv or [])
+        if arg.startswith("--")
+        and (action := parser._option_string_actions.get(arg.split("=")[0])) is not None
+    }
+    user = set(flags)
 
     defaults = {k: v for k, v in VISION_TRAINING_DEFAULTS.items() if k in known}
-    if pre.config:
-        values = load_yaml_config(pre.config)
+    if config:
+        values = load_yaml_config(config)
         for key in values:
             if key not in known:
-                raise _unknown_key_error(key, list(known), f"config file {pre.config}")
+                raise _unknown_key_error(key, list(known), f"config file {config}")
         defaults.update(values)
+        user |= set(values)
         # A data source given on the command line replaces the YAML's, so that a Hub recipe runs on local files
         # with just `--train_dir ... --test_dir ...`.
-        flags = {arg.split("=")[0].lstrip("-") for arg in (argv or []) if arg.startswith("--")}
         if flags & set(DATA_SOURCE_KEYS):
             for group in DATA_SOURCE_KEYS.values():
                 if not flags & set(group):
                     for key in group:
                         defaults.pop(key, None)
     parser.set_defaults(**defaults)
+    if any(issubclass(t, TrainingArguments) for t in dataclass_types):
+        current, _ = parser.parse_known_args(argv)
+        changes, notes = _defaults_giving_way(vars(current), user)
+        parser.set_defaults(**changes)
+        for note in notes:
+            logger.info("Settings: %s.", note)
 
     try:
         *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as err:
         # TrainingArguments validates in __post_init__ (e.g. bf16 without a GPU); say which file to change.
-        source = f" (from {pre.config} or the command line)" if pre.config else ""
-        raise UserError(f"Invalid settings{source}: {err}") from None
+        source = f" (from {config} or the command line)" if config else ""
+        hint = ""
+        if "bf16" in str(err) or "fp16" in str(err):
+            hint = (
+                " Mixed precision needs a GPU that supports it (bf16: Ampere or newer; fp16: any CUDA GPU). On this "
+                "machine pass --bf16 false --fp16 false, or --use_cpu true to run bf16 on the CPU."
+            )
+        raise UserError(f"Invalid settings{source}: {' '.join(str(err).split())}{hint}") from None
     # The `--config` flag itself comes back as an extra argparse Namespace after the dataclasses.
     parsed = parsed[: len(dataclass_types)]
     if remaining:

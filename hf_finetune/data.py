@@ -12,6 +12,8 @@ import contextlib
 import contextvars
 import logging
 import os
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,6 +184,8 @@ def _load_hub_dataset(args: DataArguments, cache_dir: str | None):
         "dataset",
         "dataset_name",
         "use local pictures: --train_dir (an image folder, one sub-folder per class) or --train_file (a CSV).",
+        cache_dir=cache_dir,
+        config_name=args.dataset_config,
     )
     try:
         raw = load_dataset(
@@ -192,7 +196,11 @@ def _load_hub_dataset(args: DataArguments, cache_dir: str | None):
             f"Could not load dataset `{args.dataset_name}`"
             + (f" (config {args.dataset_config})" if args.dataset_config else "")
             + f": {str(err).splitlines()[0] if str(err) else type(err).__name__}. "
-            + ("HF_HUB_OFFLINE is set, so only datasets already in the cache can load. " if offline() else "")
+            + (
+                "Offline mode is on, so only datasets already in the cache can load. "
+                if offline("dataset")
+                else ""
+            )
             + "Check the id and your network, or use local data instead: --train_dir/--validation_dir/--test_dir "
             "(image folders, one sub-folder per class) or --train_file (CSV / JSON-lines of path + label)."
         ) from None
@@ -277,12 +285,40 @@ def _encode_labels(splits, label_column: str, where: str):
                 f"{missing} row(s) of the {split} split of {where} have no value in label column "
                 f"`{label_column}`. Fill them in or remove those rows."
             )
-    if "int" in feature.dtype:
-        # Cast through strings so that the names sort the way people read them ("2" before "10").
-        names = sorted({v for d in splits.values() for v in d.unique(label_column)})
-        splits = splits.cast_column(label_column, ClassLabel(names=[str(n) for n in names]))
-        return splits
+    values = {v for d in splits.values() for v in d.unique(label_column)}
+    if "int" in feature.dtype or all(_INTEGER.fullmatch(v) for v in values):
+        return _encode_class_ids(splits, label_column, values)
     return splits.class_encode_column(label_column)
+
+
+_INTEGER = re.compile(r"\s*[+-]?\d+\s*")
+
+
+def _encode_class_ids(splits, label_column: str, values):
+    """Class ids (integers, or strings of digits) as a `ClassLabel` whose names are the ids, sorted by number
+    ("2" before "10", -1 first). The stored values become each id's position among the names: ids 1..K, with
+    gaps or negative are not positions themselves, and casting them unchanged would mislabel every row."""
+    from datasets import ClassLabel, DatasetDict, Features
+
+    ordered = sorted(values, key=lambda v: (int(v), str(v)))
+    names = [str(v).strip() for v in ordered]
+    if len(set(names)) < len(names):
+        raise UserError(
+            f"Label column `{label_column}` writes the same class id in several ways ({sorted(values, key=str)}). "
+            "Write each class id one way."
+        )
+    position = {v: i for i, v in enumerate(ordered)}
+
+    def encode(batch):
+        return {label_column: [position[v] for v in batch]}
+
+    encoded = {}
+    for split, dataset in splits.items():
+        features = Features({**dataset.features, label_column: ClassLabel(names=names)})
+        encoded[split] = dataset.map(
+            encode, input_columns=label_column, batched=True, features=features, desc="Encoding class ids"
+        )
+    return DatasetDict(encoded)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -322,6 +358,31 @@ def _stratified_holdout(dataset, fraction: float, label_column: str, seed: int, 
         test_size=fraction, seed=seed, stratify_by_column=label_column if stratify else None
     )
     return parts["train"], parts["test"], stratify
+
+
+def _subset(dataset, size: int | None, label_column: str, seed: int, name: str, report: dict):
+    """`size` rows of `dataset` (max_*_samples), drawn with `seed`, stratified by class where possible."""
+    if size is None or size >= len(dataset):
+        return dataset
+    if size < 1:
+        raise UserError(f"max_*_samples={size} for the {name} split must be at least 1.")
+    counts = Counter(dataset[label_column])
+    # Stratified needs at least one row per class on each side of the cut, and two rows in every class.
+    stratify = len(counts) <= min(size, len(dataset) - size) and min(counts.values()) >= 2
+    if stratify:
+        kept = dataset.train_test_split(train_size=size, seed=seed, stratify_by_column=label_column)["train"]
+    else:
+        logger.warning(
+            "The %d-image subset of the %s split is drawn at random, not stratified: it is smaller than the "
+            "number of classes, or some class has a single image.",
+            size,
+            name,
+        )
+        kept = dataset.shuffle(seed=seed).select(range(size))
+    report.setdefault(name, {})["subset"] = (
+        f"{size} of {len(dataset)} ({'stratified' if stratify else 'random'})"
+    )
+    return kept
 
 
 def make_splits(raw, args: DataArguments, label_column: str, seed: int):
@@ -365,12 +426,12 @@ def make_splits(raw, args: DataArguments, label_column: str, seed: int):
         report["validation"] = {"source": f"split `{validation}`"}
     report["train"] = {"source": f"split `{args.train_split}`"}
 
-    if args.max_train_samples is not None and args.max_train_samples < len(train):
-        train = train.shuffle(seed=seed).select(range(args.max_train_samples))
-    if args.max_eval_samples is not None:
-        val_ds = val_ds.select(range(min(args.max_eval_samples, len(val_ds))))
-        if test_ds is not None:
-            test_ds = test_ds.select(range(min(args.max_eval_samples, len(test_ds))))
+    # Subsets are seeded and stratified: image folders list their files class by class, so the first N rows
+    # would hold only the first classes.
+    train = _subset(train, args.max_train_samples, label_column, seed, "train", report)
+    val_ds = _subset(val_ds, args.max_eval_samples, label_column, seed, "validation", report)
+    if test_ds is not None:
+        test_ds = _subset(test_ds, args.max_eval_samples, label_column, seed, "test", report)
     splits = {"train": train, "validation": val_ds}
     if test_ds is not None:
         splits["test"] = test_ds

@@ -48,6 +48,7 @@ def load_config(model_args: ModelArguments):
         "model",
         "model_name_or_path",
         "point --model_name_or_path at a local folder written by save_pretrained.",
+        cache_dir=model_args.cache_dir,
     )
     try:
         config = AutoConfig.from_pretrained(

@@ -138,12 +138,17 @@ class ProbeRunArguments(ProbeArguments):
             )
 
 
-def parse_probe_args(argv: list[str] | None = None, prog: str = "hf-finetune probe"):
-    """(model_args, data_args, probe_args, training_args) from `--config` + flags."""
+def parse_probe_args(
+    argv: list[str] | None = None, prog: str = "hf-finetune probe", default_config: str | None = None
+):
+    """(model_args, data_args, probe_args, training_args) from `--config` (else `default_config`) + flags."""
     from hf_finetune.args import parse_args
 
     return parse_args(
-        (ModelArguments, DataArguments, ProbeRunArguments, FinetuneTrainingArguments), argv, prog=prog
+        (ModelArguments, DataArguments, ProbeRunArguments, FinetuneTrainingArguments),
+        argv,
+        prog=prog,
+        default_config=default_config,
     )
 
 
@@ -704,12 +709,8 @@ def run_probe(
     """Features (cached), classifier, metrics, export: a complete output directory. Returns all metrics."""
     from transformers import set_seed
 
-    from hf_finetune.training import prepare_output_dir, setup_logging
+    from hf_finetune.training import prepare_output_dir
 
-    setup_logging(training_args)
-    if training_args.log_level == "passive":
-        # No Trainer progress here: without INFO the user would not see which features came from the cache.
-        logging.getLogger("hf_finetune").setLevel(logging.INFO)
     set_seed(training_args.seed)
     started = time.perf_counter()
     # Refuses to replace a finished run unless overwrite_output_dir, and fails early on an unwritable folder.

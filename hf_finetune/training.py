@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -14,27 +13,6 @@ from hf_finetune import output
 from hf_finetune.args import DataArguments, FinetuneTrainingArguments, ModelArguments
 
 logger = logging.getLogger(__name__)
-
-
-def setup_logging(training_args) -> None:
-    import datasets
-    import transformers
-
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-        force=True,
-    )
-    level = training_args.get_process_log_level()
-    # Our own log (splits, re-initialised tensors, strategy, resume) is what a user reads to check a run, so on
-    # the main process it is shown at INFO unless log_level says otherwise; the libraries stay quieter.
-    ours = logging.INFO if training_args.log_level == "passive" and training_args.should_log else level
-    logging.getLogger("hf_finetune").setLevel(ours)
-    datasets.utils.logging.set_verbosity(level)
-    transformers.utils.logging.set_verbosity(level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
 
 
 def build_trainer(
@@ -172,18 +150,27 @@ def run(
 ) -> dict[str, Any]:
     """Train, evaluate on validation and test, and write the output directory. Returns all metrics.
 
+    `strategy_args.strategy == "probe"` runs the frozen-feature path instead (`probe.run_probe`), with the
+    probe settings of `strategy_args` when it is a `ProbeArguments` (as `parse_train_args` gives), else the
+    probe's defaults.
+
     `train=False` evaluates and writes the checkpoint as it is (its labels must already be the data's): the
     "use the checkpoint as it is" way to transfer.
     """
     from transformers import set_seed
 
     from hf_finetune.checkpoints import last_complete_checkpoint
-    from hf_finetune.strategies import STRATEGY_SUMMARY, StrategyArguments
+    from hf_finetune.strategies import FEATURE_STRATEGY, STRATEGY_SUMMARY, StrategyArguments
 
     strategy_args = strategy_args or StrategyArguments()
+    if strategy_args.strategy == FEATURE_STRATEGY:
+        # The one strategy switch: `probe` is the frozen-feature path (features once, a classic classifier).
+        from hf_finetune.probe import ProbeArguments, ProbeRunArguments, run_probe
+
+        probe_args = strategy_args if isinstance(strategy_args, ProbeArguments) else ProbeRunArguments()
+        return run_probe(model_args, data_args, probe_args, training_args, dataset=dataset)
     extra_args = (strategy_args, *(a for a in extra_args if not isinstance(a, StrategyArguments)))
 
-    setup_logging(training_args)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     prepare_output_dir(training_args)

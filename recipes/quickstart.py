@@ -1,7 +1,10 @@
 """Quickstart: fine-tune a stand-in checkpoint on scikit-learn's handwritten digits, offline, on a laptop CPU.
 
-    python recipes/quickstart.py --config recipes/quickstart.yaml
-    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/quickstart.py --config recipes/quickstart.yaml
+    python recipes/quickstart.py
+    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/quickstart.py
+
+The settings are recipes/quickstart.yaml, beside this script, read when no --config is given; `--config
+other.yaml` replaces it, and any --flag overrides either.
 
 What it is: the digits (1,797 real 8x8 scans that ship with scikit-learn) exported as an image folder, and a
 *tiny, randomly initialised* ViT saved with save_pretrained as the stand-in for a Hub checkpoint (its label set
@@ -12,14 +15,16 @@ Expect well under 2 minutes on 2 CPU cores and a test accuracy around 0.85.
 
 import sys
 
-from hf_finetune.cli import parse_train_args, report_user_errors
+from hf_finetune.cli import parse_train_args, recipe_config, report_user_errors
 from hf_finetune.quickstart import build_stand_in_checkpoint, export_digits
 from hf_finetune.training import run
 
 
 @report_user_errors
 def main(argv=None):
-    model_args, data_args, strategy_args, training_args = parse_train_args(argv, prog="recipes/quickstart.py")
+    model_args, data_args, strategy_args, training_args = parse_train_args(
+        argv, prog="recipes/quickstart.py", default_config=recipe_config(__file__)
+    )
 
     ####################################################
     # Stand-ins for a Hub dataset and a Hub checkpoint #
