@@ -302,7 +302,7 @@ def _encode_class_ids(splits, label_column: str, values):
 
     ordered = sorted(values, key=lambda v: (int(v), str(v)))
     names = [str(v).strip() for v in ordered]
-    if len(set(names)) < len(names):
+    if len({int(v) for v in ordered}) < len(ordered):
         raise UserError(
             f"Label column `{label_column}` writes the same class id in several ways ({sorted(values, key=str)}). "
             "Write each class id one way."
