@@ -41,13 +41,12 @@ def configure_logging(stream=None) -> None:
     the others, so that N processes do not print everything N times. The root logger and any handler a
     notebook or an application set up are left alone; the library itself never configures logging."""
     package = logging.getLogger("hf_finetune")
-    handler = next((h for h in package.handlers if getattr(h, "hf_finetune_cli", False)), None)
-    if handler is None:
-        handler = logging.StreamHandler()
-        handler.hf_finetune_cli = True
-        handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
-        package.addHandler(handler)
-    handler.setStream(stream or sys.stdout)
+    for old in [h for h in package.handlers if getattr(h, "hf_finetune_cli", False)]:
+        package.removeHandler(old)  # a second command in the same interpreter: today's sys.stdout, once
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.hf_finetune_cli = True
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+    package.addHandler(handler)
     package.setLevel(logging.INFO if is_main_process() else logging.WARNING)
 
 
