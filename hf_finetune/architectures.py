@@ -15,6 +15,10 @@ What counts as a "block", input to output:
 - MobileNetV2: one inverted-residual layer each; the stem (first conv and first inverted residual)
   counts as embeddings.
 - EfficientNet: one MBConv block each.
+- Any timm model (``TimmWrapperForImageClassification``): no hand-written entry; the map comes from timm's own
+  model metadata (see ``_timm_block_map``): its coarse ``group_matcher`` (the grouping timm's layer-wise decay
+  and gradient checkpointing use: a stage of a ConvNet, a block of a ViT) gives the stem, the blocks and the
+  final norm, and ``get_classifier()`` the head.
 
 ``final_norm`` holds whatever has parameters between the last block and the pooled features: the final
 LayerNorm of the transformers and ConvNeXt; for BEiT also the pooler, whose LayerNorm is the final norm
@@ -42,12 +46,20 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class BlockMap:
-    """Qualified submodule names (as in ``model.named_modules()``) of one model, by role."""
+    """Qualified submodule names (as in ``model.named_modules()``) of one model, by role.
+
+    A block is one module name, or (timm models, whose blocks come from parameter groups) a tuple of the
+    module or parameter names that make it up.
+    """
 
     embeddings: tuple[str, ...]
-    blocks: tuple[str, ...]
+    blocks: tuple[str | tuple[str, ...], ...]
     final_norm: tuple[str, ...]
     head: tuple[str, ...]
+
+    def block_members(self) -> list[tuple[str, ...]]:
+        """Each block as a tuple of module (or parameter) names."""
+        return [(block,) if isinstance(block, str) else tuple(block) for block in self.blocks]
 
     def groups(self) -> list[tuple[str, tuple[str, ...]]]:
         """``(group_name, module_names)`` from input to output: embeddings, block_0.., final_norm, head.
@@ -56,7 +68,7 @@ class BlockMap:
         A role with no modules (ResNet's final norm) is left out rather than yielding an empty group.
         """
         ordered = [("embeddings", self.embeddings)]
-        ordered += [(f"block_{i}", (name,)) for i, name in enumerate(self.blocks)]
+        ordered += [(f"block_{i}", names) for i, names in enumerate(self.block_members())]
         ordered += [("final_norm", self.final_norm), ("head", self.head)]
         return [(group, names) for group, names in ordered if names]
 
@@ -154,13 +166,114 @@ def _use_regexes_instead(model: nn.Module, problem: str) -> UserError:
     )
 
 
+def collapse_to_modules(model: nn.Module, names: set[str]) -> list[str]:
+    """The fewest module (or parameter) names that cover exactly the parameters ``names``."""
+    total: dict[str, int] = {}
+    chosen: dict[str, int] = {}
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        for i in range(len(parts) + 1):
+            prefix = ".".join(parts[:i])
+            total[prefix] = total.get(prefix, 0) + 1
+            chosen[prefix] = chosen.get(prefix, 0) + (name in names)
+    full = {p for p, n in total.items() if n and chosen[p] == n}
+    if "" in full:
+        return ["<all parameters>"]
+    return [p for p in total if p in full and p.rpartition(".")[0] not in full]
+
+
+def is_timm_model(model: nn.Module) -> bool:
+    return _model_type(model) == "timm_wrapper" and hasattr(model, "timm_model")
+
+
+# group_with_matcher merges a match spec ending in MATCH_PREV_GROUP (99999: the final norm of most timm models)
+# into the last block; a suffix just below it keeps that part a group of its own, after every block.
+_OWN_GROUP = (99998,)
+
+
+def _separate_final_norm(matcher):
+    from timm.models._manipulate import MATCH_PREV_GROUP
+
+    if not isinstance(matcher, dict):
+        return matcher
+    return {
+        name: [(regex, _OWN_GROUP if suffix == MATCH_PREV_GROUP else suffix) for regex, suffix in spec]
+        if isinstance(spec, (list, tuple))
+        else spec
+        for name, spec in matcher.items()
+    }
+
+
+def _timm_role(param_name: str, matcher, position: int) -> str:
+    """ "stem", "block", "final" or "unmatched": which spec of timm's group matcher takes the parameter.
+
+    The same first-match order as timm's ``group_with_matcher``; a callable matcher (rare) only tells
+    the stem (its first group) from the blocks.
+    """
+    import re
+
+    if not isinstance(matcher, dict):
+        return "stem" if position == 0 else "block"
+    for ordinal, spec in enumerate(matcher.values()):
+        if spec is None:
+            continue
+        for regex, suffix in spec if isinstance(spec, (list, tuple)) else [(spec, None)]:
+            if re.match(regex, param_name):
+                return "stem" if ordinal == 0 else "final" if suffix == _OWN_GROUP else "block"
+    return "unmatched"
+
+
+def _timm_block_map(model: nn.Module) -> BlockMap:
+    """The block map of a TimmWrapper model from timm's own metadata, for any timm architecture.
+
+    ``timm.models.group_parameters(model, model.group_matcher(coarse=True))`` orders the parameters into
+    groups from input to output: the stem, one group per block (a stage of a ConvNet, a block of a ViT),
+    then the final norm (the part timm's matcher attaches after the last block), and last whatever no
+    pattern matches: the head, with any pooling norm or head convolution before it. ``get_classifier()``
+    tells the classifier apart; the rest of that last group joins the final norm.
+    """
+    from timm.models import group_parameters
+
+    timm_model = model.timm_model
+    prefix = next(name for name, module in model.named_modules() if module is timm_model) + "."
+    classifier = {id(p) for p in timm_model.get_classifier().parameters()}
+    head = {n for n, p in timm_model.named_parameters() if id(p) in classifier}
+    matcher = _separate_final_norm(timm_model.group_matcher(coarse=True))
+    embeddings, blocks, final = set(), [], set()
+    for position, names in enumerate(group_parameters(timm_model, matcher).values()):
+        names = set(names) - head
+        if not names:
+            continue
+        role = _timm_role(sorted(names)[0], matcher, position)
+        if role == "stem":
+            embeddings |= names
+        elif role == "block":
+            blocks.append(names)
+        else:
+            final |= names
+
+    def names_of(params: set[str]) -> tuple[str, ...]:
+        return tuple(prefix + n for n in collapse_to_modules(timm_model, params)) if params else ()
+
+    return BlockMap(
+        embeddings=names_of(embeddings),
+        blocks=tuple(m[0] if len(m) == 1 else m for m in (names_of(b) for b in blocks)),
+        final_norm=names_of(final),
+        head=names_of(head),
+    )
+
+
 def block_map(model: nn.Module) -> BlockMap:
-    """The :class:`BlockMap` of ``model``, keyed on ``model.config.model_type``.
+    """The :class:`BlockMap` of ``model``, keyed on ``model.config.model_type`` (timm: from timm's metadata).
 
     Raises :class:`UserError` for a model type this module does not know, or whose modules do not match
     what it expects (every parameter must fall in exactly one group).
     """
     model_type = _model_type(model)
+    if is_timm_model(model):
+        mapped = _timm_block_map(model)
+        _check_complete(model, mapped, model_type)
+        return mapped
     layout = _LAYOUTS.get(model_type)
     if layout is None:
         raise _use_regexes_instead(
@@ -191,6 +304,12 @@ def block_map(model: nn.Module) -> BlockMap:
         head=present(layout.head, ""),
     )
 
+    _check_complete(model, mapped, model_type)
+    return mapped
+
+
+def _check_complete(model: nn.Module, mapped: BlockMap, model_type: str) -> None:
+    """Every parameter in exactly one group, and at least two blocks; else a UserError."""
     unmapped = []
     for name, _ in model.named_parameters():
         try:
@@ -207,7 +326,6 @@ def block_map(model: nn.Module) -> BlockMap:
             model,
             f"The {model_type!r} model does not have the structure hf-finetune expects: {problem}.",
         )
-    return mapped
 
 
 def _head_linear(model: nn.Module) -> nn.Linear:
@@ -217,7 +335,10 @@ def _head_linear(model: nn.Module) -> nn.Linear:
     model_type = _model_type(model)
     modules = dict(model.named_modules())
     layout = _LAYOUTS.get(model_type)
-    if layout is not None:
+    if is_timm_model(model):
+        classifier = model.timm_model.get_classifier()
+        head_names = [name for name, module in modules.items() if module is classifier]
+    elif layout is not None:
         head_names = [name for name in layout.head if name in modules]
     else:
         # Unknown families still get the feature path: the head is whatever sits beside the base model.
@@ -237,22 +358,42 @@ def _head_linear(model: nn.Module) -> nn.Linear:
 
 def feature_dim(model: nn.Module) -> int:
     """Width of the pooled feature vector the classifier head sees (DINOv2: class token + mean patch)."""
+    if is_timm_model(model):
+        # timm's pre-logits width: num_features, or the hidden size of a head with a pre-logits layer.
+        timm_model = model.timm_model
+        return int(getattr(timm_model, "head_hidden_size", None) or timm_model.num_features)
     return _head_linear(model).in_features
+
+
+def _timm_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """timm's own pre-logits features: ``forward_head(forward_features(x), pre_logits=True)``."""
+    timm_model = model.timm_model
+    return timm_model.forward_head(timm_model.forward_features(pixel_values), pre_logits=True)
 
 
 def classifier_input(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """The pooled features the classifier head sees for ``pixel_values``, shape ``(batch, feature_dim)``.
 
     Captured by a forward pre-hook on the head's Linear, so it is exactly what the model's own pooling
-    (class token, mean of patches, global average pool...) produces. The forward runs in eval mode, which
-    turns the dropout before some heads into the identity and makes BatchNorm use its running statistics;
-    the model's previous mode is restored afterwards. The result is on the model's device.
+    (class token, mean of patches, global average pool...) produces; for a timm model, timm's own
+    pre-logits features. The forward runs in eval mode, which turns the dropout before some heads into the
+    identity and makes BatchNorm use its running statistics; the model's previous mode is restored
+    afterwards. The result is on the model's device.
     """
     import torch
 
-    linear = _head_linear(model)
     param = next(model.parameters())
     pixel_values = pixel_values.to(device=param.device, dtype=param.dtype)
+    if is_timm_model(model):
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                features = _timm_features(model, pixel_values)
+        finally:
+            model.train(was_training)
+        return features.reshape(features.shape[0], -1).clone()
+    linear = _head_linear(model)
     captured: list[torch.Tensor] = []
 
     def grab(_module, args):

@@ -16,6 +16,9 @@ peft's ``target_modules``). Only modules inside the blocks of ``architectures.bl
 - ResNet, RegNet, MobileNetV2, EfficientNet: every ungrouped Conv2d inside the blocks. Depthwise and other
   grouped convolutions are left out (peft cannot merge a LoRA into them), and so are dilated ones (peft 0.21
   builds their LoRA branch without the dilation).
+- Any timm model: the attention projections of its blocks (timm's ``attn.qkv`` and ``attn.proj``) when they
+  have attention, else the ungrouped Conv2d inside the blocks as above; convolutions that pad themselves in
+  ``forward`` (timm's TF-"same" ``Conv2dSame``) only when 1x1, where that padding is none.
 
 Output (``save_lora_outputs``): with ``lora_merge`` (default) ``output_dir`` holds the merged model, a plain
 transformers checkpoint that ``pipeline("image-classification")`` and ``hf-finetune predict`` load, and
@@ -73,6 +76,8 @@ class LoraTargets:
                 and module.groups == 1
                 and module.dilation == (1, 1)
                 and module.padding_mode == "zeros"
+                # A convolution that pads in its own forward (timm's Conv2dSame): the LoRA branch would not.
+                and (type(module).forward is nn.Conv2d.forward or module.kernel_size == (1, 1))
             )
         return right_kind and (
             not self.suffixes or any(name == s or name.endswith("." + s) for s in self.suffixes)
@@ -101,6 +106,32 @@ DEFAULT_TARGETS: dict[str, LoraTargets] = {
     "mobilenet_v2": _CONVOLUTIONS,
     "efficientnet": _CONVOLUTIONS,
 }
+
+# timm's attention modules (ViT, DeiT, Swin, EVA, ... as timm builds them): fused qkv, or q / k / v, and proj.
+_TIMM_ATTENTION = LoraTargets(
+    "the attention projections (timm's attn.qkv / attn.q, k, v and attn.proj) of every block",
+    "linear",
+    ("attn.qkv", "attn.q", "attn.k", "attn.v", "attn.proj"),
+)
+
+
+def default_rule(model: nn.Module) -> LoraTargets | None:
+    """The default LoRA targets of ``model``'s family; for a timm model, chosen from what its blocks hold."""
+    from hf_finetune.architectures import block_map, is_timm_model
+
+    if not is_timm_model(model):
+        return DEFAULT_TARGETS.get(_model_type(model))
+    blocks = [name for block in block_map(model).block_members() for name in block]
+    inside = [
+        (name, module)
+        for name, module in model.named_modules()
+        if any(name.startswith(block + ".") for block in blocks)
+    ]
+    # By name only: once wrapped in peft (for the run's summary), the projections are no longer nn.Linear.
+    suffixes = _TIMM_ATTENTION.suffixes
+    if any(name.endswith(tuple("." + s for s in suffixes)) for name, _ in inside):
+        return _TIMM_ATTENTION
+    return _CONVOLUTIONS
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -166,14 +197,14 @@ def default_target_modules(model: nn.Module) -> list[str]:
     from hf_finetune.architectures import block_map
 
     model_type = _model_type(model)
-    rule = DEFAULT_TARGETS.get(model_type)
+    rule = default_rule(model)
     if rule is None:
         raise UserError(
             f"hf-finetune has no default LoRA targets for model type {model_type!r} (it has them for "
-            f"{', '.join(DEFAULT_TARGETS)}). Set lora_target_modules to names (or name suffixes) of its "
+            f"{', '.join(DEFAULT_TARGETS)} and every timm model). Set lora_target_modules to names (or name suffixes) of its "
             f"Linear / Conv2d layers; this model has: {_candidates(model, head_modules(model))}."
         )
-    blocks = block_map(model).blocks
+    blocks = [name for block in block_map(model).block_members() for name in block]
     targets = [
         name
         for name, module in model.named_modules()
@@ -305,7 +336,7 @@ def lora_summary(model: nn.Module, args: StrategyArguments) -> dict[str, Any]:
     counts = parameter_counts(model)
     adapted = [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
     inner, prefix = unwrap(model)
-    rule = DEFAULT_TARGETS.get(_model_type(inner))
+    rule = default_rule(inner)
     return {
         "r": config.r,
         "lora_alpha": config.lora_alpha,

@@ -1,7 +1,13 @@
-"""Load a checkpoint for the user's label set: new id2label/label2id, head re-initialised when labels differ."""
+"""Load a checkpoint for the user's label set: new id2label/label2id, head re-initialised when labels differ.
+
+transformers checkpoints and timm ones (the Hub's timm layout: `architecture`, `num_classes`, `label_names`,
+`pretrained_cfg` in config.json) take the same path: transformers loads the latter as
+`TimmWrapperForImageClassification`, whose config carries the labels as `id2label` like any other.
+"""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass, field
@@ -59,6 +65,7 @@ def load_config(model_args: ModelArguments):
         )
     except (OSError, ValueError) as err:
         raise _load_error(model_args.model_name_or_path, model_args.model_revision, err) from None
+    drop_timm_num_classes_arg(config)
     custom = bool(getattr(config, "auto_map", None)) and model_args.trust_remote_code
     if config.model_type not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES and not custom:
         raise UserError(
@@ -67,6 +74,26 @@ def load_config(model_args: ModelArguments):
             "ResNet, RegNet, MobileNet, EfficientNet, ...)."
         )
     return config
+
+
+def is_timm(model_or_config) -> bool:
+    """A timm checkpoint, loaded through transformers' TimmWrapper (config or model)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "model_type", None) == "timm_wrapper"
+
+
+def drop_timm_num_classes_arg(config) -> None:
+    """Remove `num_classes` from a timm config's `model_args`; the root `num_classes` (num_labels) stays.
+
+    Workaround, checked with timm 1.0.31 and transformers 5.24: timm's Hub writer (`save_for_hf`,
+    `push_to_hf_hub`) records `num_classes` among the `model_args`, and TimmWrapperForImageClassification
+    passes `num_classes=config.num_labels` beside `**model_args`, so every such checkpoint fails with "got
+    multiple values for keyword argument 'num_classes'". Dropping it also keeps the saved output loadable by
+    `pipeline()`. tests/test_timm.py tells when transformers no longer needs it.
+    """
+    model_args = getattr(config, "model_args", None) if is_timm(config) else None
+    if model_args and "num_classes" in model_args:
+        config.model_args = {k: v for k, v in model_args.items() if k != "num_classes"}
 
 
 def _has_only_pickle_weights(name: str) -> bool:
@@ -98,9 +125,23 @@ def checkpoint_labels(config) -> list[str]:
 
 
 def head_linears(model, num_labels: int) -> dict[str, object]:
-    """The classifier's output layers: Linear modules outside the backbone that produce `num_labels` logits."""
+    """The classifier's output layers: Linear modules outside the backbone that produce `num_labels` logits.
+
+    For a timm model the classifier is what timm's `get_classifier()` returns (it lives inside the wrapped
+    timm model, which is the whole network).
+    """
     import torch
 
+    if is_timm(model):
+        classifier = model.timm_model.get_classifier()
+        inside = {id(m) for m in classifier.modules()}
+        return {
+            name: module
+            for name, module in model.named_modules()
+            if id(module) in inside
+            and isinstance(module, torch.nn.Linear)
+            and module.out_features == num_labels
+        }
     prefix = model.base_model_prefix
     return {
         name: module
@@ -116,7 +157,9 @@ def reinitialise_head(model, num_labels: int) -> list[str]:
 
     The family's `_init_weights` matters: ViTs draw from normal(0, 0.02), while ResNet-style heads use
     PyTorch's default (fan-in scaled) initialisation, about seven times larger for a small head; forcing one
-    scheme on every family slows the new head's start markedly.
+    scheme on every family slows the new head's start markedly. A timm model's new head is what timm's own
+    `reset_classifier` builds: a fresh `nn.Linear`, PyTorch's default initialisation (TimmWrapper's
+    `_init_weights` would draw normal(0, 0.02) instead).
     """
     import torch
 
@@ -129,8 +172,9 @@ def reinitialise_head(model, num_labels: int) -> list[str]:
                 if hasattr(parameter, "_is_hf_initialized"):
                     parameter._is_hf_initialized = False
             module._is_hf_initialized = False
-            model._init_weights(module)
-            if torch.equal(module.weight, before):  # the family defines nothing for Linear layers
+            if not is_timm(model):
+                model._init_weights(module)
+            if is_timm(model) or torch.equal(module.weight, before):  # the family defines nothing for Linear
                 module.reset_parameters()
             names.append(f"{name}.weight")
             if module.bias is not None:
@@ -138,14 +182,32 @@ def reinitialise_head(model, num_labels: int) -> list[str]:
     return names
 
 
+def set_labels(config, labels: list[str]) -> None:
+    """Make `labels` the config's classes, in every place a saved config keeps them.
+
+    A timm config also writes `label_names` (and maybe `label_descriptions`), which win over `id2label` when
+    it is saved (TimmWrapperConfig.to_dict only fills them in when absent) and which timm and transformers
+    read back as the classes: left as they were, the output would load with the checkpoint's old labels.
+    """
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: i for i, label in enumerate(labels)}
+    if is_timm(config):
+        config.label_names = list(labels)
+        for key in ("label_descriptions", "label_offset"):
+            if hasattr(config, key):
+                delattr(config, key)
+        pretrained_cfg = dict(getattr(config, "pretrained_cfg", None) or {})
+        for key in ("label_names", "label_descriptions", "label_offset", "num_classes"):
+            pretrained_cfg.pop(key, None)
+        config.pretrained_cfg = pretrained_cfg
+
+
 def _model_from_scratch(config, labels: list[str], old_labels: list[str]):
     """The checkpoint's architecture with every weight freshly initialised: the baseline transfer must beat."""
     import torch
     from transformers import AutoModelForImageClassification
 
-    config.num_labels = len(labels)
-    config.id2label = dict(enumerate(labels))
-    config.label2id = {label: i for i, label in enumerate(labels)}
+    set_labels(config, labels)
     model = AutoModelForImageClassification.from_config(config, dtype=torch.float32)
     names = [name for name, _ in model.named_parameters()]
     logger.info(
@@ -169,24 +231,21 @@ def load_model(model_args: ModelArguments, labels: list[str], config=None):
     if model_args.from_scratch:
         return _model_from_scratch(config, labels, old_labels)
     same = old_labels == list(labels)
-    kwargs = {}
+    config = copy.deepcopy(config)
     if not same:
-        kwargs = {
-            "num_labels": len(labels),
-            "id2label": dict(enumerate(labels)),
-            "label2id": {label: i for i, label in enumerate(labels)},
-            "ignore_mismatched_sizes": True,
-        }
+        # Set on the config object itself: with `config=` given, from_pretrained does not apply label kwargs.
+        set_labels(config, labels)
     try:
         model, info = AutoModelForImageClassification.from_pretrained(
             model_args.model_name_or_path,
+            config=config,
             revision=model_args.model_revision,
             cache_dir=model_args.cache_dir,
             trust_remote_code=model_args.trust_remote_code,
             dtype=torch.float32,  # master weights stay fp32; mixed precision is the Trainer's business
             use_safetensors=None if model_args.allow_pickle_weights else True,
             output_loading_info=True,
-            **kwargs,
+            ignore_mismatched_sizes=not same,
         )
     except (OSError, ValueError) as err:
         if not model_args.allow_pickle_weights and _has_only_pickle_weights(model_args.model_name_or_path):

@@ -112,6 +112,22 @@ def _is_hub_id(name: str | None) -> bool:
     return bool(name) and not os.path.exists(name) and not os.path.isabs(name)
 
 
+def model_library(output_dir: str | os.PathLike) -> str:
+    """The Hub `library_name` of the model saved in `output_dir`: `timm` for a timm checkpoint, else transformers.
+
+    A timm checkpoint saved through TimmWrapper keeps the Hub's timm layout (plain timm keys, `architecture`
+    and `pretrained_cfg` in config.json): timm loads it as well as transformers does, and the Hub files it
+    under timm like the `timm/...` repos it came from.
+    """
+    try:
+        config = json.loads((Path(output_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "transformers"
+    return (
+        "timm" if config.get("model_type") == "timm_wrapper" and "architecture" in config else "transformers"
+    )
+
+
 def _format_metrics(results: dict[str, float]) -> str:
     rows = ["| split | metric | value |", "|---|---|---|"]
     for key, value in results.items():
@@ -138,6 +154,7 @@ def model_card_text(
     repo_id: str | None = None,
     license: str | None = None,
     extra_sections: str = "",
+    library_name: str = "transformers",
 ) -> str:
     """The output directory's README.md: Hub metadata (model-index with test metrics) and a usage snippet."""
     from huggingface_hub import EvalResult, ModelCardData
@@ -164,7 +181,7 @@ def model_card_text(
         datasets=[hub_dataset] if hub_dataset else None,
         tags=["image-classification", "hf-finetune", f"strategy-{strategy}"],
         pipeline_tag="image-classification",
-        library_name="transformers",
+        library_name=library_name,
         license=license,
         model_name=model_name,
         eval_results=eval_results or None,
@@ -205,10 +222,25 @@ from transformers import pipeline
 classifier = pipeline("image-classification", model="{load_from}")
 classifier("picture.jpg")
 ```
-
+{timm_usage(load_from, repo_id) if library_name == "timm" else ""}
 {extra_sections}
 """
 
 
+def timm_usage(load_from: str, repo_id: str | None) -> str:
+    """How timm itself loads a timm-layout output (the Hub's `hf-hub:` prefix, or `local-dir:`)."""
+    source = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{load_from}"
+    return f"""
+It is also a plain timm checkpoint:
+
+```python
+import timm
+
+model = timm.create_model("{source}", pretrained=True)
+```
+"""
+
+
 def write_model_card(output_dir: str | os.PathLike, **kwargs) -> Path:
+    kwargs.setdefault("library_name", model_library(output_dir))
     return write_text_atomic(Path(output_dir) / CARD, model_card_text(**kwargs))

@@ -113,7 +113,7 @@ class _TransformersClassifier:
     def __init__(self, name: str, device: str):
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-        from hf_finetune.transforms import BatchTransform, build_transforms, draft_sizes, processor_spec
+        from hf_finetune.transforms import BatchTransform, build_transforms
 
         if not os.path.isdir(name):
             from hf_finetune.hub import check_hub_repo
@@ -140,11 +140,8 @@ class _TransformersClassifier:
         self.device = device
         id2label = self.model.config.id2label
         self.labels = [str(id2label[i]) for i in sorted(id2label, key=int)]
-        _, eval_draft = draft_sizes(processor_spec(self.processor), (1.0, 1.0))
-        # The very callable the evaluation splits of a training run use (to_rgb, aspect limit, JPEG draft).
-        self.transform = BatchTransform(
-            build_transforms(self.processor, augment=False)[1], "image", None, eval_draft
-        )
+        # The very callable the evaluation splits of a training run use (to_rgb, aspect limit, full decode).
+        self.transform = BatchTransform(build_transforms(self.processor, augment=False)[1], "image", None)
 
     def load(self, path: str):
         return self.transform({"image": [path]})["pixel_values"][0]

@@ -306,21 +306,25 @@ def linear_head(model, num_labels: int):
     """The checkpoint's classifier Linear when it alone maps pooled features to logits, else None.
 
     That is the case for every single-Linear head (ViT, DeiT, BEiT, DINOv2, Swin, ConvNeXt, ResNet,
-    RegNet, MobileNetV2, EfficientNet). A head with several Linears (DeiT with a distillation head, an MLP
+    RegNet, MobileNetV2, EfficientNet, and timm models whose `get_classifier()` is one Linear). A head with several Linears (DeiT with a distillation head, an MLP
     head) cannot hold a linear probe exactly, and the probe is then saved in the probe format instead.
     """
     from torch import nn
 
-    from hf_finetune.architectures import feature_dim
+    from hf_finetune.architectures import feature_dim, is_timm_model
     from hf_finetune.modeling import head_linears
 
     heads = head_linears(model, num_labels)
-    prefix = model.base_model_prefix
-    linears = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not (name == prefix or name.startswith(prefix + "."))
-    ]
+    if is_timm_model(model):
+        # The wrapped timm model is the whole network; its head is what timm's get_classifier() returns.
+        linears = [m for m in model.timm_model.get_classifier().modules() if isinstance(m, nn.Linear)]
+    else:
+        prefix = model.base_model_prefix
+        linears = [
+            name
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and not (name == prefix or name.startswith(prefix + "."))
+        ]
     if len(heads) != 1 or len(linears) != 1:
         return None
     linear = next(iter(heads.values()))
@@ -487,7 +491,9 @@ probe.predict("picture.jpg")  # [{{"label": ..., "score": ...}}]
 
 def write_probe_card(output_dir: str | os.PathLike, fmt: str, **card_kwargs) -> Path:
     """`output.model_card_text` with the usage section (and, for the probe format, metadata) adjusted."""
-    text = output.model_card_text(**card_kwargs)
+    library = output.model_library(output_dir) if fmt == FORMAT_TRANSFORMERS else "transformers"
+    text = output.model_card_text(**card_kwargs, library_name=library)
+    # The replaced section ends with the pipeline example; a timm output's timm example after it stays.
     usage = probe_card_usage(fmt, card_kwargs.get("repo_id") or "path/to/this/folder")
     start = text.find("## How to use")
     if start < 0:

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
+from hf_finetune.architectures import collapse_to_modules
 from hf_finetune.errors import UserError
 from hf_finetune.lora import is_adapter_parameter, unwrap
 
@@ -488,22 +489,6 @@ def _keep_in_eval_mode(module, _args):
     # Runs before every forward of a frozen BatchNorm: whatever model.train() set, use (and do not update)
     # the running statistics.
     module.training = False
-
-
-def collapse_to_modules(model: nn.Module, names: set[str]) -> list[str]:
-    """The fewest module (or parameter) names that cover exactly the parameters ``names``."""
-    total: dict[str, int] = {}
-    chosen: dict[str, int] = {}
-    for name, _ in model.named_parameters():
-        parts = name.split(".")
-        for i in range(len(parts) + 1):
-            prefix = ".".join(parts[:i])
-            total[prefix] = total.get(prefix, 0) + 1
-            chosen[prefix] = chosen.get(prefix, 0) + (name in names)
-    full = {p for p, n in total.items() if n and chosen[p] == n}
-    if "" in full:
-        return ["<all parameters>"]
-    return [p for p in total if p in full and p.rpartition(".")[0] not in full]
 
 
 # --------------------------------------------------------------------------------------------------------

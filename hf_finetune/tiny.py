@@ -10,6 +10,9 @@ on a CPU in seconds.
     from hf_finetune.tiny import build_tiny_checkpoint
     folder = build_tiny_checkpoint("vit", "/tmp/tiny-vit", labels=["cat", "dog"])
     model = AutoModelForImageClassification.from_pretrained(folder)
+
+timm checkpoints (the Hub's `timm/...` repos) are built with timm itself and saved with timm's own Hub
+writer, so they have exactly that layout (`build_tiny_timm_checkpoint`).
 """
 
 from __future__ import annotations
@@ -174,14 +177,8 @@ def tiny_image_processor(arch: str, image_size: int = 32):
             size=short, crop_size=square, image_mean=_HALF, image_std=_HALF
         )
     if arch == "efficientnet":
-        # include_top=False: otherwise the processor divides by std a second time after normalising.
-        return transformers.EfficientNetImageProcessor(
-            size=square,
-            crop_size=square,
-            image_mean=_IMAGENET_MEAN,
-            image_std=_IMAGENET_STD,
-            include_top=False,
-        )
+        # google/efficientnet-* keep the class defaults (no centre crop; include_top divides by std twice).
+        return transformers.EfficientNetImageProcessor(size=square, crop_size=square)
     raise AssertionError(arch)  # unreachable: _check_arch ran first
 
 
@@ -202,4 +199,43 @@ def build_tiny_checkpoint(
     model = AutoModelForImageClassification.from_config(config)
     model.save_pretrained(folder)
     tiny_image_processor(arch, image_size=image_size).save_pretrained(folder)
+    return folder
+
+
+# timm's own tiny test networks (the Hub has them as timm/test_efficientnet.r160_in1k, timm/test_vit.r160_in1k),
+# each with whether its factory must be told the image size (a ViT's position embedding is sized by it).
+TINY_TIMM_ARCHITECTURES: dict[str, bool] = {"test_efficientnet": False, "test_vit": True}
+
+
+def build_tiny_timm_checkpoint(
+    folder: str | Path,
+    labels: list[str],
+    architecture: str = "test_efficientnet",
+    image_size: int | None = 32,
+    seed: int = 0,
+) -> Path:
+    """A randomly initialised timm checkpoint folder in the layout of the Hub's timm repos.
+
+    `timm.models.save_for_hf` (what timm's `push_to_hf_hub` uploads) writes `config.json` with
+    `architecture`, `num_classes`, `label_names` and `pretrained_cfg`, and plain timm keys in
+    `model.safetensors`; transformers loads it as TimmWrapperForImageClassification with
+    TimmWrapperImageProcessor. Only the input size is set (as for the other tiny checkpoints; None keeps
+    the architecture's own); crop_pct, crop mode, interpolation, mean and std stay the architecture's
+    pretrained_cfg defaults. Any timm architecture name works; `TINY_TIMM_ARCHITECTURES` are the tiny ones.
+    """
+    import timm
+    import torch
+    from timm.models import save_for_hf
+
+    sized = {"img_size": image_size} if image_size and TINY_TIMM_ARCHITECTURES.get(architecture) else {}
+    torch.manual_seed(seed)
+    model = timm.create_model(architecture, pretrained=False, num_classes=len(labels), **sized)
+    folder = Path(folder)
+    save_for_hf(
+        model,
+        folder,
+        model_config={"label_names": list(labels)},
+        safe_serialization=True,
+        data_config={"input_size": (3, image_size, image_size)} if image_size else None,
+    )
     return folder

@@ -1,8 +1,10 @@
 """Pixel pipeline derived from the checkpoint's own image processor (size, crop, mean, std: never hard-coded).
 
-Train: RandomResizedCrop to the model's input size + horizontal flip (torchvision.transforms.v2), then the
-processor's rescale / normalisation. Eval: the processor's resize and centre crop, deterministically.
-Transforms are attached with `Dataset.with_transform`, so they run lazily per batch in the dataloader.
+Eval: the checkpoint's image processor itself (for a timm checkpoint, timm's own eval transform from its
+`pretrained_cfg`, which is what `TimmWrapperImageProcessor` applies), so the evaluation pixels are by
+construction those that `pipeline()` feeds the model. Train: RandomResizedCrop to the model's input size +
+horizontal flip (torchvision.transforms.v2), then the processor's rescale / normalisation. Transforms are
+attached with `Dataset.with_transform`, so they run lazily per batch in the dataloader.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ProcessorSpec:
-    """The preprocessing facts of a checkpoint, read from its image processor."""
+    """The preprocessing facts of a checkpoint, read from its image processor.
+
+    After resizing and cropping, the processor maps 0-255 pixels x to (x * rescale_factor - mean) / std;
+    `mean` and `std` are the effective values of that map, so processors that do more than one rescale and
+    one normalisation (EfficientNet's offset and `include_top`) fold into them.
+    """
 
     input_size: tuple[int, int]  # (height, width) the model sees
     resize: int | tuple[int, int] | None  # int: shortest edge; tuple: exact (height, width); None: no resize
@@ -36,9 +43,9 @@ def _hw(size: Any) -> tuple[int, int] | int | None:
     if isinstance(size, int):
         return (size, size)
     size = dict(size)
-    if "height" in size and "width" in size:
+    if size.get("height") is not None and size.get("width") is not None:
         return (int(size["height"]), int(size["width"]))
-    if "shortest_edge" in size:
+    if size.get("shortest_edge") is not None:
         return int(size["shortest_edge"])
     raise ValueError(f"unsupported image processor size {size}")
 
@@ -46,8 +53,59 @@ def _hw(size: Any) -> tuple[int, int] | int | None:
 _PIL_TO_NAME = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
+def is_timm_processor(image_processor) -> bool:
+    """A `TimmWrapperImageProcessor` (a timm checkpoint's): its preprocessing is timm's data config."""
+    return hasattr(image_processor, "data_config") and hasattr(image_processor, "val_transforms")
+
+
+def _timm_spec(data_config: dict) -> ProcessorSpec:
+    """The spec of timm's eval transform (`timm.data.transforms_imagenet_eval`) for `data_config`.
+
+    timm resizes by 1 / crop_pct and centre-crops the input size: the short edge for a square input in the
+    default `center` mode, both edges in `squash` mode; `border` mode fits the long edge and pads, which the
+    short-edge size below approximates only for the decode size (the eval pixels are timm's own anyway).
+    """
+    height, width = (int(v) for v in data_config["input_size"][-2:])
+    crop_pct = data_config.get("crop_pct") or 0.875  # timm's DEFAULT_CROP_PCT
+    scaled = (math.floor(height / crop_pct), math.floor(width / crop_pct))
+    square = data_config.get("crop_mode", "center") != "squash" and scaled[0] == scaled[1]
+    interpolation = str(data_config.get("interpolation") or "bilinear")
+    return ProcessorSpec(
+        input_size=(height, width),
+        resize=scaled[0] if square else scaled,
+        center_crop=(height, width),
+        mean=tuple(float(v) for v in data_config["mean"]),
+        std=tuple(float(v) for v in data_config["std"]),
+        rescale_factor=1 / 255,  # timm's ToTensor
+        interpolation=interpolation if interpolation in _PIL_TO_NAME.values() else "bilinear",
+    )
+
+
+def _affine(image_processor) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """The effective (mean, std) of the processor's rescale + normalisation (see `ProcessorSpec`).
+
+    EfficientNetImageProcessor (transformers 5.x, read in its `_preprocess`) subtracts 1 after rescaling when
+    `rescale_offset` is set, and with `include_top` (its default) divides by `image_std` a second time after
+    normalising: (x * f - offset - mean) / std / std.
+    """
+    do_normalize = bool(getattr(image_processor, "do_normalize", False))
+    mean = [float(m) for m in image_processor.image_mean] if do_normalize else None
+    std = [float(s) for s in image_processor.image_std] if do_normalize else None
+    offset = 1.0 if getattr(image_processor, "rescale_offset", False) else 0.0
+    if getattr(image_processor, "include_top", False):
+        second = [float(s) for s in image_processor.image_std]
+        mean = mean or [0.0] * len(second)
+        std = [s * t for s, t in zip(std or [1.0] * len(second), second, strict=True)]
+    if offset:
+        std = std or [1.0] * 3
+        mean = [m + offset for m in (mean or [0.0] * len(std))]
+    return (tuple(mean) if mean is not None else None), (tuple(std) if std is not None else None)
+
+
 def processor_spec(image_processor) -> ProcessorSpec:
-    """Read size / crop / mean / std / rescale from any transformers image processor."""
+    """Read size / crop / mean / std / rescale from any transformers image processor or timm's data config."""
+    if is_timm_processor(image_processor):
+        return _timm_spec(image_processor.data_config)
     size = (
         _hw(getattr(image_processor, "size", None)) if getattr(image_processor, "do_resize", True) else None
     )
@@ -72,12 +130,30 @@ def processor_spec(image_processor) -> ProcessorSpec:
         crop = input_size
     else:
         raise ValueError("the image processor neither resizes nor crops, so the input size is unknown")
-    mean = tuple(image_processor.image_mean) if getattr(image_processor, "do_normalize", False) else None
-    std = tuple(image_processor.image_std) if mean is not None else None
+    mean, std = _affine(image_processor)
     rescale = float(image_processor.rescale_factor) if getattr(image_processor, "do_rescale", True) else None
     resample = getattr(image_processor, "resample", 2)
     interpolation = _PIL_TO_NAME.get(int(resample), "bilinear") if resample is not None else "bilinear"
     return ProcessorSpec(input_size, size, crop, mean, std, rescale, interpolation)
+
+
+class ProcessorEval:
+    """The eval transform: one RGB PIL image -> exactly the `pixel_values` the checkpoint's processor gives.
+
+    Calling the processor itself (rather than rebuilding its steps) makes the evaluation pixels those of
+    `pipeline()` by construction, for every processor class and setting. For a timm checkpoint it is timm's
+    eval transform (`timm.data.create_transform(**resolve_data_config(pretrained_cfg))`), the very object
+    `TimmWrapperImageProcessor` applies. Picklable for dataloader workers.
+    """
+
+    def __init__(self, image_processor):
+        self.timm_transform = image_processor.val_transforms if is_timm_processor(image_processor) else None
+        self.image_processor = None if self.timm_transform is not None else image_processor
+
+    def __call__(self, image):
+        if self.timm_transform is not None:
+            return self.timm_transform(image)
+        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
 def _tail(spec: ProcessorSpec):
@@ -96,17 +172,16 @@ def _tail(spec: ProcessorSpec):
 def build_transforms(
     image_processor, augment: bool = True, crop_scale=(0.08, 1.0), horizontal_flip: bool = True
 ):
-    """Return (train_transform, eval_transform): PIL image -> normalised float tensor (C, H, W)."""
+    """Return (train_transform, eval_transform): PIL image -> normalised float tensor (C, H, W).
+
+    For a timm checkpoint the training side is timm's own recipe shape (random-resized crop at the input
+    size with its interpolation, flip) under this run's settings, then timm's normalisation.
+    """
     from torchvision.transforms import InterpolationMode, v2
 
     spec = processor_spec(image_processor)
     interpolation = InterpolationMode(spec.interpolation)
-    eval_steps = []
-    if spec.resize is not None:
-        eval_steps.append(v2.Resize(spec.resize, interpolation=interpolation, antialias=True))
-    if spec.center_crop is not None:
-        eval_steps.append(v2.CenterCrop(spec.center_crop))
-    eval_transform = v2.Compose(eval_steps + _tail(spec))
+    eval_transform = ProcessorEval(image_processor)
     if not augment:
         return eval_transform, eval_transform
     train_steps = [
@@ -200,7 +275,8 @@ def decode_sizes(image_processor, data_args) -> DecodeSizes:
 def attach_transforms(splits, image_processor, data_args, image_column: str, label_column: str):
     """Attach the lazy train / eval transforms to each split; returns a new DatasetDict.
 
-    The image column is switched to undecoded so that `BatchTransform` can decode JPEGs at reduced size.
+    The image column is switched to undecoded so that `BatchTransform` can decode training JPEGs at reduced
+    size.
     """
     from datasets import DatasetDict, Image
 
@@ -208,12 +284,14 @@ def attach_transforms(splits, image_processor, data_args, image_column: str, lab
         image_processor, data_args.augment, data_args.random_resized_crop_scale, data_args.horizontal_flip
     )
     sizes = decode_sizes(image_processor, data_args)
-    logger.info("JPEG decode sizes (at least): train %s, eval %s", sizes.train, sizes.eval)
+    logger.info("JPEG decode size (at least): train %s; eval decodes in full", sizes.train)
     attached = {}
     for name, dataset in splits.items():
         train = name == "train"
+        # Only training decodes JPEGs at reduced size: evaluation decodes in full, as pipeline() does, so that
+        # its pixels are the processor's own (a reduced-size decode changes them visibly).
         transform = BatchTransform(
-            train_tf if train else eval_tf, image_column, label_column, sizes.cover(name)
+            train_tf if train else eval_tf, image_column, label_column, sizes.cover(name) if train else None
         )
         undecoded = dataset.cast_column(image_column, Image(decode=False))
         attached[name] = undecoded.with_transform(transform)

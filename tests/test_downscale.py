@@ -97,7 +97,7 @@ def test_downscaled_copy_covers_the_target_and_keeps_the_path():
         {"kind": "vit", "size": {"height": 64, "width": 64}},  # exact 64x64
     ],
 )
-def test_eval_pixels_from_the_lossless_copy_are_exactly_the_originals(processor):
+def test_eval_pixels_from_the_lossless_copy_are_the_originals(processor):
     from transformers import ConvNextImageProcessor, ViTImageProcessor
 
     from hf_finetune.transforms import decode_sizes
@@ -111,13 +111,14 @@ def test_eval_pixels_from_the_lossless_copy_are_exactly_the_originals(processor)
     copy_size = PILImage.open(io.BytesIO(copy["bytes"])).size
     assert copy_size[1] == sizes.eval[1] and copy_size[0] * copy_size[1] < 3200 * 2400 / 16
     assert (copy_size == sizes.eval) == (kind == "vit")  # ViT squashes to 64x64; the others keep the aspect
-    # What the run computes from the original (reduced-size decode, eval resize, crop) is what it computes from
-    # the copy, to the last bit: the copy was resized with the same filter to the same size.
-    assert torch.equal(eval_tf(load_rgb(copy, sizes.eval)), eval_tf(load_rgb(value, sizes.eval)))
-    # The lossy training kind (bilinear downscale, JPEG) stays within about one grey level on average; one level
-    # is 1 / 255 / std, about 0.017 in these normalised units.
+    # What the run computes from the copy is what the processor computes from the fully decoded original (as
+    # pipeline() decodes it), within one grey level (1 / 255 / std, about 0.017 in these normalised units): the
+    # copy was decoded in full and resized with the processor's filter to the processor's size.
+    original = eval_tf(load_rgb(value))
+    assert (eval_tf(load_rgb(copy)) - original).abs().max() <= 0.02
+    # The lossy training kind (bilinear downscale, JPEG) stays within about one grey level on average.
     lossy = downscaled_copy(value, sizes.eval, sizes.interpolation, lossless=False, exact=sizes.eval_exact)
-    assert (eval_tf(load_rgb(lossy)) - eval_tf(load_rgb(value, sizes.eval))).abs().mean() < 0.03
+    assert (eval_tf(load_rgb(lossy)) - original).abs().mean() < 0.03
 
 
 def test_random_resized_crop_of_the_copy_still_sees_full_resolution():
@@ -317,11 +318,11 @@ def test_without_augmentation_training_gets_lossless_eval_copies():
     assert plain.lossless("train") and plain.cover("train") == (73, 73)
     augmented = decode_sizes(processor, DataArguments())
     assert not augmented.lossless("train") and augmented.lossless("validation")
-    # Training then computes from its copy exactly what evaluation computes from the same picture.
+    # Training then computes from its copy what evaluation computes from the same picture (within a grey level).
     _, eval_tf = build_transforms(processor, augment=False)
     value = {"bytes": _jpeg(_photo()), "path": None}
     train_copy = downscaled_copy(value, plain.cover("train"), plain.interpolation, plain.lossless("train"))
-    assert torch.equal(eval_tf(load_rgb(train_copy)), eval_tf(load_rgb(value, plain.cover("test"))))
+    assert (eval_tf(load_rgb(train_copy)) - eval_tf(load_rgb(value))).abs().max() <= 0.02
 
 
 def test_in_memory_datasets_get_no_copies():
