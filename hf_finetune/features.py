@@ -3,7 +3,8 @@
 The feature path (linear probe, classic classifiers, multi-backbone fusion) never trains the backbone, so
 every image has exactly one embedding per checkpoint. It is computed in batches under inference mode by
 `architectures.classifier_input` (the input of the checkpoint's own head Linear: class token, mean of
-patches, global average pool, DINOv2's class token + mean patch...), written batch by batch into a
+patches, global average pool, DINOv2's class token + mean patch...; for a timm model timm's own
+`forward_head(forward_features(x), pre_logits=True)`), written batch by batch into a
 memory-mapped ``.npy`` file, and reused by every later run whose inputs are the same:
 
     key = sha256(checkpoint identity, eval-transform spec, dataset split fingerprint, split name, precision)
@@ -12,7 +13,8 @@ memory-mapped ``.npy`` file, and reused by every later run whose inputs are the 
   out: they do not change the features); for a Hub id, the commit sha that huggingface_hub's cache
   resolves the revision to (the revision name when the cache cannot say);
 - eval-transform spec: `transforms.processor_spec` of the checkpoint's image processor (size, crop,
-  mean, std, rescale, interpolation), so editing preprocessor_config.json invalidates the entry;
+  effective mean and std, rescale, interpolation), so editing preprocessor_config.json (or a timm
+  checkpoint's `pretrained_cfg`) invalidates the entry;
 - dataset fingerprint: `datasets`' own `_fingerprint` of the split as `data.prepare_data` returns it,
   which changes with the files, the split seed and fractions, max_*_samples and dropped bad images.
 

@@ -17,7 +17,18 @@ def wants_channels_last(model, setting: str, device_type: str) -> bool:
     if setting == "false":
         return False
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type == "timm_wrapper":
+        return device_type == "cuda" and _timm_convnet(model)
     return device_type == "cuda" and model_type in CONVOLUTIONAL_MODEL_TYPES
+
+
+def _timm_convnet(model) -> bool:
+    """A timm model counts as convolutional when it has convolutions and no attention (timm's `attn`)."""
+    from torch import nn
+
+    names = [name for name, _ in model.named_modules()]
+    has_conv = any(isinstance(module, nn.Conv2d) for module in model.modules())
+    return has_conv and not any(part == "attn" for name in names for part in name.split("."))
 
 
 def apply_channels_last(model, training_args) -> bool:

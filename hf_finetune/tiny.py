@@ -230,12 +230,21 @@ def build_tiny_timm_checkpoint(
     sized = {"img_size": image_size} if image_size and TINY_TIMM_ARCHITECTURES.get(architecture) else {}
     torch.manual_seed(seed)
     model = timm.create_model(architecture, pretrained=False, num_classes=len(labels), **sized)
+    if image_size:
+        # What `save_for_hf` writes as the preprocessing (timm >= 1.0.23; later ones also take data_config=).
+        # pool_size is the feature grid at the old size, informational only: dropped as timm does on a resize.
+        model.pretrained_cfg = {
+            **model.pretrained_cfg,
+            "input_size": (3, image_size, image_size),
+            "pool_size": None,
+        }
     folder = Path(folder)
     save_for_hf(
         model,
         folder,
         model_config={"label_names": list(labels)},
+        # Explicit, since only later timm versions record the factory's arguments themselves.
+        model_args=sized or None,
         safe_serialization=True,
-        data_config={"input_size": (3, image_size, image_size)} if image_size else None,
     )
     return folder

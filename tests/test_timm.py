@@ -58,12 +58,12 @@ def test_fixture_has_the_hub_timm_layout(timm_checkpoint):
     assert "conv_stem.weight" in keys and "classifier.weight" in keys  # plain timm keys, no prefix
 
 
-def test_transformers_still_needs_the_num_classes_workaround(timm_checkpoint):
+def test_transformers_still_needs_the_num_classes_workaround():
     """When this fails, transformers loads timm's model_args with num_classes: drop_timm_num_classes_arg can go."""
-    from transformers import AutoConfig, TimmWrapperForImageClassification
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
 
-    config = AutoConfig.from_pretrained(timm_checkpoint)
-    assert "num_classes" in config.model_args  # what timm's save_for_hf writes
+    # What timm >= 1.0.31's save_for_hf / push_to_hf_hub write into config.json.
+    config = TimmWrapperConfig(architecture="test_efficientnet", num_labels=3, model_args={"num_classes": 3})
     with pytest.raises(TypeError, match="multiple values for keyword argument 'num_classes'"):
         TimmWrapperForImageClassification(config)
 
@@ -300,3 +300,29 @@ def test_pipeline_on_the_output_reproduces_the_test_accuracy(kind, timm_checkpoi
     card = (output_dir / "README.md").read_text()
     assert f"library_name: {kind}" in card
     assert ('timm.create_model("local-dir:' in card) == (kind == "timm")
+
+
+def test_channels_last_auto_follows_the_timm_architecture(timm_checkpoint, timm_vit):
+    from hf_finetune.performance import wants_channels_last
+
+    convnet, _ = load_model(ModelArguments(model_name_or_path=str(timm_checkpoint)), CHECKPOINT_LABELS)
+    vit, _ = load_model(ModelArguments(model_name_or_path=str(timm_vit)), CHECKPOINT_LABELS)
+    assert wants_channels_last(convnet, "auto", "cuda") and not wants_channels_last(vit, "auto", "cuda")
+    assert not wants_channels_last(convnet, "auto", "cpu")
+
+
+def test_model_card_of_a_timm_hub_checkpoint_names_it_as_base_model():
+    from hf_finetune.output import model_card_text
+
+    card = model_card_text(
+        model_name="digits",
+        base_model="timm/tf_efficientnet_lite0.in1k",
+        dataset_name=None,
+        labels=["a", "b"],
+        results={"test_accuracy": 0.5},
+        repo_id="you/digits",
+        library_name="timm",
+    )
+    assert "base_model: timm/tf_efficientnet_lite0.in1k" in card and "library_name: timm" in card
+    assert 'pipeline("image-classification", model="you/digits")' in card
+    assert 'timm.create_model("hf-hub:you/digits", pretrained=True)' in card
