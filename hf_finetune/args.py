@@ -191,12 +191,35 @@ class FinetuneTrainingArguments(TrainingArguments):
         self.channels_last = str(self.channels_last).lower()
         if self.dataloader_num_workers == 0:
             self.dataloader_persistent_workers = False  # torch refuses persistent workers without workers
+        launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if launched > 1 and not self.use_cpu and not _has_accelerator():
+            # `accelerate launch --num_processes N` (torchrun) on a machine without a GPU passes no "use the CPU"
+            # to the processes, and TrainingArguments would then make N separate single-process runs that
+            # write the same output_dir over each other. N processes were asked for, so they train together.
+            logger.info(
+                "Settings: %d processes and no GPU: use_cpu set, so that they train together.", launched
+            )
+            self.use_cpu = True
         super().__post_init__()
+        if launched > 1 and self.world_size != launched:
+            raise UserError(
+                f"{launched} processes were launched, but the training arguments see {self.world_size}: they would "
+                "run separately and write the same output_dir over each other. Launch with a config of "
+                "accelerate_configs/ matching this machine (cpu.yaml without a GPU)."
+            )
         if self.early_stopping_patience and _strategy_name(self.eval_strategy) == "no":
             raise UserError(
                 f"early_stopping_patience={self.early_stopping_patience} needs evaluations to count, but "
                 "eval_strategy is `no`. Set eval_strategy to `epoch` or `steps`, or remove early_stopping_patience."
             )
+
+
+def _has_accelerator() -> bool:
+    """A GPU (or another accelerator torch knows) on this machine."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
 def default_dataloader_workers(max_workers: int = 8) -> int:

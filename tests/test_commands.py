@@ -386,8 +386,7 @@ def test_flowers_max_steps_logging_steps_gradient_accumulation(workdir):
 @pytest.mark.slow
 def test_flowers_report_to_tensorboard(workdir):
     pytest.importorskip("tensorboard")
-    result, argv, out = flowers(workdir, "outputs/tensorboard", "--report_to", "tensorboard",
-                                "--logging_dir", "outputs/tensorboard/runs")  # fmt: skip
+    result, argv, out = flowers(workdir, "outputs/tensorboard", "--report_to", "tensorboard")
     assert assert_ends_well(result, argv, workdir) is None, result.stderr[-3000:]
     assert list((out / "runs").rglob("events.out.tfevents.*"))
 
@@ -445,6 +444,24 @@ def test_two_processes_reload_the_best_checkpoint_when_it_is_the_last(workdir, s
             "--output_dir", out]  # fmt: skip
     result = run(argv, workdir)
     assert assert_ends_well(result, argv, workdir) is None, result.stderr[-4000:]
+    # One run over two processes, not two runs writing the same folder: only the main process reports.
+    assert result.stdout.count("Flowers done") == 1, result.stdout[-3000:]
     state = trainer_state(workdir / out)
     assert state["best_model_checkpoint"].endswith(f"checkpoint-{state['global_step']}")
-    assert "Loading best" in result.stdout
+    assert re.search(r"Loading (the )?best (model|adapter) from", result.stdout)
+
+
+@pytest.mark.slow
+def test_compare_under_two_processes_keeps_a_failing_method_as_a_row_on_every_process(workdir):
+    """A method that fails (LoRA with targets the model lacks) is the same row on both processes, and the
+    comparison goes on to the next method and finishes: no process waits for another."""
+    out = "outputs/compare-two"
+    argv = [*LAUNCH_2, "recipes/compare.py", "--compare_methods", "lora", "head", "--lora_target_modules", "nope",
+            "--num_train_epochs", "1", "--output_dir", out]  # fmt: skip
+    result = run(argv, workdir, timeout=900)
+    assert_no_traceback_of_ours(result, argv)
+    assert exit_status(result, argv) == 0, result.stderr[-4000:]
+    assert_complete_output(workdir / out / "head")
+    rows = {r["method"]: r for r in json.loads((workdir / out / "comparison.json").read_text())}
+    assert rows["lora"]["status"] == "failed" and "nope" in rows["lora"]["reason"]
+    assert rows["head"]["status"] == "ok"
