@@ -555,11 +555,13 @@ def save_probe(
     training_args: FinetuneTrainingArguments,
     started: float | None = None,
     hub_token: str | None = None,
+    record: output.RunOutput | None = None,
 ) -> str:
     """Write the output directory of a fitted probe; returns the export format (see probe_export).
 
     `started` (a `time.perf_counter()` value) adds `total_seconds`, end to end, to the results. With
     `training_args.push_to_hub`, the finished folder is published with `hub_token` (or the login's token).
+    `record` (from `training.start_output`) is told what was written, before anything is published.
     """
     from hf_finetune.probe_export import (
         FORMAT_PROBE,
@@ -682,6 +684,8 @@ def save_probe(
         if split_results:
             output.write_json(output_dir / f"{prefix}_results.json", split_results)
     output.write_json(output_dir / output.ALL_RESULTS, results)
+    if record is not None:
+        record.finish()
     logger.info(
         "Probe %s: validation accuracy %.4f%s; %d backbone forward pass(es); output in %s (%s).",
         spec.name,
@@ -709,7 +713,7 @@ def run_probe(
     """Features (cached), classifier, metrics, export: a complete output directory. Returns all metrics."""
     from transformers import set_seed
 
-    from hf_finetune.training import prepare_output_dir
+    from hf_finetune.training import prepare_output_dir, start_output
 
     set_seed(training_args.seed)
     started = time.perf_counter()
@@ -718,5 +722,8 @@ def run_probe(
     # The token is only handed to the publisher: it never reaches a file or a log.
     hub_token, training_args.hub_token = training_args.hub_token, None
     result = fit_probe(model_args, data_args, probe_args, training_args, dataset=dataset)
-    save_probe(result, model_args, data_args, probe_args, training_args, started=started, hub_token=hub_token)
+    # Fitted: only now are the previous run's files replaced (a run that fails earlier leaves them as they were).
+    record = start_output(training_args)
+    save_probe(result, model_args, data_args, probe_args, training_args, started=started, hub_token=hub_token,
+               record=record)  # fmt: skip
     return result.results
