@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -640,6 +641,7 @@ def save_probe(
         label_names=labels,
         images=undecoded_images(result.data.splits[report_split], result.data.image_column),
         split=report_split,
+        locate=result.data.image_name,
     )
     output.write_json(
         output_dir / output.RUN_SUMMARY,
@@ -653,8 +655,12 @@ def save_probe(
             # Numbers the fitted classifier holds (weights, class statistics, or kNN's stored rows).
             "classifier_parameters": int(sum(a.size for a in fitted.predictor.arrays().values())),
             "validation_grid": fitted.grid,
-            "feature_cache_dir": str(result.cache_dir),
-            "feature_cache": result.cache_entries,
+            # Published with the folder: no absolute path of this machine (see README, "safety").
+            "feature_cache_dir": os.path.relpath(result.cache_dir),
+            "feature_cache": [
+                {**entry, "path": os.path.relpath(entry["path"], result.cache_dir)}
+                for entry in result.cache_entries
+            ],
             "bad_images_skipped": len(result.data.bad_images),
         },
     )

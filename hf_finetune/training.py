@@ -280,6 +280,7 @@ def run(
             images=undecoded_images(data.splits[report_split], data.image_column),
             log_history=trainer.state.log_history,
             split="test" if report_split == "test" else "validation",
+            locate=data.image_name,
         )
         output.relativize_trainer_state(output_dir)
         write_card(
