@@ -56,9 +56,8 @@ class PreparedData:
     labels: list[str]
     bad_images: list[dict[str, Any]] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
-    roots: list[str] = field(
-        default_factory=list
-    )  # the data source's folders (image folders, tables' folders)
+    # The data source's folders (image folders, the tables' folders): published files name pictures from them.
+    roots: list[str] = field(default_factory=list)
 
     def image_name(self, value: Any) -> str:
         """How a picture is named in files that can be published: its path relative to the data source (the
@@ -170,10 +169,11 @@ def _load_image_folders(folders: dict[str, str], cache_dir: str | None):
 
     scanned = {split: _scan_image_folder(split, folder) for split, folder in folders.items()}
     names = sorted({name for by_class in scanned.values() for name in by_class})
+    ids = {name: i for i, name in enumerate(names)}
     features = Features({"image": Image(), "label": ClassLabel(names=names)})
     splits = {}
     for split, by_class in scanned.items():
-        rows = sorted((path, names.index(name)) for name, paths in by_class.items() for path in paths)
+        rows = sorted((path, ids[name]) for name, paths in by_class.items() for path in paths)
         paths, labels = [p for p, _ in rows], [label for _, label in rows]
         # A generator dataset is written to the datasets cache (keyed by the file list), so that the image
         # check and its downscaled copies are cached like any on-disk dataset's.

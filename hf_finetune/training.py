@@ -198,6 +198,13 @@ def run(
     trainer, data, splits, load_report = prepare_trainer(
         model_args, data_args, training_args, strategy_args, dataset=dataset, train=train
     )
+    if not train and not load_report.kept_head:
+        from hf_finetune.errors import UserError
+
+        raise UserError(
+            f"The checkpoint `{model_args.model_name_or_path}` cannot be used as it is: its labels "
+            f"{load_report.checkpoint_labels[:10]} are not the data's {data.labels[:10]}. Train it instead."
+        )
     record = start_output(training_args)
     # overwrite_output_dir starts from scratch: never resume from a checkpoint left in the folder.
     resume = training_args.resume_from_checkpoint or (
@@ -230,13 +237,6 @@ def run(
         train_result = trainer.train(resume_from_checkpoint=resume)
         metrics = {**train_result.metrics, "train_samples": len(splits["train"])}
     else:
-        if not load_report.kept_head:
-            from hf_finetune.errors import UserError
-
-            raise UserError(
-                f"The checkpoint `{model_args.model_name_or_path}` cannot be used as it is: its labels "
-                f"{load_report.checkpoint_labels[:10]} are not the data's {data.labels[:10]}. Train it instead."
-            )
         metrics = {}
     if trainer.is_world_process_zero():
         # Again after training: the optimizer's real groups and, for gradual, the schedule as it happened.
