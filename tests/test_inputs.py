@@ -53,7 +53,7 @@ def test_a_failing_overwrite_leaves_a_users_folder_exactly_as_it_was(tmp_path, s
 
 
 def test_a_failing_overwrite_leaves_a_finished_run_exactly_as_it_was(
-    tmp_path, small_digits_folder, tiny_vit, capsys
+    tmp_path, small_digits_folder, tiny_vit, caplog
 ):
     out = tmp_path / "run"
     run_training(quick_argv(tiny_vit, out, "--train_dir", small_digits_folder))
@@ -72,10 +72,11 @@ def test_a_failing_overwrite_leaves_a_finished_run_exactly_as_it_was(
 
     # A run that starts replaces what the previous run wrote, says so, and keeps the user's own file.
     (out / "my_notes.txt").write_text("keep me\n")
-    capsys.readouterr()
-    run_training(quick_argv(tiny_vit, out, "--train_dir", small_digits_folder, "--overwrite_output_dir", "true",
-                            "--seed", "5"))  # fmt: skip
-    log = capsys.readouterr().out  # the run's own log handler writes to stdout
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hf_finetune"):
+        run_training(quick_argv(tiny_vit, out, "--train_dir", small_digits_folder, "--overwrite_output_dir",
+                                "true", "--seed", "5"))  # fmt: skip
+    log = caplog.text
     assert "replaced the previous run" in log and "checkpoint-1, config.json" in log
     assert (out / "my_notes.txt").read_text() == "keep me\n"
     assert "Resuming from" not in log  # the old run's checkpoint was removed, not resumed from
@@ -220,15 +221,16 @@ def test_pictures_directly_in_train_dir_are_named(tmp_path):
         prepare_data(DataArguments(train_dir=str(train)), seed=0)
 
 
-def test_an_output_dir_inside_train_dir_is_not_trained_on(tmp_path, tiny_vit, capsys):
+def test_an_output_dir_inside_train_dir_is_not_trained_on(tmp_path, tiny_vit, caplog):
     train = nested_folder(tmp_path / "train")
     out = train / "out"
-    for rerun in ("false", "true"):
-        run_training(quick_argv(tiny_vit, out, "--train_dir", train, "--overwrite_output_dir", rerun))
+    with caplog.at_level(logging.INFO, logger="hf_finetune"):
+        for rerun in ("false", "true"):
+            run_training(quick_argv(tiny_vit, out, "--train_dir", train, "--overwrite_output_dir", rerun))
     splits = json.loads((out / "data_splits.json").read_text())
     assert splits["labels"] == ["brick", "grass"]  # not a third class `out` of report pictures
     assert sum(s["size"] for s in splits["splits"].values()) == 12
-    assert "train_dir: not used as data: out (output folder(s) of hf-finetune" in capsys.readouterr().out
+    assert "train_dir: not used as data: out (output folder(s) of hf-finetune" in caplog.text
 
 
 # --------------------------------------------------------------------------------------------------------
