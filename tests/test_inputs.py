@@ -86,6 +86,30 @@ def test_a_failing_overwrite_leaves_a_finished_run_exactly_as_it_was(
     assert "my_notes.txt" not in json.loads((out / ".hf_finetune_manifest.json").read_text())["entries"]
 
 
+def test_the_probe_replaces_its_previous_run_only_once_it_starts(
+    tmp_path, small_digits_folder, tiny_vit, caplog
+):
+    from hf_finetune.probe import parse_probe_args, run_probe
+
+    out = tmp_path / "probe"
+
+    def probe(train_dir, *extra):
+        argv = ["--model_name_or_path", str(tiny_vit), "--output_dir", str(out), "--train_dir", str(train_dir),
+                "--feature_cache_dir", str(tmp_path / "features"), "--use_cpu", "true",
+                "--dataloader_num_workers", "0", *extra]  # fmt: skip
+        return run_probe(*parse_probe_args(argv))
+
+    probe(small_digits_folder)
+    before = checksums(out)
+    with pytest.raises(UserError, match="no_such_pictures"):
+        probe(tmp_path / "no_such_pictures", "--overwrite_output_dir", "true")
+    assert checksums(out) == before
+    with caplog.at_level(logging.WARNING, logger="hf_finetune.output"):
+        probe(small_digits_folder, "--overwrite_output_dir", "true", "--classifier", "knn")
+    assert "replaced the previous run" in caplog.text and "all_results.json" in caplog.text
+    assert json.loads((out / "run_summary.json").read_text())["classifier"] == "knn"
+
+
 # --------------------------------------------------------------------------------------------------------
 # 8. every setting's type is checked while parsing; 9. a key given twice is an error
 # --------------------------------------------------------------------------------------------------------
