@@ -107,7 +107,8 @@ class RunOutput:
 
         if manifest is None:
             return []
-        patterns = [p for p in manifest.get("patterns", []) if isinstance(p, str)]
+        # Only the patterns this version writes: a manifest edited by hand can never widen what is removed.
+        patterns = [p for p in manifest.get("patterns", []) if p in RUN_PATTERNS]
         names = {
             n for n in manifest["entries"] if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")
         }
