@@ -11,6 +11,7 @@ import difflib
 import enum
 import logging
 import os
+import types
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -280,6 +281,28 @@ def _unknown_key_error(key: str, known: list[str], where: str) -> UserError:
     )
 
 
+def _yaml_loader():
+    """`yaml.SafeLoader` that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            self.flatten_mapping(node)
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, (str, int, float, bool)) and key in lines:
+                    raise UserError(
+                        f"Setting `{key}` is given twice in config file {key_node.start_mark.name}, on line "
+                        f"{lines[key]} and on line {line}; only one value can apply. Keep one of them."
+                    )
+                lines.setdefault(key, line)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
     import yaml
 
@@ -287,7 +310,8 @@ def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"Config file {path} does not exist. Pass --config with the path of a recipe YAML.")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        with path.open(encoding="utf-8") as handle:
+            values = yaml.load(handle, Loader=_yaml_loader()) or {}
     except yaml.YAMLError as err:
         raise UserError(
             f"Config file {path} is not valid YAML ({err}). Fix the file and run again."
@@ -297,6 +321,157 @@ def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
             f"Config file {path} must be a mapping of setting: value, not {type(values).__name__}."
         )
     return values
+
+
+# --------------------------------------------------------------------------------------------------------
+# Types of settings: checked from the dataclass annotations while parsing, before any work
+# --------------------------------------------------------------------------------------------------------
+class _Mismatch(ValueError):
+    pass
+
+
+def _type_name(hint) -> str:
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None):
+        return "null"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_type_name(a) for a in args))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (list, tuple):
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return "one of " + ", ".join(repr(e.value) for e in hint)
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a text", dict: "a mapping"}
+    return names.get(origin or hint, getattr(hint, "__name__", str(hint)))
+
+
+def _coerce(value, hint):
+    """`value` (from YAML, or a string from the command line) as the annotated type; `_Mismatch` when it is not."""
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is typing.Any:
+        return value
+    if hint is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if origin in (typing.Union, types.UnionType):
+        # The value's own type first (a number stays a number in `float | str`), then conversions.
+        for arg in sorted(args, key=lambda a: not (isinstance(a, type) and type(value) is a)):
+            try:
+                return _coerce(value, arg)
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise _Mismatch
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        return [_coerce(v, args[0]) for v in value] if args and args[0] is not Ellipsis else list(value)
+    if origin is dict or hint is dict:
+        if isinstance(value, dict):
+            return value
+        raise _Mismatch
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise _Mismatch
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+        raise _Mismatch
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _Mismatch
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # e.g. a revision or config name of digits
+        raise _Mismatch
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        if isinstance(value, hint) or value in {e.value for e in hint}:
+            return value
+        raise _Mismatch
+    return value  # another class (e.g. accelerate's ParallelismConfig): its own validation applies
+
+
+def _setting_hints(dataclass_types) -> dict[str, tuple[Any, Any, tuple]]:
+    """name -> (annotated type, default, choices) for every init field."""
+    import typing
+
+    hints = {}
+    for dtype in dataclass_types:
+        try:
+            annotations = typing.get_type_hints(dtype)
+        except Exception:  # an annotation that cannot be resolved is left to the dataclass itself
+            annotations = {}
+        for f in fields(dtype):
+            if f.init and f.name in annotations:
+                default = f.default if f.default is not MISSING else None
+                hints[f.name] = (annotations[f.name], default, tuple(f.metadata.get("choices", ())))
+    return hints
+
+
+def check_setting(name: str, value, hints, where: str):
+    """`value` converted to the type of setting `name`, or a `UserError` naming key, value and expected type."""
+    if name not in hints:
+        return value
+    hint, default, choices = hints[name]
+    try:
+        if value is None and default is None:
+            return None  # unset is what the default means
+        converted = _coerce(value, hint)
+        if choices and converted not in choices:
+            raise _Mismatch
+    except _Mismatch:
+        expected = "one of " + ", ".join(map(repr, choices)) if choices else _type_name(hint)
+        shown = "null (no value)" if value is None else repr(value)
+        if value is not None and not isinstance(value, str):
+            shown += f" (a {type(value).__name__})"
+        raise UserError(
+            f"Setting `{name}` {where} is {shown}, but it must be {expected}"
+            + (f" (default: {_plain(default)!r})" if default is not None else "")
+            + f". Fix the value, or remove `{name}` to use the default."
+        ) from None
+    return converted
+
+
+def _command_line_error(message: str, argv, hints) -> UserError:
+    """argparse's one-line complaint about a flag's value, as the same message a YAML value gets."""
+    import re
+
+    match = re.match(r"argument --([\w.-]+)", message)
+    if match and match.group(1) in hints:
+        name = match.group(1)
+        argv = list(argv or [])
+        values = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == f"--{name}"]
+        values += [a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")]
+        value = values[-1] if values else None
+        try:
+            check_setting(name, value, hints, "on the command line")
+        except UserError as err:
+            return err
+    return UserError(
+        f"Invalid command line: {message}. Run with --help to list the settings and their values."
+    )
 
 
 def config_path(argv: list[str] | None, default_config: str | os.PathLike | None = None) -> str | None:
@@ -413,6 +588,12 @@ def parse_args(
         and (action := parser._option_string_actions.get(arg.split("=")[0])) is not None
     }
     user = set(flags)
+    hints = _setting_hints(dataclass_types)
+
+    def error(message):  # argparse would print its usage and exit; one paragraph instead
+        raise _command_line_error(message, argv, hints)
+
+    parser.error = error
 
     defaults = {k: v for k, v in VISION_TRAINING_DEFAULTS.items() if k in known}
     if config:
@@ -420,7 +601,8 @@ def parse_args(
         for key in values:
             if key not in known:
                 raise _unknown_key_error(key, list(known), f"config file {config}")
-        defaults.update(values)
+        where = f"in config file {config}"
+        defaults.update({key: check_setting(key, value, hints, where) for key, value in values.items()})
         user |= set(values)
         # A data source given on the command line replaces the YAML's, so that a Hub recipe runs on local files
         # with just `--train_dir ... --test_dir ...`.

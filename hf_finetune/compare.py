@@ -223,7 +223,10 @@ def compare(model_args, data_args, strategy_args, probe_args, compare_args, trai
     from hf_finetune.modeling import checkpoint_labels, load_config
 
     root = Path(training_args.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    # Nothing is created or removed up front; each method's run replaces only its own folder's previous files,
+    # and the root's manifest records what the comparison wrote.
+    record = output.RunOutput(root)
+    record.snapshot()
     first = dataclasses.replace(
         model_args, model_name_or_path=model_args.model_name_or_path.split(",")[0].strip()
     )
@@ -279,6 +282,7 @@ def compare(model_args, data_args, strategy_args, probe_args, compare_args, trai
         rows.append(row)
     if training_args.process_index == 0:
         write_comparison(root, rows)
+        record.finish()
     return rows
 
 

@@ -75,6 +75,17 @@ def check_hub_repo(
     """
     if os.path.exists(repo_id):
         return
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:  # e.g. `./no_such_model`: a path, and no Hub id can look like it
+        kind = "checkpoint" if repo_type == "model" else "dataset"
+        raise UserError(
+            f"{setting}={repo_id} does not exist: there is no such local folder, and it is not a Hub id "
+            f"(user/name) either. Check the path, or {local_hint}"
+        ) from None
     if repo_type == "model" and model_is_cached(repo_id, revision, cache_dir):
         return
     if repo_type == "dataset" and dataset_is_cached(repo_id, config_name, cache_dir):
