@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import enum
+import logging
 import os
+import types
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,8 @@ from typing import Any
 from transformers import TrainingArguments
 
 from hf_finetune.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 VALIDATION_SPLIT_NAMES = ("validation", "valid", "val", "dev")
 
@@ -188,7 +192,46 @@ class FinetuneTrainingArguments(TrainingArguments):
         self.channels_last = str(self.channels_last).lower()
         if self.dataloader_num_workers == 0:
             self.dataloader_persistent_workers = False  # torch refuses persistent workers without workers
+        launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if launched > 1 and not self.use_cpu and not _has_accelerator():
+            # `accelerate launch --num_processes N` (torchrun) on a machine without a GPU passes no "use the CPU"
+            # to the processes, and TrainingArguments would then make N separate single-process runs that
+            # write the same output_dir over each other. N processes were asked for, so they train together.
+            logger.info(
+                "Settings: %d processes and no GPU: use_cpu set, so that they train together.", launched
+            )
+            self.use_cpu = True
         super().__post_init__()
+        if launched > 1 and self.world_size != launched:
+            raise UserError(
+                f"{launched} processes were launched, but the training arguments see {self.world_size}: they would "
+                "run separately and write the same output_dir over each other. Launch with a config of "
+                "accelerate_configs/ matching this machine (cpu.yaml without a GPU)."
+            )
+        if self.early_stopping_patience and _strategy_name(self.eval_strategy) == "no":
+            raise UserError(
+                f"early_stopping_patience={self.early_stopping_patience} needs evaluations to count, but "
+                "eval_strategy is `no`. Set eval_strategy to `epoch` or `steps`, or remove early_stopping_patience."
+            )
+
+
+def _has_accelerator() -> bool:
+    """A GPU (or another accelerator torch knows) on this machine."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
+def default_dataloader_workers(max_workers: int = 8) -> int:
+    """Dataloader workers for one process: the cores left after one per process, shared among the processes
+    this machine runs (`LOCAL_WORLD_SIZE`, set by `accelerate launch` / torchrun), at most `max_workers`.
+
+    8 GPUs on 16 cores get 1 worker each, not 8 x 8 workers fighting over 16 cores.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return min(max_workers, max(0, (cores - local_processes) // local_processes))
 
 
 # Vision-appropriate defaults for TrainingArguments fields. They sit under the YAML and the CLI, so any of
@@ -204,10 +247,11 @@ VISION_TRAINING_DEFAULTS: dict[str, Any] = {
     "greater_is_better": True,
     "save_total_limit": 2,
     "report_to": "none",
-    # Decoding and augmenting pictures is CPU work that must keep up with the accelerator: one worker per
-    # spare core (up to 8), kept alive between epochs so they are not re-forked (and re-import) every epoch.
-    "dataloader_num_workers": min(8, max(0, (os.cpu_count() or 1) - 1)),
-    "dataloader_persistent_workers": (os.cpu_count() or 1) > 1,
+    # Decoding and augmenting pictures is CPU work that must keep up with the accelerator: this process's
+    # share of the spare cores (see default_dataloader_workers), kept alive between epochs so they are not
+    # re-forked (and re-import) every epoch.
+    "dataloader_num_workers": default_dataloader_workers(),
+    "dataloader_persistent_workers": default_dataloader_workers() > 0,
     # Evaluation keeps no activations for a backward pass, so it affords much larger batches than training.
     "per_device_eval_batch_size": 64,
     "output_dir": "outputs/run",
@@ -237,6 +281,28 @@ def _unknown_key_error(key: str, known: list[str], where: str) -> UserError:
     )
 
 
+def _yaml_loader():
+    """`yaml.SafeLoader` that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            self.flatten_mapping(node)
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, (str, int, float, bool)) and key in lines:
+                    raise UserError(
+                        f"Setting `{key}` is given twice in config file {key_node.start_mark.name}, on line "
+                        f"{lines[key]} and on line {line}; only one value can apply. Keep one of them."
+                    )
+                lines.setdefault(key, line)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
     import yaml
 
@@ -244,7 +310,8 @@ def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"Config file {path} does not exist. Pass --config with the path of a recipe YAML.")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        with path.open(encoding="utf-8") as handle:
+            values = yaml.load(handle, Loader=_yaml_loader()) or {}
     except yaml.YAMLError as err:
         raise UserError(
             f"Config file {path} is not valid YAML ({err}). Fix the file and run again."
@@ -256,44 +323,314 @@ def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
     return values
 
 
-def parse_args(dataclass_types, argv: list[str] | None = None, prog: str | None = None):
+# --------------------------------------------------------------------------------------------------------
+# Types of settings: checked from the dataclass annotations while parsing, before any work
+# --------------------------------------------------------------------------------------------------------
+class _Mismatch(ValueError):
+    pass
+
+
+def _type_name(hint) -> str:
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None):
+        return "null"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_type_name(a) for a in args))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (list, tuple):
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return "one of " + ", ".join(repr(e.value) for e in hint)
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a text", dict: "a mapping"}
+    return names.get(origin or hint, getattr(hint, "__name__", str(hint)))
+
+
+def _coerce(value, hint):
+    """`value` (from YAML, or a string from the command line) as the annotated type; `_Mismatch` when it is not."""
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is typing.Any:
+        return value
+    if hint is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if origin in (typing.Union, types.UnionType):
+        # The value's own type first (a number stays a number in `float | str`), then conversions.
+        for arg in sorted(args, key=lambda a: not (isinstance(a, type) and type(value) is a)):
+            try:
+                return _coerce(value, arg)
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise _Mismatch
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        return [_coerce(v, args[0]) for v in value] if args and args[0] is not Ellipsis else list(value)
+    if origin is dict or hint is dict:
+        if isinstance(value, dict):
+            return value
+        raise _Mismatch
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise _Mismatch
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+        raise _Mismatch
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _Mismatch
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # e.g. a revision or config name of digits
+        raise _Mismatch
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        if isinstance(value, hint) or value in {e.value for e in hint}:
+            return value
+        raise _Mismatch
+    return value  # another class (e.g. accelerate's ParallelismConfig): its own validation applies
+
+
+def _setting_hints(dataclass_types) -> dict[str, tuple[Any, Any, tuple]]:
+    """name -> (annotated type, default, choices) for every init field."""
+    import typing
+
+    hints = {}
+    for dtype in dataclass_types:
+        try:
+            annotations = typing.get_type_hints(dtype)
+        except Exception:  # an annotation that cannot be resolved is left to the dataclass itself
+            annotations = {}
+        for f in fields(dtype):
+            if f.init and f.name in annotations:
+                default = f.default if f.default is not MISSING else None
+                hints[f.name] = (annotations[f.name], default, tuple(f.metadata.get("choices", ())))
+    return hints
+
+
+def check_setting(name: str, value, hints, where: str):
+    """`value` converted to the type of setting `name`, or a `UserError` naming key, value and expected type."""
+    if name not in hints:
+        return value
+    hint, default, choices = hints[name]
+    try:
+        if value is None and default is None:
+            return None  # unset is what the default means
+        converted = _coerce(value, hint)
+        if choices and converted not in choices:
+            raise _Mismatch
+    except _Mismatch:
+        expected = "one of " + ", ".join(map(repr, choices)) if choices else _type_name(hint)
+        shown = "null (no value)" if value is None else repr(value)
+        if value is not None and not isinstance(value, str):
+            shown += f" (a {type(value).__name__})"
+        raise UserError(
+            f"Setting `{name}` {where} is {shown}, but it must be {expected}"
+            + (f" (default: {_plain(default)!r})" if default is not None else "")
+            + f". Fix the value, or remove `{name}` to use the default."
+        ) from None
+    return converted
+
+
+def _command_line_error(message: str, argv, hints) -> UserError:
+    """argparse's one-line complaint about a flag's value, as the same message a YAML value gets."""
+    import re
+
+    match = re.match(r"argument --([\w.-]+)", message)
+    if match and match.group(1) in hints:
+        name = match.group(1)
+        argv = list(argv or [])
+        values = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == f"--{name}"]
+        values += [a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")]
+        value = values[-1] if values else None
+        try:
+            check_setting(name, value, hints, "on the command line")
+        except UserError as err:
+            return err
+    return UserError(
+        f"Invalid command line: {message}. Run with --help to list the settings and their values."
+    )
+
+
+def config_path(argv: list[str] | None, default_config: str | os.PathLike | None = None) -> str | None:
+    """The YAML a command line reads: its `--config`, else `default_config` (a recipe's own YAML)."""
+    config_only = argparse.ArgumentParser(add_help=False)
+    config_only.add_argument("--config", default=None)
+    pre, _ = config_only.parse_known_args(argv)
+    chosen = pre.config or default_config
+    return str(chosen) if chosen is not None else None
+
+
+def requested_setting(argv: list[str] | None, key: str, default_config: str | os.PathLike | None = None):
+    """One setting as a command line asks for it (its flag first, then the YAML), without full parsing."""
+    argv = list(argv or [])
+    for i, arg in enumerate(argv):
+        if arg == f"--{key}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(f"--{key}="):
+            return arg.split("=", 1)[1]
+    config = config_path(argv, default_config)
+    return load_yaml_config(config).get(key) if config else None
+
+
+def _strategy_name(value) -> str:
+    return str(getattr(value, "value", value)).lower()
+
+
+def _defaults_giving_way(current: dict[str, Any], user: set[str]) -> tuple[dict[str, Any], list[str]]:
+    """The project defaults (VISION_TRAINING_DEFAULTS) that contradict a setting the user made, changed to fit
+    it, with the reason for each. `current`: every value as parsed; `user`: the keys set in the YAML or on the
+    command line. What the user set is never changed; a contradiction between two of their own settings is
+    left to TrainingArguments to report."""
+    changes: dict[str, Any] = {}
+    notes: list[str] = []
+
+    def value(key):
+        return changes.get(key, current.get(key))
+
+    def give_way(key, new, why):
+        if key in user:
+            return
+        kind = "project default" if key in VISION_TRAINING_DEFAULTS else "default"
+        notes.append(f"{kind} {key}={value(key)!r} changed to {new!r}: {why}")
+        changes[key] = new
+
+    # A step count for a schedule means that schedule runs by steps.
+    for kind in ("eval", "save", "logging"):
+        if f"{kind}_steps" in user:
+            give_way(f"{kind}_strategy", "steps", f"you set {kind}_steps={current[f'{kind}_steps']}")
+    # The best-model reload needs checkpoints saved when evaluations happen: the schedule the user gave for one
+    # is taken for the other.
+    chose_eval = "eval_strategy" in user or "eval_strategy" in changes
+    chose_save = "save_strategy" in user or "save_strategy" in changes
+    if chose_eval and not chose_save and _strategy_name(value("eval_strategy")) != "no":
+        give_way(
+            "save_strategy", _strategy_name(value("eval_strategy")), "saving follows your evaluation schedule"
+        )
+        if _strategy_name(value("eval_strategy")) == "steps" and "eval_steps" in user:
+            give_way("save_steps", current["eval_steps"], "saving follows your evaluation schedule")
+    elif chose_save and not chose_eval and _strategy_name(value("save_strategy")) in ("steps", "epoch"):
+        give_way(
+            "eval_strategy", _strategy_name(value("save_strategy")), "evaluation follows your saving schedule"
+        )
+        if _strategy_name(value("save_strategy")) == "steps" and "save_steps" in user:
+            give_way("eval_steps", current["save_steps"], "evaluation follows your saving schedule")
+
+    if value("load_best_model_at_end"):
+        evaluation, saving = _strategy_name(value("eval_strategy")), _strategy_name(value("save_strategy"))
+        eval_steps = value("eval_steps") or value("logging_steps")
+        why = None
+        if saving == "no":
+            why = "save_strategy=no saves no checkpoint to reload the best model from"
+        elif evaluation == "no":
+            why = "eval_strategy=no evaluates nothing to choose the best checkpoint by"
+        elif saving != "best" and evaluation != saving:
+            why = f"eval_strategy={evaluation} and save_strategy={saving} do not save at the evaluations"
+        elif saving == "steps" and eval_steps and value("save_steps") % eval_steps:
+            why = f"save_steps={value('save_steps')} is not a multiple of eval_steps={eval_steps}"
+        if why:
+            give_way("load_best_model_at_end", False, why + " (the final weights are kept)")
+    return changes, notes
+
+
+def parse_args(
+    dataclass_types,
+    argv: list[str] | None = None,
+    prog: str | None = None,
+    default_config: str | os.PathLike | None = None,
+):
     """Parse `--config FILE.yaml` plus CLI flags into one instance of each dataclass type.
 
     Precedence, lowest first: dataclass defaults, `VISION_TRAINING_DEFAULTS`, the YAML file, CLI flags.
+    `default_config` is the YAML read when there is no `--config` (a recipe's own YAML, beside its script);
+    `--config` replaces it. A project default that contradicts a setting from the YAML or the command line
+    gives way to it (e.g. `save_strategy: no` turns the best-model reload off), and the log says so.
     """
     from transformers import HfArgumentParser
 
     dataclass_types = list(dataclass_types)
     known = _field_names(dataclass_types)
     parser = HfArgumentParser(dataclass_types, prog=prog)
-    parser.add_argument("--config", default=None, help="YAML file whose keys are any of the settings below.")
-    config_only = argparse.ArgumentParser(add_help=False)
-    config_only.add_argument("--config", default=None)
-    pre, _ = config_only.parse_known_args(argv)
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="YAML file whose keys are any of the settings below"
+        + (f" (default: {_portable_path(str(default_config))})." if default_config else "."),
+    )
+    config = config_path(argv, default_config)
+    # What the user set on the command line: the destination of every flag given (`--no_x` included).
+    flags = {
+        action.dest
+        for arg in (argv or [])
+        if arg.startswith("--")
+        and (action := parser._option_string_actions.get(arg.split("=")[0])) is not None
+    }
+    user = set(flags)
+    hints = _setting_hints(dataclass_types)
+
+    def error(message):  # argparse would print its usage and exit; one paragraph instead
+        raise _command_line_error(message, argv, hints)
+
+    parser.error = error
 
     defaults = {k: v for k, v in VISION_TRAINING_DEFAULTS.items() if k in known}
-    if pre.config:
-        values = load_yaml_config(pre.config)
+    if config:
+        values = load_yaml_config(config)
         for key in values:
             if key not in known:
-                raise _unknown_key_error(key, list(known), f"config file {pre.config}")
-        defaults.update(values)
+                raise _unknown_key_error(key, list(known), f"config file {config}")
+        where = f"in config file {config}"
+        defaults.update({key: check_setting(key, value, hints, where) for key, value in values.items()})
+        user |= set(values)
         # A data source given on the command line replaces the YAML's, so that a Hub recipe runs on local files
         # with just `--train_dir ... --test_dir ...`.
-        flags = {arg.split("=")[0].lstrip("-") for arg in (argv or []) if arg.startswith("--")}
         if flags & set(DATA_SOURCE_KEYS):
             for group in DATA_SOURCE_KEYS.values():
                 if not flags & set(group):
                     for key in group:
                         defaults.pop(key, None)
     parser.set_defaults(**defaults)
+    if any(issubclass(t, TrainingArguments) for t in dataclass_types):
+        current, _ = parser.parse_known_args(argv)
+        changes, notes = _defaults_giving_way(vars(current), user)
+        parser.set_defaults(**changes)
+        for note in notes:
+            logger.info("Settings: %s.", note)
 
     try:
         *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as err:
         # TrainingArguments validates in __post_init__ (e.g. bf16 without a GPU); say which file to change.
-        source = f" (from {pre.config} or the command line)" if pre.config else ""
-        raise UserError(f"Invalid settings{source}: {err}") from None
+        source = f" (from {config} or the command line)" if config else ""
+        hint = ""
+        if "bf16" in str(err) or "fp16" in str(err):
+            hint = (
+                " Mixed precision needs a GPU that supports it (bf16: Ampere or newer; fp16: any CUDA GPU). On this "
+                "machine pass --bf16 false --fp16 false, or --use_cpu true to run bf16 on the CPU."
+            )
+        raise UserError(f"Invalid settings{source}: {' '.join(str(err).split())}{hint}") from None
     # The `--config` flag itself comes back as an extra argparse Namespace after the dataclasses.
     parsed = parsed[: len(dataclass_types)]
     if remaining:

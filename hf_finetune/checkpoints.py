@@ -10,6 +10,10 @@ Two problems with the Trainer's own handling:
   applies the mapping, and `strict=True` makes any other mismatch an error instead of a warning.
   A PEFT model (strategy `lora`) checkpoints its adapter; it is reloaded with peft and then checked tensor by
   tensor, since peft does not report head (`modules_to_save`) tensors that fail to load.
+- Under several processes, each writes its own part of a checkpoint (the main process the weights, every
+  process its RNG state) and then goes on. Every read here (resume, best-model reload, adapter reload) first
+  waits for every process, so no process reads a checkpoint another is still writing; the marker is written
+  only once every process has finished its part.
 """
 
 from __future__ import annotations
@@ -53,11 +57,21 @@ class CompleteCheckpointCallback(TrainerCallback):
     """Writes the completeness marker into each checkpoint once the Trainer has finished saving it."""
 
     def on_save(self, args, state, control, **kwargs):
+        wait_for_every_process()  # each process has written its part (RNG state) of the checkpoint
         if state.is_world_process_zero:
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if path.is_dir():
                 (path / COMPLETE_MARKER).write_text(f"{state.global_step}\n")
         return control
+
+
+def wait_for_every_process() -> None:
+    """A barrier across the processes of a launch (nothing with one process)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.num_processes > 1:
+        state.wait_for_everyone()
 
 
 def load_weights_from_checkpoint(model, checkpoint_dir: str) -> None:
@@ -95,6 +109,7 @@ class CheckpointLoadingMixin:
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         from hf_finetune.lora import load_adapter_checkpoint
 
+        wait_for_every_process()
         target = model if model is not None else self.model
         if self._loads_adapter(target, resume_from_checkpoint):
             load_adapter_checkpoint(target, resume_from_checkpoint)
@@ -109,6 +124,7 @@ class CheckpointLoadingMixin:
     def _load_best_model(self):
         from hf_finetune.lora import load_adapter_checkpoint
 
+        wait_for_every_process()  # the best checkpoint may be the one just written
         best = self.state.best_model_checkpoint
         if best is not None and self._loads_adapter(self.model, best):
             logger.info("Loading the best adapter from %s (score: %s).", best, self.state.best_metric)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import sys
 import textwrap
+from pathlib import Path
 
 USAGE = """\
 usage: hf-finetune <command> [--config FILE.yaml] [--setting value ...]
@@ -24,61 +27,95 @@ Run `hf-finetune train --help` for every setting. Multi-GPU / multi-node runs:
 """
 
 
+LOG_FORMAT = "%(asctime)s - %(levelname)s - %(name)s - %(message)s"
+
+
+def is_main_process() -> bool:
+    """Whether this is the first process of a launch (`accelerate launch` / torchrun set RANK), or the only one."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
+
+
+def configure_logging(stream=None) -> None:
+    """The command-line layer's logging: the package's own logger gets one handler, at INFO on the main
+    process (splits, re-initialised tensors, strategy, resume: what a user reads to check a run) and WARNING on
+    the others, so that N processes do not print everything N times. The root logger and any handler a
+    notebook or an application set up are left alone; the library itself never configures logging."""
+    package = logging.getLogger("hf_finetune")
+    for old in [h for h in package.handlers if getattr(h, "hf_finetune_cli", False)]:
+        package.removeHandler(old)  # a second command in the same interpreter: today's sys.stdout, once
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.hf_finetune_cli = True
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+    package.addHandler(handler)
+    package.setLevel(logging.INFO if is_main_process() else logging.WARNING)
+
+
 def report_user_errors(function):
-    """Print a `UserError` as one paragraph on stderr and exit with status 2, instead of a traceback."""
+    """A command-line entry point: configures logging, and prints a `UserError` as one paragraph on stderr
+    (once, by the main process, however many processes were launched) and exits with status 2 on every
+    process, instead of a traceback."""
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         from hf_finetune.errors import UserError
 
+        configure_logging()
         try:
             return function(*args, **kwargs)
         except UserError as err:
-            sys.stderr.write(
-                "\n"
-                + textwrap.fill(f"error: {err}", width=100, break_long_words=False, break_on_hyphens=False)
-                + "\n"
-            )
+            if is_main_process():
+                sys.stderr.write(
+                    "\n"
+                    + textwrap.fill(
+                        f"error: {err}", width=100, break_long_words=False, break_on_hyphens=False
+                    )
+                    + "\n"
+                )
             raise SystemExit(2) from None
 
     return wrapper
 
 
-def parse_train_args(argv: list[str] | None = None, prog: str = "hf-finetune train"):
-    """(model_args, data_args, strategy_args, training_args) from `--config` + flags."""
-    from hf_finetune.args import DataArguments, FinetuneTrainingArguments, ModelArguments, parse_args
+def recipe_config(script: str | os.PathLike) -> str:
+    """A recipe's own YAML: `recipes/<name>.yaml` beside `recipes/<name>.py`, wherever it is run from."""
+    return str(Path(script).resolve().with_suffix(".yaml"))
+
+
+def parse_train_args(
+    argv: list[str] | None = None, prog: str = "hf-finetune train", default_config: str | None = None
+):
+    """(model_args, data_args, strategy_args, training_args) from `--config` (else `default_config`) + flags.
+
+    The one strategy switch of every training entry point: with `strategy: probe` the third item holds the
+    probe's settings (`ProbeRunArguments`: classifier, feature cache, ...), which `training.run` routes to the
+    frozen-feature path.
+    """
+    from hf_finetune.args import (
+        DataArguments,
+        FinetuneTrainingArguments,
+        ModelArguments,
+        parse_args,
+        requested_setting,
+    )
+
+    if requested_setting(argv, "strategy", default_config) == "probe":
+        from hf_finetune.probe import parse_probe_args
+
+        return parse_probe_args(argv, prog, default_config=default_config)
     from hf_finetune.strategies import StrategyArguments
 
     return parse_args(
-        (ModelArguments, DataArguments, StrategyArguments, FinetuneTrainingArguments), argv, prog=prog
+        (ModelArguments, DataArguments, StrategyArguments, FinetuneTrainingArguments),
+        argv,
+        prog=prog,
+        default_config=default_config,
     )
-
-
-def requested_strategy(argv: list[str]) -> str | None:
-    """The `strategy` a command line asks for (flag first, then its `--config` YAML), without full parsing."""
-    from hf_finetune.args import load_yaml_config
-
-    for i, arg in enumerate(argv):
-        if arg == "--strategy" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--strategy="):
-            return arg.split("=", 1)[1]
-    for i, arg in enumerate(argv):
-        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None
-        path = arg.split("=", 1)[1] if arg.startswith("--config=") else path
-        if path:
-            return load_yaml_config(path).get("strategy")
-    return None
 
 
 @report_user_errors
 def train(argv: list[str] | None = None, prog: str = "hf-finetune train"):
     from hf_finetune.training import run
 
-    argv = list(argv or [])
-    if requested_strategy(argv) == "probe":
-        # The frozen-feature path: features computed once and cached, a classic classifier fitted on them.
-        return probe.__wrapped__(argv, prog)
     model_args, data_args, strategy_args, training_args = parse_train_args(argv, prog)
     return run(model_args, data_args, training_args, strategy_args=strategy_args)
 

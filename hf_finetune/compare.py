@@ -94,14 +94,17 @@ class CompareArguments:
                 )
 
 
-def parse_compare_args(argv: list[str] | None = None, prog: str = "hf-finetune compare"):
-    """(model, data, strategy, probe, compare, training) arguments from `--config` + flags."""
+def parse_compare_args(
+    argv: list[str] | None = None, prog: str = "hf-finetune compare", default_config: str | None = None
+):
+    """(model, data, strategy, probe, compare, training) arguments from `--config` (else `default_config`)
+    + flags."""
     from hf_finetune.args import DataArguments, FinetuneTrainingArguments, ModelArguments, parse_args
     from hf_finetune.probe import ProbeArguments
     from hf_finetune.strategies import StrategyArguments
 
     types = (ModelArguments, DataArguments, StrategyArguments, ProbeArguments, CompareArguments)
-    return parse_args((*types, FinetuneTrainingArguments), argv, prog=prog)
+    return parse_args((*types, FinetuneTrainingArguments), argv, prog=prog, default_config=default_config)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -206,14 +209,24 @@ def run_method(method: Method, args: tuple, out: Path, dataset=None) -> dict[str
     )
 
 
+def _first_failure(failure: str | None, training_args) -> str | None:
+    """The failure of the lowest-ranked process that had one (None when all succeeded), on every process."""
+    if training_args.world_size <= 1:
+        return failure
+    from accelerate.utils import gather_object
+
+    return next((f for f in gather_object([failure]) if f is not None), None)
+
+
 def compare(model_args, data_args, strategy_args, probe_args, compare_args, training_args, dataset=None):
     """Run every method of `compare_args.compare_methods`; write the comparison table and plots."""
     from hf_finetune.modeling import checkpoint_labels, load_config
-    from hf_finetune.training import setup_logging
 
-    setup_logging(training_args)
     root = Path(training_args.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    # Nothing is created or removed up front; each method's run replaces only its own folder's previous files,
+    # and the root's manifest records what the comparison wrote.
+    record = output.RunOutput(root)
+    record.snapshot()
     first = dataclasses.replace(
         model_args, model_name_or_path=model_args.model_name_or_path.split(",")[0].strip()
     )
@@ -240,13 +253,19 @@ def compare(model_args, data_args, strategy_args, probe_args, compare_args, trai
         _reset_peak_memory()
         rss_at_start = _memory_mib().get("VmRSS")
         started = time.perf_counter()
+        failure = None
         try:
             results = run_method(method, (model_args, data_args, strategy_args, probe_args, training_args), out,
                                  dataset=dataset)  # fmt: skip
-        except (Exception, SystemExit) as err:  # one failing method is a row, not the end of the comparison
+        except Exception as err:  # one failing method is a row, not the end of the comparison
+            # (SystemExit and KeyboardInterrupt are not caught: they end the run, on every process)
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            row.update(status="failed", reason=f"{type(err).__name__}: {message}")
-            logger.warning("compare: %s failed: %s\n%s", name, row["reason"], traceback.format_exc(limit=3))
+            failure = f"{type(err).__name__}: {message}"
+            logger.warning("compare: %s failed: %s\n%s", name, failure, traceback.format_exc(limit=3))
+        # Every process takes the same branch, so that none waits in a collective of a method the others left.
+        failure = _first_failure(failure, training_args)
+        if failure is not None:
+            row.update(status="failed", reason=failure)
             rows.append(row)
             continue
         row.update(
@@ -263,6 +282,7 @@ def compare(model_args, data_args, strategy_args, probe_args, compare_args, trai
         rows.append(row)
     if training_args.process_index == 0:
         write_comparison(root, rows)
+        record.finish()
     return rows
 
 

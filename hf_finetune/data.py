@@ -12,6 +12,8 @@ import contextlib
 import contextvars
 import logging
 import os
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ LABEL_COLUMN_NAMES = ("label", "labels", "class", "category", "target", "fine_la
 PATH_COLUMN_NAMES = ("image", "image_path", "path", "file", "filename", "file_name", "filepath", "img")
 SCAN_PROBLEM_COLUMN = "__image_problem__"
 SCAN_COPY_COLUMN = "__downscaled__"
+SOURCE_ROW_COLUMN = "__source_row__"
 STRING_DTYPES = ("string", "large_string")
 
 
@@ -53,6 +56,20 @@ class PreparedData:
     labels: list[str]
     bad_images: list[dict[str, Any]] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
+    # The data source's folders (image folders, the tables' folders): published files name pictures from them.
+    roots: list[str] = field(default_factory=list)
+
+    def image_name(self, value: Any) -> str:
+        """How a picture is named in files that can be published: its path relative to the data source (the
+        image folder, or the table's folder), never an absolute path of this machine."""
+        location = image_location(value)
+        if not os.path.isabs(location):
+            return location
+        path = Path(location)
+        for root in sorted(self.roots, key=len, reverse=True):
+            if path.is_relative_to(root):
+                return path.relative_to(root).as_posix()
+        return path.name  # e.g. a file in the datasets cache
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -66,39 +83,107 @@ def _split_files(args: DataArguments, kind: str) -> dict[str, str]:
     }
 
 
-def _load_image_folders(folders: dict[str, str], cache_dir: str | None):
-    from datasets import load_dataset
+def _folder_rows(paths: list[str], labels: list[int]):
+    for path, label in zip(paths, labels, strict=True):
+        yield {"image": path, "label": label}
 
-    data_files = {}
-    for split, folder in folders.items():
-        root = Path(folder)
-        if not root.is_dir():
-            raise UserError(
-                f"{split}_dir={folder} is not a folder. Point it at a folder with one sub-folder per class "
-                f"(e.g. {folder}/cat/001.jpg, {folder}/dog/002.jpg)."
-            )
-        files = [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")]
-        images = [str(p) for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-        ignored = [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
-        if ignored:
-            logger.warning(
-                "%s_dir: %d file(s) without an image extension were not used (e.g. %s).",
-                split,
-                len(ignored),
-                ", ".join(str(p.relative_to(root)) for p in ignored[:3]),
-            )
-        if not images:
-            raise UserError(
-                f"{split}_dir={folder} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}). Put the "
-                "pictures in one sub-folder per class."
-            )
-        if all(Path(p).parent == root for p in images):
-            raise UserError(
-                f"{split}_dir={folder} has its images directly inside it, so there are no labels. Move them into "
-                "one sub-folder per class, named after the class."
-            )
-        data_files[split] = sorted(images)
-    return load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir)
+
+def _scan_image_folder(split: str, folder: str) -> dict[str, list[str]]:
+    """Pictures of one image folder by class: the class is the first folder level, and pictures in deeper
+    sub-folders (`brick/batch1/`, `2023/`) belong to it. Hidden files and folders, and output folders of
+    hf-finetune (they hold its manifest), are not data. One `os.walk`; paths are absolute."""
+    from collections import Counter
+
+    from hf_finetune.output import MANIFEST
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(
+            f"{split}_dir={folder} is not a folder. Point it at a folder with one sub-folder per class "
+            f"(e.g. {folder}/cat/001.jpg, {folder}/dog/002.jpg)."
+        )
+    if (root / MANIFEST).is_file():
+        raise UserError(
+            f"{split}_dir={folder} is an output folder of hf-finetune (it holds {MANIFEST}), not pictures. Point "
+            f"{split}_dir at the image folder, and keep output_dir outside it."
+        )
+    root = root.resolve()
+    by_class: dict[str, list[str]] = {}
+    loose, ignored, outputs, deeper = [], [], [], Counter()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(dirpath)
+        if here != root and (here / MANIFEST).is_file():
+            outputs.append(here.relative_to(root).as_posix())
+            dirnames.clear()
+            continue
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        parts = here.relative_to(root).parts
+        for name in sorted(f for f in filenames if not f.startswith(".")):
+            relative = Path(*parts, name).as_posix()
+            if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                ignored.append(relative)
+            elif not parts:
+                loose.append(relative)
+            else:
+                # Names are stripped: ` grass` and `grass` are one class.
+                by_class.setdefault(parts[0].strip(), []).append(str(here / name))
+                deeper[parts[0].strip()] += len(parts) > 1
+    if outputs:
+        logger.warning(
+            "%s_dir: not used as data: %s (output folder(s) of hf-finetune, holding %s).",
+            split,
+            ", ".join(outputs),
+            MANIFEST,
+        )
+    if ignored:
+        logger.warning(
+            "%s_dir: %d file(s) without an image extension were not used (e.g. %s).",
+            split,
+            len(ignored),
+            ", ".join(ignored[:3]),
+        )
+    if not by_class and not loose:
+        raise UserError(
+            f"{split}_dir={folder} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}). Put the "
+            "pictures in one sub-folder per class."
+        )
+    if loose:
+        raise UserError(
+            f"{split}_dir={folder} has {len(loose)} picture(s) directly inside it, not in a class folder (e.g. "
+            f"{', '.join(loose[:3])}), so they have no label. The class of a picture is the first folder level "
+            f"under {split}_dir: move them into one sub-folder per class, named after the class."
+        )
+    if sum(deeper.values()):
+        logger.info(
+            "%s_dir: the class is the first folder level; %d picture(s) in deeper sub-folders belong to their "
+            "class (%s).",
+            split,
+            sum(deeper.values()),
+            ", ".join(f"{name} {count}" for name, count in sorted(deeper.items()) if count),
+        )
+    return by_class
+
+
+def _load_image_folders(folders: dict[str, str], cache_dir: str | None):
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+
+    scanned = {split: _scan_image_folder(split, folder) for split, folder in folders.items()}
+    names = sorted({name for by_class in scanned.values() for name in by_class})
+    ids = {name: i for i, name in enumerate(names)}
+    features = Features({"image": Image(), "label": ClassLabel(names=names)})
+    splits = {}
+    for split, by_class in scanned.items():
+        rows = sorted((path, ids[name]) for name, paths in by_class.items() for path in paths)
+        paths, labels = [p for p, _ in rows], [label for _, label in rows]
+        # A generator dataset is written to the datasets cache (keyed by the file list), so that the image
+        # check and its downscaled copies are cached like any on-disk dataset's.
+        splits[split] = Dataset.from_generator(
+            _folder_rows,
+            features=features,
+            gen_kwargs={"paths": paths, "labels": labels},
+            cache_dir=cache_dir,
+        )
+    return DatasetDict(splits)
 
 
 def _load_tables(files: dict[str, str], image_column: str | None, cache_dir: str | None):
@@ -182,6 +267,8 @@ def _load_hub_dataset(args: DataArguments, cache_dir: str | None):
         "dataset",
         "dataset_name",
         "use local pictures: --train_dir (an image folder, one sub-folder per class) or --train_file (a CSV).",
+        cache_dir=cache_dir,
+        config_name=args.dataset_config,
     )
     try:
         raw = load_dataset(
@@ -192,7 +279,11 @@ def _load_hub_dataset(args: DataArguments, cache_dir: str | None):
             f"Could not load dataset `{args.dataset_name}`"
             + (f" (config {args.dataset_config})" if args.dataset_config else "")
             + f": {str(err).splitlines()[0] if str(err) else type(err).__name__}. "
-            + ("HF_HUB_OFFLINE is set, so only datasets already in the cache can load. " if offline() else "")
+            + (
+                "Offline mode is on, so only datasets already in the cache can load. "
+                if offline("dataset")
+                else ""
+            )
             + "Check the id and your network, or use local data instead: --train_dir/--validation_dir/--test_dir "
             "(image folders, one sub-folder per class) or --train_file (CSV / JSON-lines of path + label)."
         ) from None
@@ -277,12 +368,50 @@ def _encode_labels(splits, label_column: str, where: str):
                 f"{missing} row(s) of the {split} split of {where} have no value in label column "
                 f"`{label_column}`. Fill them in or remove those rows."
             )
-    if "int" in feature.dtype:
-        # Cast through strings so that the names sort the way people read them ("2" before "10").
-        names = sorted({v for d in splits.values() for v in d.unique(label_column)})
-        splits = splits.cast_column(label_column, ClassLabel(names=[str(n) for n in names]))
-        return splits
+    values = {v for d in splits.values() for v in d.unique(label_column)}
+    padded = sorted(v for v in values if isinstance(v, str) and v != v.strip())
+    if padded:
+        # ` grass` and `grass` are one class: spaces around a name in a table are never meant.
+        logger.info("Labels stripped of surrounding spaces: %s", ", ".join(map(repr, padded[:10])))
+        splits = splits.map(
+            lambda batch: {label_column: [v.strip() for v in batch[label_column]]},
+            batched=True,
+            desc="Stripping spaces around labels",
+        )
+        values = {v.strip() for v in values}
+    if "int" in feature.dtype or all(_INTEGER.fullmatch(v) for v in values):
+        return _encode_class_ids(splits, label_column, values)
     return splits.class_encode_column(label_column)
+
+
+_INTEGER = re.compile(r"\s*[+-]?\d+\s*")
+
+
+def _encode_class_ids(splits, label_column: str, values):
+    """Class ids (integers, or strings of digits) as a `ClassLabel` whose names are the ids, sorted by number
+    ("2" before "10", -1 first). The stored values become each id's position among the names: ids 1..K, with
+    gaps or negative are not positions themselves, and casting them unchanged would mislabel every row."""
+    from datasets import ClassLabel, DatasetDict, Features
+
+    ordered = sorted(values, key=lambda v: (int(v), str(v)))
+    names = [str(v).strip() for v in ordered]
+    if len({int(v) for v in ordered}) < len(ordered):
+        raise UserError(
+            f"Label column `{label_column}` writes the same class id in several ways ({sorted(values, key=str)}). "
+            "Write each class id one way."
+        )
+    position = {v: i for i, v in enumerate(ordered)}
+
+    def encode(batch):
+        return {label_column: [position[v] for v in batch]}
+
+    encoded = {}
+    for split, dataset in splits.items():
+        features = Features({**dataset.features, label_column: ClassLabel(names=names)})
+        encoded[split] = dataset.map(
+            encode, input_columns=label_column, batched=True, features=features, desc="Encoding class ids"
+        )
+    return DatasetDict(encoded)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -322,6 +451,31 @@ def _stratified_holdout(dataset, fraction: float, label_column: str, seed: int, 
         test_size=fraction, seed=seed, stratify_by_column=label_column if stratify else None
     )
     return parts["train"], parts["test"], stratify
+
+
+def _subset(dataset, size: int | None, label_column: str, seed: int, name: str, report: dict):
+    """`size` rows of `dataset` (max_*_samples), drawn with `seed`, stratified by class where possible."""
+    if size is None or size >= len(dataset):
+        return dataset
+    if size < 1:
+        raise UserError(f"max_*_samples={size} for the {name} split must be at least 1.")
+    counts = Counter(dataset[label_column])
+    # Stratified needs at least one row per class on each side of the cut, and two rows in every class.
+    stratify = len(counts) <= min(size, len(dataset) - size) and min(counts.values()) >= 2
+    if stratify:
+        kept = dataset.train_test_split(train_size=size, seed=seed, stratify_by_column=label_column)["train"]
+    else:
+        logger.warning(
+            "The %d-image subset of the %s split is drawn at random, not stratified: it is smaller than the "
+            "number of classes, or some class has a single image.",
+            size,
+            name,
+        )
+        kept = dataset.shuffle(seed=seed).select(range(size))
+    report.setdefault(name, {})["subset"] = (
+        f"{size} of {len(dataset)} ({'stratified' if stratify else 'random'})"
+    )
+    return kept
 
 
 def make_splits(raw, args: DataArguments, label_column: str, seed: int):
@@ -365,12 +519,12 @@ def make_splits(raw, args: DataArguments, label_column: str, seed: int):
         report["validation"] = {"source": f"split `{validation}`"}
     report["train"] = {"source": f"split `{args.train_split}`"}
 
-    if args.max_train_samples is not None and args.max_train_samples < len(train):
-        train = train.shuffle(seed=seed).select(range(args.max_train_samples))
-    if args.max_eval_samples is not None:
-        val_ds = val_ds.select(range(min(args.max_eval_samples, len(val_ds))))
-        if test_ds is not None:
-            test_ds = test_ds.select(range(min(args.max_eval_samples, len(test_ds))))
+    # Subsets are seeded and stratified: image folders list their files class by class, so the first N rows
+    # would hold only the first classes.
+    train = _subset(train, args.max_train_samples, label_column, seed, "train", report)
+    val_ds = _subset(val_ds, args.max_eval_samples, label_column, seed, "validation", report)
+    if test_ds is not None:
+        test_ds = _subset(test_ds, args.max_eval_samples, label_column, seed, "test", report)
     splits = {"train": train, "validation": val_ds}
     if test_ds is not None:
         splits["test"] = test_ds
@@ -382,7 +536,7 @@ def make_splits(raw, args: DataArguments, label_column: str, seed: int):
 # --------------------------------------------------------------------------------------------------------
 # Bumped whenever what the scan stores changes (including anything `images.downscaled_copy` does: `datasets`
 # fingerprints the map function by name, not by what it calls), so that older cached scans are not reused.
-SCAN_VERSION = 3
+SCAN_VERSION = 4  # 4: 16-bit pictures scaled by bit depth
 
 
 def usable_cores() -> int:
@@ -564,10 +718,93 @@ def find_bad_images(splits, image_column: str, downscale: DecodeSizes | None = N
 
 
 # --------------------------------------------------------------------------------------------------------
+# Splits that share pictures
+# --------------------------------------------------------------------------------------------------------
+def _picture_digests(dataset, image_column: str) -> list[str | None]:
+    """A content digest of every picture (its bytes, or its file's bytes); None for a missing file."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.compute as pc
+
+    def digest(item):
+        data, path = item
+        try:
+            if data is None:
+                with open(path, "rb") as handle:
+                    data = handle.read()
+            return hashlib.blake2b(data).hexdigest()
+        except (OSError, TypeError):
+            return None
+
+    values = dataset.select_columns([image_column]).with_format("arrow")
+    digests: list[str | None] = []
+    with ThreadPoolExecutor(max_workers=min(16, usable_cores())) as pool:
+        for table in values.iter(batch_size=1024):
+            column = table.column(image_column)
+            data, paths = (pc.struct_field(column, key).to_pylist() for key in ("bytes", "path"))
+            digests.extend(pool.map(digest, zip(data, paths, strict=True)))
+    return digests
+
+
+def check_split_overlap(splits, image_column: str, report: dict[str, Any]) -> None:
+    """Pictures of validation / test that are also in an earlier split (the same file, or identical contents):
+    counted into `report` (data_splits.json) and the log; a split made only of such pictures is an error, since
+    its metrics would measure pictures the model trained on."""
+    from datasets import Image
+
+    seen: dict[str, set[str]] = {}
+    for name, dataset in splits.items():
+        digests = _picture_digests(dataset.cast_column(image_column, Image(decode=False)), image_column)
+        known = [d for d in digests if d is not None]
+        overlap = {earlier: sum(d in keys for d in known) for earlier, keys in seen.items()}
+        if overlap:
+            report.setdefault(name, {})["overlap"] = overlap
+        shared = sum(any(d in keys for keys in seen.values()) for d in known)
+        seen[name] = set(known)
+        if not shared:
+            continue
+        with_which = ", ".join(f"{count} with {earlier}" for earlier, count in overlap.items() if count)
+        if shared == len(digests):
+            raise UserError(
+                f"Every picture of the {name} split ({shared}) is also in another split ({with_which}): the same "
+                f"files or identical contents, e.g. train_dir and {name}_dir pointing at the same folder. Its metrics "
+                f"would measure pictures the model trained on. Give a {name} split with other pictures."
+            )
+        logger.warning(
+            "%d of %d %s picture(s) are also in another split (%s; the same file or identical contents): the %s "
+            "metrics partly measure pictures seen before. Remove the duplicates for a clean measure.",
+            shared,
+            len(digests),
+            name,
+            with_which,
+            name,
+        )
+
+
+def _source_roots(args: DataArguments) -> list[str]:
+    folders = [getattr(args, f"{split}_dir") for split in ("train", "validation", "test")]
+    tables = [getattr(args, f"{split}_file") for split in ("train", "validation", "test")]
+    roots = [Path(f).resolve() for f in folders if f] + [Path(f).resolve().parent for f in tables if f]
+    return [str(root) for root in roots]
+
+
+# --------------------------------------------------------------------------------------------------------
 # Everything together
 # --------------------------------------------------------------------------------------------------------
 def _check_labels(splits, label_column: str, labels: list[str]) -> None:
     import numpy as np
+
+    by_case: dict[str, list[str]] = {}
+    for name in labels:
+        by_case.setdefault(str(name).casefold(), []).append(str(name))
+    for names in by_case.values():
+        if len(names) > 1:
+            logger.warning(
+                "Labels %s differ only by case, so they are separate classes. If they are one class, give them one "
+                "name in the data.",
+                " / ".join(map(repr, names)),
+            )
 
     train_counts = np.bincount(splits["train"][label_column], minlength=len(labels))
     if len(labels) < 2 or (train_counts > 0).sum() < 2:
@@ -599,6 +836,8 @@ def prepare_data(
     `downscale` (the sizes the run's transforms need): store downscaled copies of large pictures while
     checking them (`find_bad_images`).
     """
+    from datasets import DatasetDict
+
     raw = load_raw_splits(args, cache_dir=cache_dir, dataset=dataset)
     where = args.dataset_name or args.train_dir or args.train_file or "the given dataset"
     first = raw[args.train_split] if args.train_split in raw else next(iter(raw.values()))
@@ -607,9 +846,21 @@ def prepare_data(
     raw = raw.remove_columns(extra) if extra else raw
     raw = _encode_labels(raw, label_column, where)
     labels = list(next(iter(raw.values())).features[label_column].names)
+    # The row of the user's file, so that bad_images.json names it whichever split the picture ends up in.
+    raw = DatasetDict({name: d.add_column(SOURCE_ROW_COLUMN, list(range(len(d)))) for name, d in raw.items()})
 
     splits, report = make_splits(raw, args, label_column, seed)
+    check_split_overlap(splits, image_column, report)
+    rows = {name: d[SOURCE_ROW_COLUMN] for name, d in splits.items()}
     splits, bad = find_bad_images(splits, image_column, downscale)
+    splits = splits.remove_columns(SOURCE_ROW_COLUMN)
+    found = PreparedData(splits, image_column, label_column, labels, bad, report, roots=_source_roots(args))
+    for entry in bad:
+        # Carved validation / test rows are rows of the train source (`report[split]["source"]`).
+        entry["index"] = rows[entry["split"]][entry["index"]]
+        name = found.image_name(entry["image"])  # PIL's message names the file too
+        entry["problem"] = entry["problem"].replace(entry["image"], name)
+        entry["image"] = name
     if bad:
         listing = "; ".join(f"{b['image']} ({b['split']}): {b['problem']}" for b in bad[:5])
         if args.on_bad_image == "error":
@@ -635,4 +886,4 @@ def prepare_data(
         len(labels),
         ", ".join(f"{name} {len(d)} ({report[name]['source']})" for name, d in splits.items()),
     )
-    return PreparedData(splits, image_column, label_column, labels, bad, report)
+    return found

@@ -18,21 +18,25 @@ def to_rgb(image):
     """Convert any PIL image (L, LA, P, PA, RGBA, CMYK, I;16, I, F, 1, ...) to 8-bit RGB.
 
     Transparent areas are composited onto white (a plain `convert("RGB")` shows whatever colour happens to be
-    stored under the alpha channel, often black), and 16/32-bit images are rescaled to 0-255 instead of being
-    clipped (which turns most 16-bit photographs white).
+    stored under the alpha channel, often black), and 16-bit images are scaled from their bit depth (/257) to
+    0-255 instead of being clipped (which turns most 16-bit photographs white).
     """
     import numpy as np
     from PIL import Image
 
     if image.mode == "RGB":
         return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # Scaled by the bit depth, never by the picture's own values: 65535 is white and 1000 a dark grey in
+        # every 16-bit picture, whatever else it holds. `I` (32-bit) is what 16-bit PNG / TIFF files decode to
+        # in some Pillow versions, so it is read as 16-bit too.
+        array = np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257.0
+        return Image.fromarray(np.rint(array).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        # Floating-point pictures have no bit depth to go by: the 16-bit range when beyond 8 bits, else [0, max].
         array = np.asarray(image, dtype=np.float64)
-        low, high = float(array.min()), float(array.max())
-        if high > 255 or low < 0 or image.mode == "F":
-            # Scale by the container's range, not the image's own extremes, so that brightness is kept.
-            top = 65535.0 if image.mode.startswith("I;16") or high > 255 else max(high, 1.0)
-            array = np.clip(array, 0, None) / top * 255.0
+        high = float(array.max(initial=0.0))
+        array = np.clip(array, 0, None) / (65535.0 if high > 255 else max(high, 1.0)) * 255.0
         return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")

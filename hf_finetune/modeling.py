@@ -40,7 +40,8 @@ def _load_error(name: str, revision: str, err: Exception) -> UserError:
             else ""
         )
         + "Check the id and your network, or point --model_name_or_path at a local folder written by "
-        "save_pretrained (config.json + model.safetensors + preprocessor_config.json)."
+        "save_pretrained (config.json + model.safetensors + preprocessor_config.json), or by timm's "
+        "save_for_hf (config.json with pretrained_cfg + model.safetensors)."
     )
 
 
@@ -54,6 +55,7 @@ def load_config(model_args: ModelArguments):
         "model",
         "model_name_or_path",
         "point --model_name_or_path at a local folder written by save_pretrained.",
+        cache_dir=model_args.cache_dir,
     )
     try:
         config = AutoConfig.from_pretrained(
@@ -70,7 +72,7 @@ def load_config(model_args: ModelArguments):
         raise UserError(
             f"Checkpoint `{model_args.model_name_or_path}` is a `{config.model_type}` model, which transformers "
             "cannot use for image classification. Pick an image model (ViT, DeiT, BEiT, DINOv2, Swin, ConvNeXt, "
-            "ResNet, RegNet, MobileNet, EfficientNet, ...)."
+            "ResNet, RegNet, MobileNet, EfficientNet, ..., or any timm checkpoint)."
         )
     return config
 

@@ -356,9 +356,9 @@ def build_parser(prog: str = "hf-finetune predict") -> argparse.ArgumentParser:
 def _setup_logging() -> None:
     import transformers
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format="%(levelname)s - %(name)s - %(message)s", stream=sys.stderr)
-    logging.getLogger("hf_finetune").setLevel(logging.INFO)
+    from hf_finetune.cli import configure_logging
+
+    configure_logging(sys.stderr)  # stdout is the prediction table
     transformers.utils.logging.disable_progress_bar()  # a weight-loading bar per call is noise here
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -138,12 +139,17 @@ class ProbeRunArguments(ProbeArguments):
             )
 
 
-def parse_probe_args(argv: list[str] | None = None, prog: str = "hf-finetune probe"):
-    """(model_args, data_args, probe_args, training_args) from `--config` + flags."""
+def parse_probe_args(
+    argv: list[str] | None = None, prog: str = "hf-finetune probe", default_config: str | None = None
+):
+    """(model_args, data_args, probe_args, training_args) from `--config` (else `default_config`) + flags."""
     from hf_finetune.args import parse_args
 
     return parse_args(
-        (ModelArguments, DataArguments, ProbeRunArguments, FinetuneTrainingArguments), argv, prog=prog
+        (ModelArguments, DataArguments, ProbeRunArguments, FinetuneTrainingArguments),
+        argv,
+        prog=prog,
+        default_config=default_config,
     )
 
 
@@ -550,11 +556,13 @@ def save_probe(
     training_args: FinetuneTrainingArguments,
     started: float | None = None,
     hub_token: str | None = None,
+    record: output.RunOutput | None = None,
 ) -> str:
     """Write the output directory of a fitted probe; returns the export format (see probe_export).
 
     `started` (a `time.perf_counter()` value) adds `total_seconds`, end to end, to the results. With
     `training_args.push_to_hub`, the finished folder is published with `hub_token` (or the login's token).
+    `record` (from `training.start_output`) is told what was written, before anything is published.
     """
     from hf_finetune.probe_export import (
         FORMAT_PROBE,
@@ -633,6 +641,7 @@ def save_probe(
         label_names=labels,
         images=undecoded_images(result.data.splits[report_split], result.data.image_column),
         split=report_split,
+        locate=result.data.image_name,
     )
     output.write_json(
         output_dir / output.RUN_SUMMARY,
@@ -646,8 +655,12 @@ def save_probe(
             # Numbers the fitted classifier holds (weights, class statistics, or kNN's stored rows).
             "classifier_parameters": int(sum(a.size for a in fitted.predictor.arrays().values())),
             "validation_grid": fitted.grid,
-            "feature_cache_dir": str(result.cache_dir),
-            "feature_cache": result.cache_entries,
+            # Published with the folder: no absolute path of this machine (see README, "safety").
+            "feature_cache_dir": os.path.relpath(result.cache_dir),
+            "feature_cache": [
+                {**entry, "path": os.path.relpath(entry["path"], result.cache_dir)}
+                for entry in result.cache_entries
+            ],
             "bad_images_skipped": len(result.data.bad_images),
         },
     )
@@ -677,6 +690,8 @@ def save_probe(
         if split_results:
             output.write_json(output_dir / f"{prefix}_results.json", split_results)
     output.write_json(output_dir / output.ALL_RESULTS, results)
+    if record is not None:
+        record.finish()
     logger.info(
         "Probe %s: validation accuracy %.4f%s; %d backbone forward pass(es); output in %s (%s).",
         spec.name,
@@ -704,12 +719,8 @@ def run_probe(
     """Features (cached), classifier, metrics, export: a complete output directory. Returns all metrics."""
     from transformers import set_seed
 
-    from hf_finetune.training import prepare_output_dir, setup_logging
+    from hf_finetune.training import prepare_output_dir, start_output
 
-    setup_logging(training_args)
-    if training_args.log_level == "passive":
-        # No Trainer progress here: without INFO the user would not see which features came from the cache.
-        logging.getLogger("hf_finetune").setLevel(logging.INFO)
     set_seed(training_args.seed)
     started = time.perf_counter()
     # Refuses to replace a finished run unless overwrite_output_dir, and fails early on an unwritable folder.
@@ -717,5 +728,8 @@ def run_probe(
     # The token is only handed to the publisher: it never reaches a file or a log.
     hub_token, training_args.hub_token = training_args.hub_token, None
     result = fit_probe(model_args, data_args, probe_args, training_args, dataset=dataset)
-    save_probe(result, model_args, data_args, probe_args, training_args, started=started, hub_token=hub_token)
+    # Fitted: only now are the previous run's files replaced (a run that fails earlier leaves them as they were).
+    record = start_output(training_args)
+    save_probe(result, model_args, data_args, probe_args, training_args, started=started, hub_token=hub_token,
+               record=record)  # fmt: skip
     return result.results

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -320,13 +320,15 @@ def write_reports(
     images: Sequence | None = None,
     log_history: list[dict] | None = None,
     split: str = "test",
+    locate: Callable[[Any], str] | None = None,
 ) -> dict[str, str]:
     """Write the evaluation reports of one split; returns {report name: file name relative to output_dir}.
 
     `logits` (N, num_labels) and `labels` (N,) are the split's model outputs and true label ids; `images`, in
     the same order, are PIL images or `datasets.Image(decode=False)` values ({"bytes", "path"}). A report
     with nothing to show is not written and not returned: no training curves without `log_history` entries,
-    no error grid without `images` or without errors. See `FILE_NAMES` for the files.
+    no error grid without `images` or without errors. `locate` names an image in the files written (default:
+    its path; a run passes `PreparedData.image_name`, paths relative to the data source). See `FILE_NAMES`.
     """
     import numpy as np
 
@@ -368,7 +370,7 @@ def write_reports(
             shown = [
                 {
                     "index": index,
-                    "image": image_location(images[index]),
+                    "image": (locate or image_location)(images[index]),
                     "true": label_names[labels[index]],
                     "predicted": label_names[predictions[index]],
                     "score": float(probabilities[index, predictions[index]]),

@@ -91,6 +91,12 @@ class Strategy:
 
 STRATEGIES: dict[str, Strategy] = {}
 
+# Not a gradient strategy, so not in STRATEGIES: `training.run` hands it to the frozen-feature path (probe.py).
+FEATURE_STRATEGY = "probe"
+FEATURE_STRATEGY_DESCRIPTION = (
+    "nothing trains by gradient: frozen features computed once, a classic classifier on them"
+)
+
 
 def register_strategy(
     name: str, description: str, needs_block_map: bool = True, trains_everything=False, **hooks
@@ -214,7 +220,9 @@ class StrategyArguments:
         default="full",
         # Built from the registry, so the help lists every registered strategy.
         metadata={
-            "help": "What trains. " + "; ".join(f"{s.name}: {s.description}" for s in STRATEGIES.values())
+            "help": "What trains. "
+            + "; ".join(f"{s.name}: {s.description}" for s in STRATEGIES.values())
+            + f"; {FEATURE_STRATEGY}: {FEATURE_STRATEGY_DESCRIPTION}"
         },
     )
     unfreeze_last_n: int = field(
@@ -278,13 +286,14 @@ class StrategyArguments:
     )
 
     def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            close = difflib.get_close_matches(str(self.strategy), list(STRATEGIES), n=1, cutoff=0.5)
+        if self.strategy not in STRATEGIES and self.strategy != FEATURE_STRATEGY:
+            names = [*STRATEGIES, FEATURE_STRATEGY]
+            close = difflib.get_close_matches(str(self.strategy), names, n=1, cutoff=0.5)
             hint = f" Did you mean `{close[0]}`?" if close else ""
             raise UserError(
                 f"strategy={self.strategy!r} is not a known strategy.{hint} Valid strategies: "
                 + "; ".join(f"`{s.name}` ({s.description})" for s in STRATEGIES.values())
-                + "."
+                + f"; `{FEATURE_STRATEGY}` ({FEATURE_STRATEGY_DESCRIPTION})."
             )
         for name, low in (("unfreeze_last_n", 0), ("unfreeze_every", 1)):
             value = getattr(self, name)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -14,27 +12,6 @@ from hf_finetune import output
 from hf_finetune.args import DataArguments, FinetuneTrainingArguments, ModelArguments
 
 logger = logging.getLogger(__name__)
-
-
-def setup_logging(training_args) -> None:
-    import datasets
-    import transformers
-
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-        force=True,
-    )
-    level = training_args.get_process_log_level()
-    # Our own log (splits, re-initialised tensors, strategy, resume) is what a user reads to check a run, so on
-    # the main process it is shown at INFO unless log_level says otherwise; the libraries stay quieter.
-    ours = logging.INFO if training_args.log_level == "passive" and training_args.should_log else level
-    logging.getLogger("hf_finetune").setLevel(ours)
-    datasets.utils.logging.set_verbosity(level)
-    transformers.utils.logging.set_verbosity(level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
 
 
 def build_trainer(
@@ -75,8 +52,11 @@ def build_trainer(
 
 
 def prepare_output_dir(training_args) -> None:
-    """Refuse to overwrite a finished run silently, and fail before any work when the folder is not writable."""
-    from hf_finetune.checkpoints import checkpoint_dirs
+    """Refuse to overwrite a finished run silently, and fail before any work when the folder is not writable.
+
+    Nothing is removed here: a run removes what its predecessor wrote only once it is known to start
+    (`start_output`), so that a run failing on its checkpoint, data or settings leaves the folder as it was.
+    """
     from hf_finetune.errors import UserError
 
     output_dir = Path(training_args.output_dir)
@@ -86,15 +66,14 @@ def prepare_output_dir(training_args) -> None:
             f"output_dir={output_dir} already holds a finished run ({output.ALL_RESULTS} with {finished}). "
             "Choose another output_dir, or set overwrite_output_dir: true to train again and replace it."
         )
+    manifest = output.read_manifest(output_dir) or {"entries": []}
+    if (output_dir / output.CARD).is_file() and not finished and output.CARD not in manifest["entries"]:
+        raise UserError(
+            f"output_dir={output_dir} holds a {output.CARD} that hf-finetune did not write, and a run writes its "
+            "model card under that name. Choose another output_dir (e.g. --output_dir outputs/my_run) or move "
+            "the file."
+        )
     with training_args.main_process_first(desc="output directory"):
-        if training_args.should_save and training_args.overwrite_output_dir:
-            for path in checkpoint_dirs(output_dir):
-                shutil.rmtree(path)  # explicitly asked: start from scratch, never resume from these
-            for name in output.RUN_FILES:
-                (output_dir / name).unlink(missing_ok=True)
-            from hf_finetune.lora import remove_lora_outputs
-
-            remove_lora_outputs(output_dir)  # a stale adapter would be loaded over the new weights
         # Checked without creating anything: a run that stops early (a bad id, bad data) leaves no folder.
         existing = next(p for p in (output_dir.absolute(), *output_dir.absolute().parents) if p.exists())
         problem = None
@@ -113,6 +92,17 @@ def prepare_output_dir(training_args) -> None:
                 f"Cannot write to output_dir={output_dir} ({problem}). Choose a folder you can write to, e.g. "
                 "--output_dir outputs/my_run."
             )
+
+
+def start_output(training_args) -> output.RunOutput | None:
+    """The run is known to start: replace the previous run's files (with `overwrite_output_dir`) and begin this
+    run's manifest. Main process only writes; the others wait until it is done."""
+    record = None
+    with training_args.main_process_first(desc="replacing the previous run"):
+        if training_args.should_save:
+            record = output.RunOutput(training_args.output_dir)
+            record.start(replace=training_args.overwrite_output_dir)
+    return record
 
 
 def prepare_trainer(model_args, data_args, training_args, strategy_args, dataset=None, train: bool = True):
@@ -172,18 +162,27 @@ def run(
 ) -> dict[str, Any]:
     """Train, evaluate on validation and test, and write the output directory. Returns all metrics.
 
+    `strategy_args.strategy == "probe"` runs the frozen-feature path instead (`probe.run_probe`), with the
+    probe settings of `strategy_args` when it is a `ProbeArguments` (as `parse_train_args` gives), else the
+    probe's defaults.
+
     `train=False` evaluates and writes the checkpoint as it is (its labels must already be the data's): the
     "use the checkpoint as it is" way to transfer.
     """
     from transformers import set_seed
 
     from hf_finetune.checkpoints import last_complete_checkpoint
-    from hf_finetune.strategies import STRATEGY_SUMMARY, StrategyArguments
+    from hf_finetune.strategies import FEATURE_STRATEGY, STRATEGY_SUMMARY, StrategyArguments
 
     strategy_args = strategy_args or StrategyArguments()
+    if strategy_args.strategy == FEATURE_STRATEGY:
+        # The one strategy switch: `probe` is the frozen-feature path (features once, a classic classifier).
+        from hf_finetune.probe import ProbeArguments, ProbeRunArguments, run_probe
+
+        probe_args = strategy_args if isinstance(strategy_args, ProbeArguments) else ProbeRunArguments()
+        return run_probe(model_args, data_args, probe_args, training_args, dataset=dataset)
     extra_args = (strategy_args, *(a for a in extra_args if not isinstance(a, StrategyArguments)))
 
-    setup_logging(training_args)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     prepare_output_dir(training_args)
@@ -199,7 +198,18 @@ def run(
     trainer, data, splits, load_report = prepare_trainer(
         model_args, data_args, training_args, strategy_args, dataset=dataset, train=train
     )
-    resume = training_args.resume_from_checkpoint or last_complete_checkpoint(output_dir)
+    if not train and not load_report.kept_head:
+        from hf_finetune.errors import UserError
+
+        raise UserError(
+            f"The checkpoint `{model_args.model_name_or_path}` cannot be used as it is: its labels "
+            f"{load_report.checkpoint_labels[:10]} are not the data's {data.labels[:10]}. Train it instead."
+        )
+    record = start_output(training_args)
+    # overwrite_output_dir starts from scratch: never resume from a checkpoint left in the folder.
+    resume = training_args.resume_from_checkpoint or (
+        None if training_args.overwrite_output_dir else last_complete_checkpoint(output_dir)
+    )
     if resume:
         logger.info("Resuming from %s", resume)
 
@@ -227,13 +237,6 @@ def run(
         train_result = trainer.train(resume_from_checkpoint=resume)
         metrics = {**train_result.metrics, "train_samples": len(splits["train"])}
     else:
-        if not load_report.kept_head:
-            from hf_finetune.errors import UserError
-
-            raise UserError(
-                f"The checkpoint `{model_args.model_name_or_path}` cannot be used as it is: its labels "
-                f"{load_report.checkpoint_labels[:10]} are not the data's {data.labels[:10]}. Train it instead."
-            )
         metrics = {}
     if trainer.is_world_process_zero():
         # Again after training: the optimizer's real groups and, for gradual, the schedule as it happened.
@@ -277,6 +280,7 @@ def run(
             images=undecoded_images(data.splits[report_split], data.image_column),
             log_history=trainer.state.log_history,
             split="test" if report_split == "test" else "validation",
+            locate=data.image_name,
         )
         output.relativize_trainer_state(output_dir)
         write_card(
@@ -286,6 +290,8 @@ def run(
         # Metrics last: all_results.json marks a finished run (see prepare_output_dir).
         for name, part in sections:
             trainer.save_metrics(name, part)
+        if record is not None:
+            record.finish()
         if publish:
             from hf_finetune.publish import publish as publish_dir
 

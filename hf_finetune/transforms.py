@@ -149,11 +149,20 @@ class ProcessorEval:
     def __init__(self, image_processor):
         self.timm_transform = image_processor.val_transforms if is_timm_processor(image_processor) else None
         self.image_processor = None if self.timm_transform is not None else image_processor
+        self.input_size = processor_spec(image_processor).input_size
 
     def __call__(self, image):
         if self.timm_transform is not None:
-            return self.timm_transform(image)
-        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+            pixels = self.timm_transform(image)
+        else:
+            pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        if tuple(pixels.shape[-2:]) != self.input_size:
+            # A short-edge resize without a crop keeps the aspect ratio; batches need one size, so the middle
+            # square is kept (pipeline(), one picture at a time, sees the whole picture).
+            from torchvision.transforms.v2 import functional
+
+            pixels = functional.center_crop(pixels, list(self.input_size))
+        return pixels
 
 
 def _tail(spec: ProcessorSpec):

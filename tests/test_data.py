@@ -7,7 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from conftest import digits_dataset
+from conftest import digits_dataset, write_digits_folder
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 
 from hf_finetune.args import DataArguments
@@ -63,7 +63,11 @@ def test_stratified_validation_and_test_splits_are_seeded():
 
 def test_given_splits_are_used_and_max_samples_apply():
     data = DatasetDict(
-        {"train": digits_dataset(10), "validation": digits_dataset(4), "test": digits_dataset(5)}
+        {
+            "train": digits_dataset(10),
+            "validation": digits_dataset(4, offset=10),
+            "test": digits_dataset(5, offset=14),
+        }
     )
     prepared = prepare_data(DataArguments(max_train_samples=12, max_eval_samples=6), seed=0, dataset=data)
     assert {name: len(d) for name, d in prepared.splits.items()} == {"train": 12, "validation": 6, "test": 6}
@@ -71,15 +75,15 @@ def test_given_splits_are_used_and_max_samples_apply():
 
 
 def test_image_folder_with_test_dir(small_digits_folder, tmp_path):
+    # Other pictures than train's: a test split equal to train is refused.
+    test_dir = write_digits_folder(tmp_path / "test", 12, offset=40)
     prepared = prepare_data(
-        DataArguments(
-            train_dir=str(small_digits_folder), test_dir=str(small_digits_folder), train_val_split=0.25
-        ),
+        DataArguments(train_dir=str(small_digits_folder), test_dir=str(test_dir), train_val_split=0.25),
         seed=0,
     )
     assert prepared.labels == ["one", "two", "zero"]
     assert len(prepared.splits["train"]) == 90 and len(prepared.splits["validation"]) == 30
-    assert len(prepared.splits["test"]) == 120
+    assert len(prepared.splits["test"]) == 36
 
 
 def test_csv_relative_paths_and_missing_files(small_digits_folder, tmp_path):

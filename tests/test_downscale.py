@@ -27,6 +27,13 @@ def _photo(size=(1600, 1200)) -> PILImage.Image:
     return PILImage.fromarray(data.chelsea()).resize(size, PILImage.Resampling.BICUBIC)
 
 
+def _variant(image: PILImage.Image, number: int) -> PILImage.Image:
+    """The picture with one pixel changed: another file's contents, so splits do not share pictures."""
+    image = image.copy()
+    image.putpixel((0, 0), (number % 256, number // 256 % 256, 7))
+    return image
+
+
 def _jpeg(image: PILImage.Image, orientation: int | None = None, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     exif = PILImage.Exif()
@@ -234,10 +241,12 @@ def test_image_folder_copies_follow_the_files(tmp_path, monkeypatch):
     from hf_finetune.data import prepare_data
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    for label in ("cat", "other"):
+    for n, label in enumerate(("cat", "other")):
         (tmp_path / "train" / label).mkdir(parents=True)
         for i in range(3):
-            _photo((1200 + 40 * i, 900)).save(tmp_path / "train" / label / f"{i}.jpg", quality=90)
+            _variant(_photo((1200 + 40 * i, 900)), n).save(
+                tmp_path / "train" / label / f"{i}.jpg", quality=90
+            )
     args = DataArguments(train_dir=str(tmp_path / "train"), train_val_split=0.34)
     sizes = DecodeSizes(train=(120, 120), eval=(40, 40), interpolation="bilinear")
 
@@ -254,8 +263,8 @@ def test_image_folder_copies_follow_the_files(tmp_path, monkeypatch):
     assert decoded == 6  # both splits
     assert train_sizes() == (first, 0)  # cached: nothing decoded
     # Replace every training picture with a square one (a newer file): the copies follow.
-    for path in (tmp_path / "train").rglob("*.jpg"):
-        _photo((1000, 1000)).save(path, quality=90)
+    for n, path in enumerate(sorted((tmp_path / "train").rglob("*.jpg"))):
+        _variant(_photo((1000, 1000)), n).save(path, quality=90)
         stat = path.stat()
         os.utime(path, (stat.st_atime + 10, stat.st_mtime + 10))
     assert train_sizes() == ([(120, 120)] * 3, 6)
@@ -342,7 +351,7 @@ def test_copies_from_a_csv_of_paths_follow_the_files(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     rows = ["image,label"]
     for i in range(6):
-        _photo((1200, 900)).save(tmp_path / f"{i}.jpg", quality=90)
+        _variant(_photo((1200, 900)), i).save(tmp_path / f"{i}.jpg", quality=90)
         rows.append(f"{i}.jpg,{'ab'[i % 2]}")
     (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
     args = DataArguments(train_file=str(tmp_path / "data.csv"), train_val_split=0.34)
@@ -351,7 +360,7 @@ def test_copies_from_a_csv_of_paths_follow_the_files(tmp_path, monkeypatch):
     assert [image.size for image in first] == [(160, 120)] * 3
     for i in range(6):
         path = tmp_path / f"{i}.jpg"
-        _photo((1000, 1000)).save(path, quality=90)
+        _variant(_photo((1000, 1000)), i).save(path, quality=90)
         os.utime(path, (path.stat().st_atime + 10, path.stat().st_mtime + 10))
     again = prepare_data(args, seed=0, downscale=sizes).splits["train"]["image"]
     assert [image.size for image in again] == [(120, 120)] * 3
@@ -366,10 +375,10 @@ def test_a_run_makes_copies_only_when_it_trains(tmp_path, monkeypatch, caplog, t
     from hf_finetune.training import prepare_trainer
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    for label in ("cat", "dog"):
+    for n, label in enumerate(("cat", "dog")):
         (tmp_path / "train" / label).mkdir(parents=True)
         for i in range(3):
-            _photo((400 + 8 * i, 300)).save(tmp_path / "train" / label / f"{i}.jpg", quality=90)
+            _variant(_photo((400 + 8 * i, 300)), n).save(tmp_path / "train" / label / f"{i}.jpg", quality=90)
     model_args, data_args, strategy_args, training_args = parse_train_args(
         ["--model_name_or_path", str(tiny_vit), "--train_dir", str(tmp_path / "train"),
          "--output_dir", str(tmp_path / "out"), "--train_val_split", "0.34", "--dataloader_num_workers", "0"]

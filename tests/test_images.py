@@ -38,7 +38,7 @@ def test_sixteen_bit_is_rescaled_not_clipped():
     image = Image.frombytes("I;16", (3, 1), array.astype("<u2").tobytes())
     rgb = np.asarray(to_rgb(image))
     assert rgb.dtype == np.uint8
-    assert list(rgb[0, :, 0]) == [0, 127, 255]  # a plain convert("RGB") would give [0, 255, 255]
+    assert list(rgb[0, :, 0]) == [0, 128, 255]  # a plain convert("RGB") would give [0, 255, 255]
 
 
 def _png_bytes(size=(8, 8)) -> bytes:

@@ -227,3 +227,14 @@ def test_efficientnet_pixels_keep_include_top():
     assert eval_tf(photo).std().item() == pytest.approx(expected.std().item(), abs=1e-3)
     # The augmented side normalises the same way: same statistics within what the crop changes.
     assert train_tf(photo).std().item() == pytest.approx(expected.std().item(), abs=0.05)
+
+
+def test_a_short_edge_resize_without_crop_gives_square_eval_batches():
+    from transformers import BitImageProcessor
+
+    processor = BitImageProcessor(size={"shortest_edge": 32}, do_center_crop=False)
+    _, eval_tf = build_transforms(processor)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 80, 3), dtype=np.uint8))
+    whole = processor(image, return_tensors="pt")["pixel_values"][0]
+    assert whole.shape == (3, 32, 64)  # the processor keeps the aspect ratio
+    torch.testing.assert_close(eval_tf(image), whole[:, :, 16:48])  # the middle square of exactly that
