@@ -1,8 +1,8 @@
 """What pretraining is worth, measured: Google's ImageNet EfficientNet-Lite0 (real weights, offline) against the
 same architecture trained from scratch, on scikit-learn's digits, every way in one invocation.
 
-    .venv/bin/python benchmarks/real_transfer.py            # about 10 minutes on 2 idle CPU cores
-    .venv/bin/python benchmarks/real_transfer.py --quick    # 64 px, fewer epochs: about 4 minutes
+    .venv/bin/python benchmarks/real_transfer.py            # 96 px, 4 epochs: about 12 minutes on 2 idle cores
+    .venv/bin/python benchmarks/real_transfer.py --quick    # 64 px, 2 epochs: 8.8 CPU-minutes measured, ~5 min
 
 Rows, each a fresh `hf_finetune.cli train` subprocess on the same stratified splits (seed 42: 1,257 train /
 270 validation / 270 test) and the same converted checkpoint (`hf_finetune.real_weights`, saved for
@@ -71,7 +71,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="64 px and 2 epochs: about 4 minutes.")
+    parser.add_argument("--quick", action="store_true", help="64 px and 2 epochs: about 5 minutes.")
     parser.add_argument("--image_size", type=int, default=None, help="Input size of the rows (default 96).")
     parser.add_argument("--num_train_epochs", type=int, default=None, help="Default 4 (quick: 2).")
     parser.add_argument("--methods", nargs="+", default=None, help="Rows to run (default: all, in order).")
