@@ -13,8 +13,8 @@ the dev extra) to exactly the layout of the Hub repo `timm/tf_efficientnet_lite0
 Its 1,000 ImageNet classes are not the digits, so the classifier is replaced exactly as with a Hub checkpoint.
 With the Hub at hand, `--model_name_or_path timm/tf_efficientnet_lite0.in1k` (or any Hub id) runs the same recipe.
 The YAML's `strategy: probe` computes the frozen features once and fits a logistic regression on them; any
-other strategy trains through the Trainer instead. Expect 74 s of CPU time (under 2 minutes on 2 free cores) and a test accuracy
-around 0.96.
+other strategy trains through the Trainer instead. Expect 74 s of CPU time (under 2 minutes on 2 free cores)
+and a test accuracy around 0.96.
 """
 
 import sys
