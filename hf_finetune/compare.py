@@ -255,20 +255,22 @@ def kept_row(method: Method, out: Path, earlier: dict[str, Any] | None, settings
     """The row of a method whose folder already holds a finished run: reused as it is, not trained again."""
     if earlier and earlier.get("status") == "ok":
         row = dict(earlier)
-    else:  # no row recorded for it (e.g. comparison.json was removed): what its folder says
-        results = json.loads((out / output.ALL_RESULTS).read_text())
-        split = "test" if "test_accuracy" in results else "eval"
-        row = {
-            "method": method.name,
-            "description": method.description,
-            "status": "ok",
-            "split": "test" if split == "test" else "validation",
-            "accuracy": results.get(f"{split}_accuracy"),
-            "macro_f1": results.get(f"{split}_macro_f1"),
-            "trainable_parameters": _trainable_parameters(out),
-            "output_dir": method.name,
-        }
+    else:  # no row recorded for it (e.g. comparison.json was removed): what its folder says, unmeasured
+        row = {"method": method.name, "description": method.description, "status": "ok", "wall_time_s": None,
+               **_result_fields(json.loads((out / output.ALL_RESULTS).read_text()), out, method.name)}  # fmt: skip
     return _mark_kept(row, settings)
+
+
+def _result_fields(results: dict[str, Any], out: Path, name: str) -> dict[str, Any]:
+    """A row's metrics from a method's results (test split, or validation when there is none)."""
+    split = "test" if "test_accuracy" in results else "eval"
+    return {
+        "split": "test" if split == "test" else "validation",
+        "accuracy": results.get(f"{split}_accuracy"),
+        "macro_f1": results.get(f"{split}_macro_f1"),
+        "trainable_parameters": _trainable_parameters(out),
+        "output_dir": name,
+    }
 
 
 def _mark_kept(row: dict[str, Any], settings: str) -> dict[str, Any]:
@@ -362,14 +364,7 @@ def compare(model_args, data_args, strategy_args, probe_args, compare_args, trai
         row.update(
             status="ok", wall_time_s=round(time.perf_counter() - started, 2), **_peak_memory_mib(rss_at_start)
         )
-        split = "test" if "test_accuracy" in results else "eval"
-        row.update(
-            split="test" if split == "test" else "validation",
-            accuracy=results.get(f"{split}_accuracy"),
-            macro_f1=results.get(f"{split}_macro_f1"),
-            trainable_parameters=_trainable_parameters(out),
-            output_dir=name,
-        )
+        row.update(_result_fields(results, out, name))
         rows.append(row)
     rows = merge_rows(earlier, rows, root, settings)
     if training_args.process_index == 0:
@@ -408,7 +403,7 @@ def comparison_markdown(rows: list[dict[str, Any]]) -> str:
         note = "; ".join(notes)
         lines.append(
             f"| {row['method']} | {_fmt(row['accuracy'], '.4f')} | {_fmt(row['macro_f1'], '.4f')} | "
-            f"{_fmt(row['trainable_parameters'], ',')} | {_fmt(row['wall_time_s'], '.1f')} | "
+            f"{_fmt(row['trainable_parameters'], ',')} | {_fmt(row.get('wall_time_s'), '.1f')} | "
             f"{_fmt(memory, '.0f')} | {note} |"
         )
     footnote = (

@@ -64,7 +64,14 @@ def material_name(path: str | os.PathLike) -> str | None:
     path = Path(path).expanduser()
     if path.name not in MATERIAL_BUILDERS:
         return None
-    return path.name if path.absolute().parent == MATERIAL_DIR.absolute() else None
+    return path.name if path.resolve().parent == MATERIAL_DIR.resolve() else None
+
+
+def _material_names() -> str:
+    kinds = {
+        "stand-in-<architecture>" if name.startswith("stand-in-") else name for name in MATERIAL_BUILDERS
+    }
+    return ", ".join(f"{MATERIAL_DIR}/{kind}" for kind in sorted(kinds))
 
 
 def _check_target(folder: str | os.PathLike, kind: str, outside_material_dir: bool) -> None:
@@ -81,8 +88,8 @@ def _check_target(folder: str | os.PathLike, kind: str, outside_material_dir: bo
     if not outside_material_dir and material_name(folder) is None:
         raise UserError(
             f"Not building {kind} at `{folder}`: demo material is only written into the material folder "
-            f"{MATERIAL_DIR}/ (as {', '.join(sorted(MATERIAL_BUILDERS)[:3])}, ...), so that no folder of yours "
-            "is ever written to. Pass outside_material_dir=True to build it in a folder you created for it."
+            f"{MATERIAL_DIR}/ ({_material_names()}), so that no folder of yours is ever written to. Pass "
+            "outside_material_dir=True to build it in a folder you created for it."
         )
 
 

@@ -125,6 +125,13 @@ def test_compare_with_overwrite_output_dir_runs_a_finished_method_again(tmp_path
     out = tmp_path / "cmp"
     compare(*parse_compare_args(argv([vit], out, ["head", "probe_gaussian_nb"])), dataset=data)
     stamp = (out / "head" / "all_results.json").stat().st_mtime_ns
+    # Without the table, a finished folder is still kept; its row comes from the folder's own results.
+    expected = json.loads((out / "head" / "all_results.json").read_text())["test_accuracy"]
+    (out / COMPARISON_JSON).unlink()
+    (row,) = compare(*parse_compare_args(argv([vit], out, ["head"])), dataset=data)
+    assert row["kept"] and row["same_settings"] is None and row["accuracy"] == expected
+    assert "its settings were not recorded" in (out / COMPARISON_MD).read_text()
+    assert (out / "head" / "all_results.json").stat().st_mtime_ns == stamp
     gaussian = (out / "probe_gaussian_nb" / "all_results.json").read_bytes()
     rows = compare(
         *parse_compare_args(argv([vit], out, ["head"], "--overwrite_output_dir", "true", "--seed", "7")),
@@ -132,6 +139,6 @@ def test_compare_with_overwrite_output_dir_runs_a_finished_method_again(tmp_path
     )
     assert (out / "head" / "all_results.json").stat().st_mtime_ns != stamp  # trained again
     assert "seed: 7" in (out / "head" / "resolved_config.yaml").read_text()
-    assert [row["method"] for row in rows] == ["head", "probe_gaussian_nb"]
-    assert not rows[0].get("kept") and rows[1]["kept"]
+    assert [row["method"] for row in rows] == ["head"]  # the earlier table was removed above
+    assert not rows[0].get("kept")
     assert (out / "probe_gaussian_nb" / "all_results.json").read_bytes() == gaussian  # not asked: untouched
