@@ -256,13 +256,17 @@ def accumulation_for_global_batch(global_batch_size: int, per_device: int, proce
     """Gradient accumulation steps that make `per_device x processes x steps == global_batch_size`."""
     steps, remainder = divmod(global_batch_size, per_device * processes)
     if remainder or steps < 1:
-        fits = [b for b in range(per_device, 0, -1) if global_batch_size % (b * processes) == 0]
-        hint = f" e.g. per_device_train_batch_size: {fits[0]}" if fits else ""
+        per_process, uneven = divmod(global_batch_size, processes)
+        fits = [b for b in range(min(per_device, per_process), 0, -1) if not uneven and per_process % b == 0]
+        fix = (
+            f"Choose a per_device_train_batch_size that divides {per_process} (global_batch_size / processes), "
+            f"e.g. per_device_train_batch_size: {fits[0]}, or another global_batch_size."
+            if fits
+            else f"Choose a global_batch_size that is a multiple of {processes * per_device}."
+        )
         raise UserError(
             f"global_batch_size={global_batch_size} cannot be split into per_device_train_batch_size={per_device} "
-            f"x {processes} process(es) x a whole number of gradient accumulation steps. Choose a "
-            f"per_device_train_batch_size that divides {global_batch_size} // {processes}{hint}, or another "
-            "global_batch_size."
+            f"x {processes} process(es) x a whole number of gradient accumulation steps. {fix}"
         )
     return steps
 
