@@ -224,3 +224,14 @@ def prepare_material(model_args, data_args, training_args=None) -> list[Path]:
         for path in wanted:
             MATERIAL_BUILDERS[path.name](path)
     return wanted
+
+
+def check_built(path: str | os.PathLike, setting: str) -> None:
+    """A setting that names demo material not built yet gets an error saying what builds it (loaders call
+    this; they never build material themselves)."""
+    if material_name(path) and not Path(path).exists():
+        raise UserError(
+            f"{setting}={path} is demo material that has not been built yet: the demo recipes build it in "
+            f"{MATERIAL_DIR}/ on their first run (python recipes/quickstart.py, recipes/probe.py or "
+            "recipes/compare.py, from this working directory). Or point it at your own checkpoint or pictures."
+        )

@@ -183,3 +183,18 @@ def test_a_local_folder_shadowing_a_hub_id_is_named_in_the_log(tmp_path, monkeyp
     with caplog.at_level(logging.WARNING, logger="hf_finetune"):
         load_config(ModelArguments(model_name_or_path="./acme/vit"))  # said explicitly: no warning
     assert not [r for r in caplog.records if "names a Hub repository" in r.getMessage()]
+
+
+def test_a_missing_material_or_local_path_is_named_not_fetched(tmp_path, monkeypatch):
+    from hf_finetune.args import ModelArguments
+    from hf_finetune.modeling import load_config
+
+    monkeypatch.chdir(tmp_path)
+    # The command (hf-finetune train --config recipes/probe.yaml) loads material; only the recipes build it.
+    with pytest.raises(
+        UserError, match=r"stand-in-vit is demo material that has not been built yet.*recipes/"
+    ):
+        load_config(ModelArguments(model_name_or_path="data/quickstart/stand-in-vit"))
+    with pytest.raises(UserError, match=r"pictures/ckpt/v2 is not a local folder .* cannot be a Hub id"):
+        load_config(ModelArguments(model_name_or_path="pictures/ckpt/v2"))
+    assert list(tmp_path.iterdir()) == []
