@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from hf_finetune import output
-from hf_finetune.args import DataArguments, FinetuneTrainingArguments, ModelArguments
+from hf_finetune.args import (
+    DataArguments,
+    FinetuneTrainingArguments,
+    ModelArguments,
+    apply_global_batch_size,
+    expand_output_dir,
+    global_batch_description,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +146,9 @@ def prepare_trainer(model_args, data_args, training_args, strategy_args, dataset
     plan = prepare_strategy(model, strategy_args, training_args, example_inputs=example)
     channels_last = apply_channels_last(model, training_args)
     log_input_pipeline(training_args, channels_last)
+    # Before the Trainer: it sizes its accumulation (and the steps per epoch) from these arguments.
+    apply_global_batch_size(training_args)
+    logger.info(global_batch_description(training_args))
     trainer = build_trainer(
         model,
         training_args,
@@ -184,7 +194,7 @@ def run(
     extra_args = (strategy_args, *(a for a in extra_args if not isinstance(a, StrategyArguments)))
 
     set_seed(training_args.seed)
-    output_dir = Path(training_args.output_dir)
+    output_dir = Path(expand_output_dir(training_args, model_args, data_args, *extra_args))
     prepare_output_dir(training_args)
     # Publishing is done once, at the end, from the finished output directory (with our model card), instead of
     # the Trainer's push at every save. The token leaves TrainingArguments before the Trainer pickles them

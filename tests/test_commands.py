@@ -207,7 +207,10 @@ def output_dir_of(argv: list[str], cwd: Path) -> Path | None:
         config = recipe[:-3] + ".yaml" if recipe else None
     if config is None:
         return None
-    return cwd / yaml.safe_load((cwd / config).read_text())["output_dir"]
+    values = yaml.safe_load((cwd / config).read_text())
+    # `{setting}` in output_dir (outputs/probe/{classifier}) is that setting's value, a flag's over the YAML's.
+    flags = {a[2:]: b for a, b in zip(argv, argv[1:], strict=False) if a.startswith("--")}
+    return cwd / str(values["output_dir"]).format_map({**values, **flags})
 
 
 def assert_complete_output(out: Path) -> None:

@@ -160,3 +160,17 @@ def test_planted_token_reaches_no_file_and_no_log(tmp_path, tiny_vit, small_digi
         # Paths are written relative to the working directory; no absolute path of this machine appears.
         assert not re.search(r"(?<![\w.])" + re.escape(str(tmp_path)), text)
         assert not re.search(r"(^|[\s:'\"])/(tmp|root|home)/", text, flags=re.M)
+
+
+def test_next_run_dir_keeps_finished_runs_and_resumes_an_unfinished_one(tmp_path):
+    from hf_finetune.output import ALL_RESULTS, next_run_dir
+
+    assert next_run_dir(tmp_path / "runs") == tmp_path / "runs" / "run-1"  # nothing there yet, nothing made
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "runs" / "run-1").mkdir(parents=True)
+    assert next_run_dir(tmp_path / "runs").name == "run-1"  # no results: interrupted, resumed in place
+    (tmp_path / "runs" / "run-1" / ALL_RESULTS).write_text('{"test_accuracy": 0.5}')
+    assert next_run_dir(tmp_path / "runs").name == "run-2"
+    (tmp_path / "runs" / "run-10").mkdir()
+    (tmp_path / "runs" / "run-10" / ALL_RESULTS).write_text('{"test_accuracy": 0.5}')
+    assert next_run_dir(tmp_path / "runs").name == "run-11"  # numbers, not names, are compared

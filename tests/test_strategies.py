@@ -461,9 +461,9 @@ def launch_root(tmp_path_factory):
     from hf_finetune.quickstart import build_stand_in_checkpoint, export_digits
 
     root = tmp_path_factory.mktemp("launch")
-    export_digits(root / "digits")
+    export_digits(root / "digits", outside_material_dir=True)
     # Built here rather than by the recipe, so that two processes do not write the same files at once.
-    build_stand_in_checkpoint(root / "stand-in-vit")
+    build_stand_in_checkpoint(root / "stand-in-vit", outside_material_dir=True)
     build_tiny_checkpoint("resnet", root / "tiny-resnet", CHECKPOINT_LABELS)
     return root
 
