@@ -89,7 +89,7 @@ class ResumeReport(TrainerCallback):
                 if lr_scheduler is not None
                 else ""
             ),
-            f"the shuffling order (epoch {epoch + 1}'s permutation; its first {done * accumulation} "
+            f"the shuffling order (epoch {epoch}'s permutation; its first {done * accumulation} "
             "batch(es), already trained on, are skipped)"
             if done
             else "the shuffling order",
@@ -102,19 +102,18 @@ class ResumeReport(TrainerCallback):
             restored.append(
                 f"early-stopping counter {counter} of {patience} (best metric {state.best_metric})"
             )
-        if state.stateful_callbacks.get("UnfreezingHistory") and args.restore_callback_states_from_checkpoint:
-            restored.append("the unfreezing history")
         logger.info(
-            "Resuming from %s: global step %d of %d, epoch %d of %d with %d of %d step(s) done in it. "
-            "Restored: %s. Derived again, not stored: each picture's augmentation (from seed, epoch and index) "
-            "and each step's random stream (from seed and step).",
+            "Resuming from %s: global step %d of %d, epoch %.4g (%d of %d step(s) done in epoch %d; epochs count "
+            "from 0, %d in all). Restored: %s. Derived again, not stored: each picture's augmentation (from seed, "
+            "epoch and index) and each step's random stream (from seed and step).",
             self.checkpoint,
             state.global_step,
             state.max_steps,
-            epoch + 1,
-            math.ceil(state.num_train_epochs),
+            float(state.epoch or 0),
             done,
             per_epoch,
+            epoch,
+            math.ceil(state.num_train_epochs),
             "; ".join(restored),
         )
         return control
