@@ -344,6 +344,9 @@ VISION_TRAINING_DEFAULTS: dict[str, Any] = {
     "metric_for_best_model": "accuracy",
     "greater_is_better": True,
     "save_total_limit": 2,
+    # A resumed run continues the early-stopping counter (and the unfreezing history of `gradual`) where it
+    # stopped, instead of starting them again at zero.
+    "restore_callback_states_from_checkpoint": True,
     "report_to": "none",
     # Decoding and augmenting pictures is CPU work that must keep up with the accelerator: this process's
     # share of the spare cores (see default_dataloader_workers), kept alive between epochs so they are not

@@ -35,6 +35,7 @@ def build_trainer(
 
     from hf_finetune.checkpoints import CheckpointLoadingMixin, CompleteCheckpointCallback
     from hf_finetune.evaluation import ComputeMetrics
+    from hf_finetune.resume import AugmentationEpochCallback, StepSeedCallback
     from hf_finetune.strategies import strategy_trainer_class
     from hf_finetune.transforms import Collator
 
@@ -45,6 +46,11 @@ def build_trainer(
     base_cls, extra = (strategy_trainer_class(), {"plan": plan}) if plan is not None else (Trainer, {})
     trainer_cls = type("FinetuneTrainer", (CheckpointLoadingMixin, base_cls), {})
     callbacks.append(CompleteCheckpointCallback())
+    # Exact resume (hf_finetune.resume): each step's random stream and each picture's augmentation are derived
+    # from the seed, so a resumed run draws what the uninterrupted one drew.
+    callbacks.append(StepSeedCallback(training_args.seed))
+    if hasattr(splits["train"], "set_epoch"):
+        callbacks.append(AugmentationEpochCallback(splits["train"]))
     return trainer_cls(
         model=model,
         args=training_args,
@@ -139,7 +145,9 @@ def prepare_trainer(model_args, data_args, training_args, strategy_args, dataset
         )
     model, load_report = load_model(model_args, data.labels, config)
     model = wrap_for_strategy(model, strategy_args)  # lora: the checkpoint in peft adapters
-    splits = attach_transforms(data.splits, image_processor, data_args, data.image_column, data.label_column)
+    splits = attach_transforms(
+        data.splits, image_processor, data_args, data.image_column, data.label_column, training_args.seed
+    )
     # Freeze before the Trainer exists: it reads ddp_find_unused_parameters when it builds the accelerator.
     # Two real training images let the plan find parameters the forward pass never uses.
     example = collate([splits["train"][i] for i in range(min(2, len(splits["train"])))])
@@ -182,6 +190,7 @@ def run(
     from transformers import set_seed
 
     from hf_finetune.checkpoints import last_complete_checkpoint
+    from hf_finetune.resume import ResumeReport
     from hf_finetune.strategies import FEATURE_STRATEGY, STRATEGY_SUMMARY, StrategyArguments
 
     strategy_args = strategy_args or StrategyArguments()
@@ -220,8 +229,7 @@ def run(
     resume = training_args.resume_from_checkpoint or (
         None if training_args.overwrite_output_dir else last_complete_checkpoint(output_dir)
     )
-    if resume:
-        logger.info("Resuming from %s", resume)
+    trainer.add_callback(ResumeReport(resume))  # logs where it resumes from and what it restored
 
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
