@@ -53,9 +53,11 @@ def forward_passes_per_run() -> list[bool]:
     from hf_finetune.probe import parse_probe_args, run_probe
     from hf_finetune.quickstart import build_stand_in_checkpoint, export_digits
 
-    digits = export_digits(_common.BENCH_OUT / "digits")
-    vit = build_stand_in_checkpoint(_common.BENCH_OUT / "probe-backbone-stand-in")
-    resnet = build_stand_in_checkpoint(_common.BENCH_OUT / "probe-backbone-stand-in-resnet", arch="resnet")
+    digits = export_digits(_common.BENCH_OUT / "digits", outside_material_dir=True)
+    vit = build_stand_in_checkpoint(_common.BENCH_OUT / "probe-backbone-stand-in", outside_material_dir=True)
+    resnet = build_stand_in_checkpoint(
+        _common.BENCH_OUT / "probe-backbone-stand-in-resnet", arch="resnet", outside_material_dir=True
+    )
     cache = OUT / "cache"
     shutil.rmtree(cache, ignore_errors=True)
 

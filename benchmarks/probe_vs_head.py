@@ -96,7 +96,7 @@ def build_backbone(name: str) -> Path:
 
     folder = _common.BENCH_OUT / f"probe-backbone-{name}"
     if BACKBONES[name] is None:
-        return build_stand_in_checkpoint(folder)
+        return build_stand_in_checkpoint(folder, outside_material_dir=True)
     if not (folder / "config.json").is_file():
         import torch
         from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
@@ -128,7 +128,7 @@ def main() -> None:
     from hf_finetune.quickstart import export_digits
 
     OUT.mkdir(parents=True, exist_ok=True)
-    digits = export_digits(_common.BENCH_OUT / "digits")
+    digits = export_digits(_common.BENCH_OUT / "digits", outside_material_dir=True)
     checkpoint = build_backbone(args.backbone)
     _common.warm_page_cache(digits)
     common = [

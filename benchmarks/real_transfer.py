@@ -86,9 +86,14 @@ def main(argv=None) -> None:
     from hf_finetune.quickstart import QUICKSTART_IMAGE_SIZE, build_real_checkpoint, export_digits
 
     args = parse_args(argv)
-    digits = export_digits(OUT / "digits")
-    checkpoint = build_real_checkpoint(OUT / f"lite0-{args.image_size}px", image_size=args.image_size)
-    quickstart_checkpoint = build_real_checkpoint(OUT / f"lite0-{QUICKSTART_IMAGE_SIZE}px")
+    # bench_out/ is this benchmark's own folder, not the demo material folder.
+    digits = export_digits(OUT / "digits", outside_material_dir=True)
+    checkpoint = build_real_checkpoint(
+        OUT / f"lite0-{args.image_size}px", image_size=args.image_size, outside_material_dir=True
+    )
+    quickstart_checkpoint = build_real_checkpoint(
+        OUT / f"lite0-{QUICKSTART_IMAGE_SIZE}px", outside_material_dir=True
+    )
     runs = OUT / "runs"
     shutil.rmtree(runs, ignore_errors=True)
     python = [sys.executable, "-m", "hf_finetune.cli", "train"]

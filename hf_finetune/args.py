@@ -171,6 +171,14 @@ class FinetuneTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Train again into an output_dir that holds a finished run, replacing it."},
     )
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Pictures per optimizer step over all processes, kept fixed whatever the process count: "
+            "gradient_accumulation_steps becomes global_batch_size / (per_device_train_batch_size x processes), "
+            "which must divide evenly. Unset: per_device_train_batch_size x processes x gradient_accumulation_steps."
+        },
+    )
     license: str | None = field(
         default=None, metadata={"help": "License id for the model card and the Hub (e.g. apache-2.0, mit)."}
     )
@@ -187,6 +195,16 @@ class FinetuneTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        # The process count is only known once the run starts (see apply_global_batch_size); what can be
+        # checked now is checked now.
+        if self.global_batch_size is not None and (
+            self.global_batch_size < 1 or self.global_batch_size % self.per_device_train_batch_size
+        ):
+            raise UserError(
+                f"global_batch_size={self.global_batch_size} must be a positive multiple of "
+                f"per_device_train_batch_size={self.per_device_train_batch_size} (times the number of "
+                "processes). Change one of the two."
+            )
         if str(self.channels_last).lower() not in ("auto", "true", "false"):
             raise UserError(f"channels_last={self.channels_last!r} must be `auto`, `true` or `false`.")
         self.channels_last = str(self.channels_last).lower()
@@ -234,6 +252,86 @@ def default_dataloader_workers(max_workers: int = 8) -> int:
     return min(max_workers, max(0, (cores - local_processes) // local_processes))
 
 
+def accumulation_for_global_batch(global_batch_size: int, per_device: int, processes: int) -> int:
+    """Gradient accumulation steps that make `per_device x processes x steps == global_batch_size`."""
+    steps, remainder = divmod(global_batch_size, per_device * processes)
+    if remainder or steps < 1:
+        per_process, uneven = divmod(global_batch_size, processes)
+        fits = [b for b in range(min(per_device, per_process), 0, -1) if not uneven and per_process % b == 0]
+        fix = (
+            f"Choose a per_device_train_batch_size that divides {per_process} (global_batch_size / processes), "
+            f"e.g. per_device_train_batch_size: {fits[0]}, or another global_batch_size."
+            if fits
+            else f"Choose a global_batch_size that is a multiple of {processes * per_device}."
+        )
+        raise UserError(
+            f"global_batch_size={global_batch_size} cannot be split into per_device_train_batch_size={per_device} "
+            f"x {processes} process(es) x a whole number of gradient accumulation steps. {fix}"
+        )
+    return steps
+
+
+def apply_global_batch_size(training_args) -> None:
+    """Set gradient_accumulation_steps from global_batch_size for this run's process count (before the Trainer)."""
+    import logging
+
+    target = getattr(training_args, "global_batch_size", None)
+    if target is None:
+        return
+    steps = accumulation_for_global_batch(
+        target, training_args.per_device_train_batch_size, training_args.world_size
+    )
+    if training_args.gradient_accumulation_steps not in (1, steps):
+        logging.getLogger(__name__).warning(
+            "gradient_accumulation_steps=%d replaced by %d to keep global_batch_size=%d.",
+            training_args.gradient_accumulation_steps,
+            steps,
+            target,
+        )
+    training_args.gradient_accumulation_steps = steps
+
+
+def global_batch_description(training_args) -> str:
+    """One line for the log: the pictures per optimizer step, and what keeps it when the process count changes."""
+    per_device, processes = training_args.per_device_train_batch_size, training_args.world_size
+    steps = training_args.gradient_accumulation_steps
+    line = (
+        f"Global batch: {per_device} per device x {processes} process(es) x {steps} gradient accumulation "
+        f"step(s) = {per_device * processes * steps} pictures per optimizer step"
+    )
+    if getattr(training_args, "global_batch_size", None) is not None:
+        return line + " (global_batch_size keeps it fixed for any process count)."
+    return line + (
+        ". With another number of processes it changes, and so do the steps per epoch and the result; set "
+        "global_batch_size to keep it fixed."
+    )
+
+
+def expand_output_dir(training_args, *arg_objects) -> str:
+    """Fill `{setting}` placeholders of `output_dir` from the run's settings, e.g. `outputs/probe/{classifier}`,
+    so that a recipe re-run with another value writes next to the earlier result instead of over it."""
+    template = str(training_args.output_dir)
+    if "{" not in template:
+        return template
+    values = {
+        f.name: getattr(obj, f.name) for obj in (*arg_objects, training_args) for f in fields(obj) if f.init
+    }
+    try:
+        expanded = template.format_map(values)
+    except KeyError as err:
+        raise UserError(
+            f"output_dir={template!r} names {{{err.args[0]}}}, which is not a setting. Use a setting's name in "
+            "braces, e.g. outputs/probe/{classifier}, or write {{ and }} for literal braces."
+        ) from None
+    except (ValueError, IndexError, AttributeError) as err:
+        raise UserError(
+            f"output_dir={template!r} is not a valid template ({err}). Use a setting's name in braces, e.g. "
+            "outputs/probe/{classifier}, or write {{ and }} for literal braces."
+        ) from None
+    training_args.output_dir = expanded
+    return expanded
+
+
 # Vision-appropriate defaults for TrainingArguments fields. They sit under the YAML and the CLI, so any of
 # them can still be changed; `remove_unused_columns` must stay False because the image column is only turned
 # into pixel_values by the lazy transform, after the Trainer would have dropped it.
@@ -246,6 +344,9 @@ VISION_TRAINING_DEFAULTS: dict[str, Any] = {
     "metric_for_best_model": "accuracy",
     "greater_is_better": True,
     "save_total_limit": 2,
+    # A resumed run continues the early-stopping counter (and the unfreezing history of `gradual`) where it
+    # stopped, instead of starting them again at zero.
+    "restore_callback_states_from_checkpoint": True,
     "report_to": "none",
     # Decoding and augmenting pictures is CPU work that must keep up with the accelerator: this process's
     # share of the spare cores (see default_dataloader_workers), kept alive between epochs so they are not

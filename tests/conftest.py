@@ -20,7 +20,7 @@ def digits_folder(tmp_path_factory) -> Path:
     """scikit-learn's digits as an image folder (ten classes, 1,797 PNGs)."""
     from hf_finetune.quickstart import export_digits
 
-    return export_digits(tmp_path_factory.mktemp("digits") / "digits")
+    return export_digits(tmp_path_factory.mktemp("digits") / "digits", outside_material_dir=True)
 
 
 @pytest.fixture(scope="session")

@@ -137,3 +137,54 @@ def test_cli_data_source_replaces_the_yaml_source(tmp_path):
     assert data_args.dataset_name == "someone/flowers"
     with pytest.raises(UserError, match="Several training sources"):
         parse_train_args(["--model_name_or_path", "x", "--dataset_name", "a/b", "--train_dir", "pics"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# global_batch_size: accumulation from the process count
+# --------------------------------------------------------------------------------------------------------
+def test_global_batch_size_sets_accumulation_for_one_and_two_processes():
+    from hf_finetune.args import accumulation_for_global_batch
+
+    assert accumulation_for_global_batch(64, 32, processes=1) == 2
+    assert accumulation_for_global_batch(64, 32, processes=2) == 1
+    assert accumulation_for_global_batch(64, 16, processes=2) == 2
+    assert accumulation_for_global_batch(256, 64, processes=4) == 1
+    with pytest.raises(
+        UserError, match=r"global_batch_size=64 .*32 x 4 process.*per_device_train_batch_size: 16"
+    ):
+        accumulation_for_global_batch(64, 32, processes=4)
+    with pytest.raises(UserError, match="global_batch_size=96"):
+        accumulation_for_global_batch(96, 64, processes=1)
+
+
+def test_global_batch_size_is_applied_to_the_run_and_logged():
+    from hf_finetune.args import apply_global_batch_size, global_batch_description
+
+    (args,) = parse_train_args(["--model_name_or_path", "x", "--use_cpu", "true",
+                                "--per_device_train_batch_size", "32", "--global_batch_size", "64"])[-1:]  # fmt: skip
+    assert args.world_size == 1
+    apply_global_batch_size(args)
+    assert args.gradient_accumulation_steps == 2
+    assert global_batch_description(args).startswith(
+        "Global batch: 32 per device x 1 process(es) x 2 gradient accumulation step(s) = 64 pictures"
+    )
+    (plain,) = parse_train_args(["--model_name_or_path", "x", "--use_cpu", "true"])[-1:]
+    apply_global_batch_size(plain)  # unset: nothing changes, and the log says how to keep it fixed
+    assert plain.gradient_accumulation_steps == 1 and "set global_batch_size" in global_batch_description(
+        plain
+    )
+    with pytest.raises(UserError, match=r"global_batch_size=100 must be a positive multiple of .*=32"):
+        parse_train_args(["--model_name_or_path", "x", "--per_device_train_batch_size", "32",
+                          "--global_batch_size", "100"])  # fmt: skip
+
+
+def test_output_dir_placeholders_are_filled_from_the_settings():
+    from hf_finetune.args import expand_output_dir
+    from hf_finetune.probe import parse_probe_args
+
+    parsed = parse_probe_args(["--model_name_or_path", "x", "--classifier", "knn",
+                               "--output_dir", "outputs/probe/{classifier}"])  # fmt: skip
+    assert expand_output_dir(parsed[-1], *parsed[:-1]) == "outputs/probe/knn" == parsed[-1].output_dir
+    parsed = parse_probe_args(["--model_name_or_path", "x", "--output_dir", "outputs/{clasifier}"])
+    with pytest.raises(UserError, match=r"names \{clasifier\}, which is not a setting"):
+        expand_output_dir(parsed[-1], *parsed[:-1])

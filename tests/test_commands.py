@@ -32,6 +32,7 @@ ENV = {
 }
 COMMAND_START = re.compile(r"^(python |accelerate |\.venv/bin/accelerate |hf-finetune )")
 HUB_RECIPE_YAMLS = ("recipes/flowers.yaml", "recipes/flowers_cpu.yaml")
+QUICKSTART_MATERIAL_YAMLS = ("recipes/quickstart.yaml", "recipes/probe.yaml", "recipes/compare.yaml")
 GPU_ACCELERATE_CONFIGS = ("accelerate_configs/single_gpu.yaml", "accelerate_configs/multi_gpu.yaml")
 # Commands whose run is cheap enough for the default (non-slow) part of the suite.
 FAST: set[str] = set()  # each needs a training run of a minute or more: all slow
@@ -206,7 +207,10 @@ def output_dir_of(argv: list[str], cwd: Path) -> Path | None:
         config = recipe[:-3] + ".yaml" if recipe else None
     if config is None:
         return None
-    return cwd / yaml.safe_load((cwd / config).read_text())["output_dir"]
+    values = yaml.safe_load((cwd / config).read_text())
+    # `{setting}` in output_dir (outputs/probe/{classifier}) is that setting's value, a flag's over the YAML's.
+    flags = {a[2:]: b for a, b in zip(argv, argv[1:], strict=False) if a.startswith("--")}
+    return cwd / str(values["output_dir"]).format_map({**values, **flags})
 
 
 def assert_complete_output(out: Path) -> None:
@@ -246,6 +250,20 @@ def _needs_quickstart_output(argv: list[str]) -> bool:
     return "outputs/quickstart" in argv and argv[:2] != ["python", "recipes/quickstart.py"]
 
 
+def _needs_recipe_material(argv: list[str]) -> bool:
+    """`hf-finetune ... --config recipes/probe.yaml` (or compare / quickstart): the README shows it after the
+    recipe's own line, which exports the digits and builds the stand-in checkpoints the YAML names."""
+    return argv[0] == "hf-finetune" and any(a in QUICKSTART_MATERIAL_YAMLS for a in argv)
+
+
+def build_recipe_material(cwd: Path) -> None:
+    from hf_finetune.quickstart import build_stand_in_checkpoint, export_digits
+
+    export_digits(cwd / "data/quickstart/digits")
+    build_stand_in_checkpoint(cwd / "data/quickstart/stand-in-vit")
+    build_stand_in_checkpoint(cwd / "data/quickstart/stand-in-resnet", arch="resnet")
+
+
 @pytest.mark.parametrize(
     "command",
     [
@@ -256,6 +274,8 @@ def _needs_quickstart_output(argv: list[str]) -> bool:
 def test_documented_command(command, tmp_path):
     cwd = make_workdir(tmp_path / "clone")
     argv = local_argv(command)
+    if _needs_recipe_material(argv):
+        build_recipe_material(cwd)
     if _needs_quickstart_output(argv):
         first = run(["python", "recipes/quickstart.py"], cwd)
         assert first.returncode == 0, first.stderr[-3000:]

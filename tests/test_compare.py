@@ -83,3 +83,62 @@ def test_as_is_evaluates_a_checkpoint_whose_labels_fit_without_training(tmp_path
 def test_unknown_method_is_a_clear_error():
     with pytest.raises(UserError, match=r"probe_svm.*did you mean `probe_mlp`.*probe_linear_svm"):
         parse_compare_args(["--model_name_or_path", "x", "--compare_methods", "probe_svm"])
+
+
+def test_compare_run_again_with_one_more_method_keeps_the_first_results(tmp_path, data):
+    vit = build_tiny_checkpoint("vit", tmp_path / "vit", labels=["a", "b", "c", "d"])
+    out = tmp_path / "cmp"
+    first = compare(
+        *parse_compare_args(argv([vit], out, ["probe_logistic_regression", "head"])), dataset=data
+    )
+    kept_files = ("model.safetensors", "all_results.json", "trainer_state.json")
+    before = {
+        (name, file): (out / name / file).read_bytes()
+        for name in ("probe_logistic_regression", "head")
+        for file in kept_files
+        if (out / name / file).is_file()
+    }
+    assert ("head", "trainer_state.json") in before
+
+    methods = ["probe_logistic_regression", "head", "probe_gaussian_nb"]
+    second = compare(*parse_compare_args(argv([vit], out, methods)), dataset=data)
+    # The finished methods were neither trained again nor replaced; the new one ran; the table has all three.
+    assert {key: (out / key[0] / key[1]).read_bytes() for key in before} == before
+    assert [row["method"] for row in second] == methods
+    assert [row.get("kept", False) for row in second] == [True, True, False]
+    for old, new in zip(first, second[:2], strict=True):
+        assert new["accuracy"] == old["accuracy"] and new["wall_time_s"] == old["wall_time_s"]
+    assert json.loads((out / COMPARISON_JSON).read_text()) == json.loads(json.dumps(second))
+    table = (out / COMPARISON_MD).read_text()
+    assert table.count("kept from an earlier run |") == 2
+
+    # Only one method asked for: the table still holds the others' rows, which are still on disk.
+    third = compare(*parse_compare_args(argv([vit], out, ["head"], "--learning_rate", "0.1")), dataset=data)
+    assert [row["method"] for row in third] == methods
+    head = third[1]
+    assert head["kept"] and head["same_settings"] is False  # kept, and the table says its settings differ
+    assert "kept from an earlier run with other settings" in (out / COMPARISON_MD).read_text()
+
+
+def test_compare_with_overwrite_output_dir_runs_a_finished_method_again(tmp_path, data):
+    vit = build_tiny_checkpoint("vit", tmp_path / "vit", labels=["a", "b", "c", "d"])
+    out = tmp_path / "cmp"
+    compare(*parse_compare_args(argv([vit], out, ["head", "probe_gaussian_nb"])), dataset=data)
+    stamp = (out / "head" / "all_results.json").stat().st_mtime_ns
+    # Without the table, a finished folder is still kept; its row comes from the folder's own results.
+    expected = json.loads((out / "head" / "all_results.json").read_text())["test_accuracy"]
+    (out / COMPARISON_JSON).unlink()
+    (row,) = compare(*parse_compare_args(argv([vit], out, ["head"])), dataset=data)
+    assert row["kept"] and row["same_settings"] is None and row["accuracy"] == expected
+    assert "its settings were not recorded" in (out / COMPARISON_MD).read_text()
+    assert (out / "head" / "all_results.json").stat().st_mtime_ns == stamp
+    gaussian = (out / "probe_gaussian_nb" / "all_results.json").read_bytes()
+    rows = compare(
+        *parse_compare_args(argv([vit], out, ["head"], "--overwrite_output_dir", "true", "--seed", "7")),
+        dataset=data,
+    )
+    assert (out / "head" / "all_results.json").stat().st_mtime_ns != stamp  # trained again
+    assert "seed: 7" in (out / "head" / "resolved_config.yaml").read_text()
+    assert [row["method"] for row in rows] == ["head"]  # the earlier table was removed above
+    assert not rows[0].get("kept")
+    assert (out / "probe_gaussian_nb" / "all_results.json").read_bytes() == gaussian  # not asked: untouched

@@ -445,8 +445,8 @@ def test_two_process_lora_run_of_the_quickstart_recipe(tmp_path):
     from hf_finetune.quickstart import build_stand_in_checkpoint, export_digits
 
     # Built here rather than by the recipe, so that two processes do not write the same files at once.
-    digits = export_digits(tmp_path / "digits")
-    stand_in = build_stand_in_checkpoint(tmp_path / "stand-in-vit")
+    digits = export_digits(tmp_path / "digits", outside_material_dir=True)
+    stand_in = build_stand_in_checkpoint(tmp_path / "stand-in-vit", outside_material_dir=True)
     output_dir = tmp_path / "out"
     command = [
         str(Path(sys.executable).parent / "accelerate"), "launch",

@@ -111,7 +111,9 @@ def stand_in(tmp_path_factory) -> str:
     """A tiny ViT saved like a Hub download, in place of the notebooks' Hub checkpoints."""
     from hf_finetune.quickstart import build_stand_in_checkpoint
 
-    return str(build_stand_in_checkpoint(tmp_path_factory.mktemp("stand_in") / "vit"))
+    return str(
+        build_stand_in_checkpoint(tmp_path_factory.mktemp("stand_in") / "vit", outside_material_dir=True)
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -133,24 +135,30 @@ def test_kernel_runs_this_python_and_checkout(kernel_env, tmp_path):
 
 
 @pytest.mark.slow
-def test_quickstart_notebook(kernel_env, tmp_path):
-    nb = execute(
-        "quickstart",
-        tmp_path,
-        DATA_DIR=str(tmp_path / "data"),
-        OUTPUT_DIR="outputs/quickstart",  # relative: resolved in the notebook's working directory
-        NUM_TRAIN_EPOCHS=2,
-        EXTRA_ARGS=["--max_train_samples", "300", "--max_eval_samples", "100", *QUIET],
-    )
-    output_dir = tmp_path / "outputs" / "quickstart"
-    results = json.loads((output_dir / "all_results.json").read_text())
-    assert 0.0 <= results["test_accuracy"] <= 1.0
-    assert (
-        json.loads((output_dir / "config.json").read_text())["id2label"]["0"] == "eight"
-    )  # the digits' labels
-    assert displayed_images(nb, "reports") == 2
-    predictions = printed(nb, "pipeline").splitlines()
-    assert [line.split("/")[0] for line in predictions] == ["three", "seven", "nine"]
+def test_quickstart_notebook_runs_twice_in_one_folder(kernel_env, tmp_path):
+    # Run as a user does, twice in the same folder: the demo material goes to ./data/quickstart, and each run
+    # trains into a new OUTPUT_DIR/run-N while the earlier run stays as it was.
+    parameters = {
+        "OUTPUT_DIR": "outputs/quickstart",  # relative: resolved in the notebook's working directory
+        "NUM_TRAIN_EPOCHS": 2,
+        "EXTRA_ARGS": ["--max_train_samples", "300", "--max_eval_samples", "100", *QUIET],
+    }
+    first = execute("quickstart", tmp_path, **parameters)
+    run_1 = tmp_path / "outputs" / "quickstart" / "run-1"
+    before = {name: (run_1 / name).read_bytes() for name in ("model.safetensors", "all_results.json")}
+    assert (tmp_path / "data" / "quickstart" / "digits" / "seven").is_dir()
+    assert (tmp_path / "data" / "quickstart" / "stand-in-vit" / "config.json").is_file()
+    second = execute("quickstart", tmp_path, **parameters)
+    assert {name: (run_1 / name).read_bytes() for name in before} == before
+    assert "run-1" in printed(first, "settings") and "run-2" in printed(second, "settings")
+    for nb, run_dir in ((first, run_1), (second, run_1.with_name("run-2"))):
+        results = json.loads((run_dir / "all_results.json").read_text())
+        assert 0.0 <= results["test_accuracy"] <= 1.0
+        # The digits' labels, sorted: "eight" first.
+        assert json.loads((run_dir / "config.json").read_text())["id2label"]["0"] == "eight"
+        assert displayed_images(nb, "reports") == 2
+        predictions = printed(nb, "pipeline").splitlines()
+        assert [line.split("/")[0] for line in predictions] == ["three", "seven", "nine"]
 
 
 @pytest.mark.slow
@@ -167,7 +175,9 @@ def test_flowers_notebook(kernel_env, tmp_path, stand_in, small_digits_folder):
         PUSH_DRY_RUN=True,  # no Hub here: publish() lists what it would upload
         EXTRA_ARGS=["--train_test_split", "0.2", *QUIET],
     )
-    output_dir = tmp_path / "outputs" / "flowers"
+    output_dir = (
+        tmp_path / "outputs" / "flowers" / "run-1"
+    )  # each run of the notebook has a folder of its own
     results = json.loads((output_dir / "all_results.json").read_text())
     assert 0.0 <= results["test_accuracy"] <= 1.0
     published = printed(nb, "publish")
@@ -181,22 +191,26 @@ def test_flowers_notebook(kernel_env, tmp_path, stand_in, small_digits_folder):
 
 
 @pytest.mark.slow
-def test_compare_notebook(kernel_env, tmp_path, stand_in):
+def test_compare_notebook_runs_twice_in_one_folder(kernel_env, tmp_path, stand_in):
     methods = ["scratch", "probe_logistic_regression", "head", "full"]
-    nb = execute(
-        "compare",
-        tmp_path,
-        MODEL=stand_in,
-        DATA_DIR=str(tmp_path / "data"),
-        OUTPUT_DIR="outputs/compare",
-        COMPARE_METHODS=methods,
-        NUM_TRAIN_EPOCHS=1,
-        LEARNING_RATE=0.002,  # a tiny random model, not a pretrained one
-        EXTRA_ARGS=["--max_train_samples", "300", "--max_eval_samples", "100", *QUIET],
-    )
+    parameters = {
+        "MODEL": stand_in,
+        "OUTPUT_DIR": "outputs/compare",
+        "NUM_TRAIN_EPOCHS": 1,
+        "LEARNING_RATE": 0.002,  # a tiny random model, not a pretrained one
+        "EXTRA_ARGS": ["--max_train_samples", "300", "--max_eval_samples", "100", *QUIET],
+    }
+    nb = execute("compare", tmp_path, COMPARE_METHODS=methods[:3], **parameters)
     output_dir = tmp_path / "outputs" / "compare"
+    weights = (output_dir / "head" / "model.safetensors").read_bytes()
+    assert printed(nb, "compare").strip().endswith("none")
+    # Again in the same folder with one more method: the three finished ones are kept, `full` joins the table.
+    nb = execute("compare", tmp_path, COMPARE_METHODS=methods, **parameters)
+    assert (output_dir / "head" / "model.safetensors").read_bytes() == weights
     rows = json.loads((output_dir / "comparison.json").read_text())
     assert [row["method"] for row in rows] == methods
+    assert [bool(row.get("kept")) for row in rows] == [True, True, True, False]
+    assert "scratch, probe_logistic_regression, head" in printed(nb, "compare")
     assert all(row["status"] == "ok" for row in rows), rows
     assert all(0.0 <= row["accuracy"] <= 1.0 and row["split"] == "test" for row in rows)
     assert displayed_images(nb, "results") == 2

@@ -202,7 +202,9 @@ def test_shipped_recipe_yaml_parses():
     )
     assert probe_args.classifier == "mlp" and probe_args.c_values[0] == 0.01
     assert model_args.model_name_or_path.endswith("stand-in-vit") and data_args.train_dir
-    assert training_args.output_dir == "outputs/probe"
+    assert (
+        training_args.output_dir == "outputs/probe/{classifier}"
+    )  # one folder per classifier, filled at run
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -340,17 +342,14 @@ def test_probe_recipe_runs(tmp_path, monkeypatch):
     import runpy
 
     recipe = runpy.run_path(str(REPO / "recipes" / "probe.py"), run_name="recipe")
-    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)  # the YAML's material (data/quickstart/...) and output_dir are relative to it
     argv = [
         "--config", str(REPO / "recipes" / "probe.yaml"),
-        "--model_name_or_path", str(tmp_path / "stand-in-vit"),
-        "--train_dir", str(tmp_path / "digits"),
-        "--feature_cache_dir", str(tmp_path / "features"),
-        "--output_dir", str(out),
         "--max_train_samples", "300",
         "--max_eval_samples", "100",
     ]  # fmt: skip
     recipe["main"](argv)
+    out = tmp_path / "outputs" / "probe" / "logistic_regression"
     results = json.loads((out / "all_results.json").read_text())
     assert results["test_accuracy"] > 0.3 and results["test_samples"] == 100
     assert json.loads((out / "probe.json").read_text())["format"] == FORMAT_TRANSFORMERS

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,8 @@ from conftest import write_digits_folder
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+       "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}  # fmt: skip
 
 
 def run(cmd, cwd=REPO, env=ENV, timeout=1200):
@@ -53,23 +56,60 @@ def test_user_errors_are_one_paragraph_and_exit_2(tmp_path):
     assert "num_train_epoch" in result.stderr and "num_train_epochs" in result.stderr
 
 
+def user_workdir(tmp_path: Path) -> Path:
+    """A working directory like a user's clone: `recipes/` there, so the README's commands run as written;
+    the demo material (data/quickstart) and outputs/ land in it."""
+    (tmp_path / "recipes").symlink_to(REPO / "recipes")
+    return tmp_path
+
+
 @pytest.mark.slow
 def test_quickstart_recipe(tmp_path):
     """The README's main job: real ImageNet weights (converted on first run) transferred to the digits."""
-    out = tmp_path / "quickstart"
-    cmd = [sys.executable, "recipes/quickstart.py", "--config", "recipes/quickstart.yaml", "--output_dir", str(out),
-           "--model_name_or_path", str(tmp_path / "lite0"), "--train_dir", str(tmp_path / "digits"),
-           "--feature_cache_dir", str(tmp_path / "features")]  # fmt: skip
-    result = run(cmd)
+    cwd = user_workdir(tmp_path)
+    result = run([sys.executable, "recipes/quickstart.py", "--config", "recipes/quickstart.yaml",
+                  "--feature_cache_dir", str(tmp_path / "features")], cwd=cwd)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    config = json.loads((tmp_path / "lite0" / "config.json").read_text())
+    config = json.loads((cwd / "data" / "quickstart" / "tf_efficientnet_lite0" / "config.json").read_text())
     assert config["architecture"] == "tf_efficientnet_lite0"
     assert config["pretrained_cfg"]["input_size"] == [3, 96, 96]
-    results = json.loads((out / "all_results.json").read_text())
+    results = json.loads((cwd / "outputs" / "quickstart" / "all_results.json").read_text())
     # Measured 0.959 (frozen ImageNet features + logistic regression); a random stand-in ViT gave about 0.85.
     assert results["test_accuracy"] >= 0.94, results
     assert results["test_samples"] == 270
     assert "ImageNet EfficientNet-Lite0" in result.stdout
+
+
+def readme_commands(heading: str) -> list[str]:
+    """The commands of the first bash block under a README heading, comments removed."""
+    section = (REPO / "README.md").read_text().split(f"\n## {heading}\n", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [line.split("  #")[0].strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_readme_probe_sequence_keeps_every_model(tmp_path):
+    cwd = user_workdir(tmp_path)
+    commands = readme_commands("Frozen features: probes and fusion")
+    assert len(commands) == 3 and commands[2].startswith("hf-finetune train")
+    kept: dict[Path, str] = {}
+    for command in commands:
+        words = shlex.split(command)
+        program = sys.executable if words[0] == "python" else str(BIN / words[0])
+        result = run([program, *words[1:], "--disable_tqdm", "true"], cwd=cwd)
+        assert result.returncode == 0, command + result.stdout[-2000:] + result.stderr[-2000:]
+        # Every model written so far is still there, byte for byte.
+        for path, digest in kept.items():
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, (command, path)
+        for path in (cwd / "outputs" / "probe").rglob("*.safetensors"):
+            kept.setdefault(path, hashlib.sha256(path.read_bytes()).hexdigest())
+    folders = sorted(p.parent.name for p in (cwd / "outputs" / "probe").glob("*/all_results.json"))
+    assert folders == ["gaussian_nb", "linear_svm", "logistic_regression"]
+    for name in folders:
+        assert (
+            json.loads((cwd / "outputs" / "probe" / name / "run_summary.json").read_text())["classifier"]
+            == name
+        )
 
 
 @pytest.mark.slow
@@ -110,26 +150,27 @@ def test_flowers_recipe_without_network_fails_fast_with_one_message(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_accelerate_launch(tmp_path):
-    from hf_finetune.quickstart import build_stand_in_checkpoint, export_digits
-
-    out = tmp_path / "ddp"
-    shutil.rmtree(out, ignore_errors=True)
-    # Built here rather than by the recipe, so that two processes do not write the same files at once; a tiny
-    # stand-in, since two processes share the 2 cores.
-    stand_in = build_stand_in_checkpoint(tmp_path / "stand-in")
-    export_digits(tmp_path / "digits")
+def test_two_process_accelerate_launch_keeps_the_global_batch(tmp_path):
+    cwd = user_workdir(tmp_path)
+    # The README's Hardware command (with .venv/bin/ as this interpreter's) on the tiny stand-in, full
+    # fine-tuning for two epochs: two processes of the real Lite0 would take minutes on 2 shared cores.
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", "accelerate_configs/cpu.yaml", "--num_processes", "2",
-           "recipes/quickstart.py", "--config", "recipes/quickstart.yaml", "--output_dir", str(out),
-           "--model_name_or_path", str(stand_in), "--train_dir", str(tmp_path / "digits"),
-           "--strategy", "full", "--num_train_epochs", "2"]  # fmt: skip
-    result = run(cmd)
+           "recipes/quickstart.py", "--config", "recipes/quickstart.yaml", "--num_train_epochs", "2",
+           "--model_name_or_path", "data/quickstart/stand-in-vit", "--strategy", "full", "--learning_rate", "0.002",
+           "--disable_tqdm", "true"]  # fmt: skip
+    (cwd / "accelerate_configs").symlink_to(REPO / "accelerate_configs")
+    result = run(cmd, cwd=cwd)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = cwd / "outputs" / "quickstart"
     results = json.loads((out / "all_results.json").read_text())
     assert results["test_samples"] == 270
+    assert (
+        "Global batch: 32 per device x 2 process(es) x 1 gradient accumulation step(s) = 64" in result.stdout
+    )
     state = json.loads((out / "trainer_state.json").read_text())
-    # Two processes x 64 per device: each optimizer step sees 128 images, so an epoch of 1,257 is 10 steps.
-    assert state["global_step"] == 2 * -(-1257 // 128)
+    # global_batch_size: 64 in the YAML: 64 images per optimizer step as in one process (32 x 2 accumulated), so
+    # an epoch of 1,257 is 20 steps either way.
+    assert state["global_step"] == 2 * -(-1257 // 64)
 
 
 def test_quickstart_yaml_serves_the_probe_and_every_gradient_strategy():

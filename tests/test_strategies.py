@@ -306,9 +306,10 @@ def test_gradual_resumes_with_the_optimizer_groups_of_its_checkpoint(checkpoints
     (tmp_path / "all_results.json").unlink()
     # Same output_dir, one more epoch: run() resumes from checkpoint-6 (optimizer state of epoch 1's groups).
     summary = train(checkpoints("resnet"), tmp_path, data, *flags, epochs=3)
-    assert [h["epoch"] for h in summary["history"]] == [2]
-    assert summary["history"][0]["newly_unfrozen"] == ["block_0"]
-    assert summary["history"][0]["optimizer_parameters"] == summary["history"][0]["trainable_parameters"]
+    # The history saved with the checkpoint continues: epochs 0 and 1 from the first run, 2 from this one.
+    assert [h["epoch"] for h in summary["history"]] == [0, 1, 2]
+    assert summary["history"][2]["newly_unfrozen"] == ["block_0"]
+    assert summary["history"][2]["optimizer_parameters"] == summary["history"][2]["trainable_parameters"]
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
@@ -461,9 +462,9 @@ def launch_root(tmp_path_factory):
     from hf_finetune.quickstart import build_stand_in_checkpoint, export_digits
 
     root = tmp_path_factory.mktemp("launch")
-    export_digits(root / "digits")
+    export_digits(root / "digits", outside_material_dir=True)
     # Built here rather than by the recipe, so that two processes do not write the same files at once.
-    build_stand_in_checkpoint(root / "stand-in-vit")
+    build_stand_in_checkpoint(root / "stand-in-vit", outside_material_dir=True)
     build_tiny_checkpoint("resnet", root / "tiny-resnet", CHECKPOINT_LABELS)
     return root
 
