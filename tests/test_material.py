@@ -29,7 +29,7 @@ SMALL = {
                 "--max_train_samples", "150", "--max_eval_samples", "60"],
 }  # fmt: skip
 MATERIAL = {
-    "quickstart": ["digits", "stand-in-vit"],
+    "quickstart": ["digits", "tf_efficientnet_lite0"],
     "probe": ["digits", "stand-in-vit"],
     "compare": ["digits", "stand-in-vit", "stand-in-resnet"],
 }
