@@ -152,20 +152,3 @@ def warn_if_local_shadows(name: str, setting: str) -> None:
             name,
             name,
         )
-
-
-def check_local_or_hub_id(name: str, setting: str, local_hint: str) -> None:
-    """A name that is neither an existing path nor a well-formed Hub id (`data/x/y`) is a missing folder: say
-    so, instead of the Hub client's validation traceback."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    if os.path.exists(name):
-        return
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        raise UserError(
-            f"{setting}={name} is not a local folder (nothing exists at that path) and cannot be a Hub id "
-            f"(those are `name` or `org/name`). Check the path, or {local_hint}"
-        ) from None

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hf_finetune.args import ModelArguments
 from hf_finetune.errors import UserError
-from hf_finetune.hub import check_hub_repo, check_local_or_hub_id, offline, warn_if_local_shadows
+from hf_finetune.hub import check_hub_repo, offline, warn_if_local_shadows
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +53,6 @@ def load_config(model_args: ModelArguments):
 
     check_built(model_args.model_name_or_path, "model_name_or_path")
     warn_if_local_shadows(model_args.model_name_or_path, "model_name_or_path")
-    check_local_or_hub_id(
-        model_args.model_name_or_path,
-        "model_name_or_path",
-        "point --model_name_or_path at a local folder written by save_pretrained.",
-    )
     check_hub_repo(
         model_args.model_name_or_path,
         model_args.model_revision,

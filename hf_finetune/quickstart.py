@@ -262,7 +262,7 @@ def check_built(path: str | os.PathLike, setting: str) -> None:
     this; they never build material themselves)."""
     if material_name(path) and not Path(path).exists():
         raise UserError(
-            f"{setting}={path} is demo material that has not been built yet: the demo recipes build it in "
+            f"{setting}={path} does not exist yet: it is demo material, which the demo recipes build in "
             f"{MATERIAL_DIR}/ on their first run (python recipes/quickstart.py, recipes/probe.py or "
             "recipes/compare.py, from this working directory). Or point it at your own checkpoint or pictures."
         )

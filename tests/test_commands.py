@@ -259,9 +259,12 @@ def _needs_recipe_material(argv: list[str]) -> bool:
 def build_recipe_material(cwd: Path) -> None:
     from hf_finetune.quickstart import build_stand_in_checkpoint, export_digits
 
-    export_digits(cwd / "data/quickstart/digits")
-    build_stand_in_checkpoint(cwd / "data/quickstart/stand-in-vit")
-    build_stand_in_checkpoint(cwd / "data/quickstart/stand-in-resnet", arch="resnet")
+    # The clone's material folder, built from here (another working directory): asked for explicitly.
+    export_digits(cwd / "data/quickstart/digits", outside_material_dir=True)
+    build_stand_in_checkpoint(cwd / "data/quickstart/stand-in-vit", outside_material_dir=True)
+    build_stand_in_checkpoint(
+        cwd / "data/quickstart/stand-in-resnet", arch="resnet", outside_material_dir=True
+    )
 
 
 @pytest.mark.parametrize(

@@ -192,9 +192,10 @@ def test_a_missing_material_or_local_path_is_named_not_fetched(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     # The command (hf-finetune train --config recipes/probe.yaml) loads material; only the recipes build it.
     with pytest.raises(
-        UserError, match=r"stand-in-vit is demo material that has not been built yet.*recipes/"
+        UserError,
+        match=r"stand-in-vit does not exist yet: it is demo material, which the demo recipes build.*recipes/",
     ):
         load_config(ModelArguments(model_name_or_path="data/quickstart/stand-in-vit"))
-    with pytest.raises(UserError, match=r"pictures/ckpt/v2 is not a local folder .* cannot be a Hub id"):
+    with pytest.raises(UserError, match=r"pictures/ckpt/v2 does not exist: there is no such local folder"):
         load_config(ModelArguments(model_name_or_path="pictures/ckpt/v2"))
     assert list(tmp_path.iterdir()) == []
