@@ -83,7 +83,8 @@ def _split_files(args: DataArguments, kind: str) -> dict[str, str]:
     }
 
 
-def _folder_rows(paths: list[str], labels: list[int]):
+def _folder_rows(paths: list[str], labels: list[int], stamps: list[tuple[int, int]]):
+    # `stamps` is unused here: it is in gen_kwargs only so that the cache key changes with the files.
     for path, label in zip(paths, labels, strict=True):
         yield {"image": path, "label": label}
 
@@ -175,12 +176,15 @@ def _load_image_folders(folders: dict[str, str], cache_dir: str | None):
     for split, by_class in scanned.items():
         rows = sorted((path, ids[name]) for name, paths in by_class.items() for path in paths)
         paths, labels = [p for p, _ in rows], [label for _, label in rows]
-        # A generator dataset is written to the datasets cache (keyed by the file list), so that the image
-        # check and its downscaled copies are cached like any on-disk dataset's.
+        # A generator dataset is written to the datasets cache, keyed by its gen_kwargs, so that the image
+        # check, its downscaled copies and cached features are reused like any on-disk dataset's. The rows hold
+        # paths only, so each file's modification time and size are part of the key: an edited picture (same
+        # path) makes a new dataset, as `load_dataset("imagefolder")` does.
+        stamps = [(stat.st_mtime_ns, stat.st_size) for stat in map(os.stat, paths)]
         splits[split] = Dataset.from_generator(
             _folder_rows,
             features=features,
-            gen_kwargs={"paths": paths, "labels": labels},
+            gen_kwargs={"paths": paths, "labels": labels, "stamps": stamps},
             cache_dir=cache_dir,
         )
     return DatasetDict(splits)
