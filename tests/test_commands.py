@@ -36,7 +36,7 @@ QUICKSTART_MATERIAL_YAMLS = ("recipes/quickstart.yaml", "recipes/probe.yaml", "r
 GPU_ACCELERATE_CONFIGS = ("accelerate_configs/single_gpu.yaml", "accelerate_configs/multi_gpu.yaml")
 # The compare recipe's own settings take about 5 minutes (every method, all the digits, real Lite0 + Lite2): its
 # commands run here on a sample, each method once, which is what they are checked for.
-SHORT_COMPARE = ["--max_train_samples", "150", "--max_eval_samples", "60", "--num_train_epochs", "1"]
+SHORT_COMPARE = ["--max_train_samples", "150", "--max_eval_samples", "60", "--max_steps", "5"]
 # Commands whose run is cheap enough for the default (non-slow) part of the suite.
 FAST: set[str] = set()  # each needs a training run of a minute or more: all slow
 
