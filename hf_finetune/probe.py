@@ -177,6 +177,7 @@ class FitInputs:
     num_labels: int
     seed: int = 0
     device: str = "cpu"
+    log_choice: bool = True  # False for a refit, whose "validation" rows are among those it is fitted on
 
 
 @dataclass
@@ -227,6 +228,8 @@ def _select(name: str, values, fit_one: Callable[[Any], Predictor], inputs: FitI
         if best is None or accuracy > best[0]:
             best = (accuracy, value, predictor)
     assert best is not None
+    if not inputs.log_choice:
+        return Fitted(best[2], {name: best[1]}, grid)
     if not all(g["converged"] for g in grid if g[name] == best[1]):
         logger.warning(
             "The solver did not fully converge at %s=%s; raise max_iter for a tighter fit.", name, best[1]
@@ -265,6 +268,10 @@ def refit(spec: ClassifierSpec, selected: Fitted, inputs: FitInputs, args: Probe
         inputs.num_labels,
         inputs.seed,
         inputs.device,
+        log_choice=False,
+    )
+    logger.info(
+        "Refitting %s with %s on train + validation (%d rows).", spec.name, selected.chosen, len(both.y_train)
     )
     return Fitted(spec.fit(both, one_value).predictor, selected.chosen, selected.grid)
 
