@@ -2,7 +2,9 @@
 
 Each method runs into `output_dir/<method>` (a complete output directory of its own) with the same data
 arguments and seed, so the splits are identical. A method that fails becomes a row that says why; the others
-still run. Wall time and peak memory are measured around each method in this process: peak resident memory
+still run. Wall time, CPU time and peak memory are measured around each method in this process: CPU time as
+`time.process_time()` (user + system time of all this process's threads, so on a CPU it is the compute the method
+cost whatever else shares the machine; under several processes, this process's share), peak resident memory
 through Linux's resettable high-water mark (`/proc/self/clear_refs`), peak GPU memory through torch.
 """
 
@@ -171,9 +173,12 @@ def _method_arguments(method: Method, model_args, strategy_args, probe_args, tra
         names = ",".join(checkpoints) if method.kind == "fusion" else checkpoints[0]
         models = dataclasses.replace(model_args, model_name_or_path=names)
         return models, dataclasses.replace(probe_args, classifier=method.classifier), train_args
+    strategy = dataclasses.replace(strategy_args, strategy=method.strategy or "full")
     if method.kind == "scratch":
+        # Random weights have nothing to protect: freeze_modules (e.g. pretrained BatchNorm) does not apply.
         first = dataclasses.replace(first, from_scratch=True)
-    return first, dataclasses.replace(strategy_args, strategy=method.strategy or "full"), train_args
+        strategy = dataclasses.replace(strategy, freeze_modules=None)
+    return first, strategy, train_args
 
 
 def _skip_reason(method: Method, model_args, data_labels_match) -> str | None:
@@ -346,7 +351,7 @@ def compare(model_args, data_args, strategy_args, probe_args, compare_args, trai
         logger.info("compare: running %s into %s", name, out)
         _reset_peak_memory()
         rss_at_start = _memory_mib().get("VmRSS")
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         failure = None
         try:
             results = run_method(method, shared, out, dataset=dataset)
@@ -362,9 +367,13 @@ def compare(model_args, data_args, strategy_args, probe_args, compare_args, trai
             rows.append(row)
             continue
         row.update(
-            status="ok", wall_time_s=round(time.perf_counter() - started, 2), **_peak_memory_mib(rss_at_start)
+            status="ok",
+            wall_time_s=round(time.perf_counter() - started, 2),
+            cpu_time_s=round(time.process_time() - cpu_started, 2),
+            **_peak_memory_mib(rss_at_start),
         )
         row.update(_result_fields(results, out, name))
+        row["accuracy_per_cpu_minute"] = accuracy_per_cpu_minute(row)
         rows.append(row)
     rows = merge_rows(earlier, rows, root, settings)
     if training_args.process_index == 0:
@@ -376,19 +385,26 @@ def compare(model_args, data_args, strategy_args, probe_args, compare_args, trai
 # --------------------------------------------------------------------------------------------------------
 # Writing the comparison
 # --------------------------------------------------------------------------------------------------------
+def accuracy_per_cpu_minute(row: dict[str, Any]) -> float | None:
+    """Test accuracy divided by the method's CPU minutes: what each minute of compute bought."""
+    accuracy, cpu = row.get("accuracy"), row.get("cpu_time_s")
+    return None if accuracy is None or not cpu else round(accuracy / (cpu / 60), 4)
+
+
 def _fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
 def comparison_markdown(rows: list[dict[str, Any]]) -> str:
     header = (
-        "| method | test accuracy | macro-F1 | trainable parameters | wall time (s) | peak memory added (MiB) | note |\n"
-        "|---|---|---|---|---|---|---|\n"
+        "| method | test accuracy | macro-F1 | trainable parameters | wall time (s) | CPU time (s) | "
+        "accuracy per CPU-minute | peak memory added (MiB) | note |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for row in rows:
         if row["status"] != "ok":
-            lines.append(f"| {row['method']} | – | – | – | – | – | {row['status']}: {row['reason']} |")
+            lines.append(f"| {row['method']} | – | – | – | – | – | – | – | {row['status']}: {row['reason']} |")
             continue
         memory = row.get("peak_gpu_mib") or row.get("peak_rss_added_mib")
         notes = [] if row["split"] == "test" else ["validation split (no test split)"]
@@ -404,9 +420,13 @@ def comparison_markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {row['method']} | {_fmt(row['accuracy'], '.4f')} | {_fmt(row['macro_f1'], '.4f')} | "
             f"{_fmt(row['trainable_parameters'], ',')} | {_fmt(row.get('wall_time_s'), '.1f')} | "
+            f"{_fmt(row.get('cpu_time_s'), '.1f')} | {_fmt(row.get('accuracy_per_cpu_minute'), '.2f')} | "
             f"{_fmt(memory, '.0f')} | {note} |"
         )
     footnote = (
+        "\nCPU time: user + system time of this process's threads during the method (time.process_time), so "
+        "it does not grow when other work shares the cores, as wall time does; accuracy per CPU-minute is test "
+        "accuracy / (CPU time / 60).\n"
         "\nPeak memory: the most GPU memory allocated during the method when it ran on a GPU, otherwise the rise "
         "of this process's peak resident memory over what it held when the method started (on a CPU, memory "
         "that an earlier method freed is reused, so later rows understate; compare one method alone for its "

@@ -15,6 +15,7 @@ directory is an ordinary transformers model; everything else is an hf-finetune p
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 import os
@@ -87,6 +88,15 @@ class ProbeArguments:
     head_weight_decay: list[float] = field(
         default_factory=lambda: [0.0, 0.01, 0.1],
         metadata={"help": "AdamW weight decays tried for linear / mlp; the best on validation wins."},
+    )
+    refit_on_validation: bool = field(
+        default=False,
+        metadata={
+            "help": "Once the hyperparameter is chosen on validation, fit the classifier again with it on train + "
+            "validation (scikit-learn's GridSearchCV refit) and save that one. Validation metrics stay those "
+            "of the classifier fitted on train only (the refit one has seen validation); test metrics are the "
+            "refit one's. Needs a test split."
+        },
     )
     mlp_hidden_size: int = field(default=256, metadata={"help": "Hidden width of the mlp head."})
     mlp_dropout: float = field(default=0.2, metadata={"help": "Dropout inside the mlp head while training."})
@@ -167,6 +177,7 @@ class FitInputs:
     num_labels: int
     seed: int = 0
     device: str = "cpu"
+    log_choice: bool = True  # False for a refit, whose "validation" rows are among those it is fitted on
 
 
 @dataclass
@@ -217,6 +228,8 @@ def _select(name: str, values, fit_one: Callable[[Any], Predictor], inputs: FitI
         if best is None or accuracy > best[0]:
             best = (accuracy, value, predictor)
     assert best is not None
+    if not inputs.log_choice:
+        return Fitted(best[2], {name: best[1]}, grid)
     if not all(g["converged"] for g in grid if g[name] == best[1]):
         logger.warning(
             "The solver did not fully converge at %s=%s; raise max_iter for a tighter fit.", name, best[1]
@@ -229,6 +242,38 @@ def _select(name: str, values, fit_one: Callable[[Any], Predictor], inputs: FitI
         best[1],
     )
     return Fitted(best[2], {name: best[1]}, grid)
+
+
+# The name `_select` records a classifier's hyperparameter under -> the ProbeArguments grid it comes from.
+_GRID_SETTING = {
+    "C": "c_values",
+    "var_smoothing": "nb_var_smoothing",
+    "n_neighbors": "knn_neighbors",
+    "weight_decay": "head_weight_decay",
+}
+
+
+def refit(spec: ClassifierSpec, selected: Fitted, inputs: FitInputs, args: ProbeArguments) -> Fitted:
+    """`spec` fitted again on train + validation with the hyperparameter `selected` chose on validation (the
+    grid and the choice are kept as they were: nothing is chosen on the rows it is fitted on)."""
+    import numpy as np
+
+    (name, value), *_ = selected.chosen.items()
+    one_value = dataclasses.replace(args, **{_GRID_SETTING[name]: [value]})
+    both = FitInputs(
+        np.concatenate([inputs.x_train, inputs.x_val]),
+        np.concatenate([inputs.y_train, inputs.y_val]),
+        inputs.x_val,  # only to fill the one-value grid's score, which is not used
+        inputs.y_val,
+        inputs.num_labels,
+        inputs.seed,
+        inputs.device,
+        log_choice=False,
+    )
+    logger.info(
+        "Refitting %s with %s on train + validation (%d rows).", spec.name, selected.chosen, len(both.y_train)
+    )
+    return Fitted(spec.fit(both, one_value).predictor, selected.chosen, selected.grid)
 
 
 def _linear_from_sklearn(estimator, num_labels: int):
@@ -481,6 +526,12 @@ def fit_probe(
     backbones = [Backbone(args) for args in split_checkpoints(model_args)]
     data = prepare_data(data_args, training_args.seed, cache_dir=model_args.cache_dir, dataset=dataset)
     num_labels = len(data.labels)
+    if probe_args.refit_on_validation and "test" not in data.splits:
+        raise UserError(
+            "refit_on_validation fits the saved classifier on train + validation, so without a test split no "
+            "reported number would come from pictures it has not seen. Add a test split (test_dir, or "
+            "train_test_split: 0.15), or set refit_on_validation: false."
+        )
 
     ######################################
     # Features: cached, or computed once #
@@ -524,16 +575,21 @@ def fit_probe(
     inputs = FitInputs(
         x["train"], y["train"], x["validation"], y["validation"], num_labels, training_args.seed, str(device)
     )
-    fitted = spec.fit(inputs, probe_args)
+    selected = fitted = spec.fit(inputs, probe_args)  # chosen on validation, fitted on train only
+    if probe_args.refit_on_validation:
+        fitted = refit(spec, selected, inputs, probe_args)
     fit_seconds = time.perf_counter() - fit_start
 
     ###########
     # Metrics #
     ###########
     results: dict[str, Any] = {"train_samples": len(y["train"])}
-    for split, prefix in (("validation", "eval"), ("test", "test")):
+    if probe_args.refit_on_validation:
+        results["refit_samples"] = len(y["train"]) + len(y["validation"])
+    # Validation: the classifier fitted on train only (a refit one has seen validation). Test: the saved one.
+    for split, prefix, predictor in (("validation", "eval", selected), ("test", "test", fitted)):
         if split in x:
-            metrics = classification_metrics(fitted.predictor.scores(x[split]), y[split], num_labels)
+            metrics = classification_metrics(predictor.predictor.scores(x[split]), y[split], num_labels)
             results.update({f"{prefix}_{name}": value for name, value in metrics.items()})
             results[f"{prefix}_samples"] = len(y[split])
     results.update(
@@ -655,6 +711,9 @@ def save_probe(
             # Numbers the fitted classifier holds (weights, class statistics, or kNN's stored rows).
             "classifier_parameters": int(sum(a.size for a in fitted.predictor.arrays().values())),
             "validation_grid": fitted.grid,
+            # True: the saved classifier was fitted again on train + validation with the chosen value; the
+            # validation metrics are those of the one fitted on train only.
+            "refit_on_validation": probe_args.refit_on_validation,
             # Published with the folder: no absolute path of this machine (see README, "safety").
             "feature_cache_dir": os.path.relpath(result.cache_dir),
             "feature_cache": [

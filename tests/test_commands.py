@@ -34,6 +34,9 @@ COMMAND_START = re.compile(r"^(python |accelerate |\.venv/bin/accelerate |hf-fin
 HUB_RECIPE_YAMLS = ("recipes/flowers.yaml", "recipes/flowers_cpu.yaml")
 QUICKSTART_MATERIAL_YAMLS = ("recipes/quickstart.yaml", "recipes/probe.yaml", "recipes/compare.yaml")
 GPU_ACCELERATE_CONFIGS = ("accelerate_configs/single_gpu.yaml", "accelerate_configs/multi_gpu.yaml")
+# The compare recipe's own settings take about 5 minutes (every method, all the digits, real Lite0 + Lite2): its
+# commands run here on a sample, each method once, which is what they are checked for.
+SHORT_COMPARE = ["--max_train_samples", "150", "--max_eval_samples", "60", "--max_steps", "5"]
 # Commands whose run is cheap enough for the default (non-slow) part of the suite.
 FAST: set[str] = set()  # each needs a training run of a minute or more: all slow
 
@@ -146,6 +149,8 @@ def local_argv(command: str) -> list[str]:
         ]
     if needs_hub and no_gpu:
         argv += ["--bf16", "false"]
+    if "recipes/compare.py" in argv or "recipes/compare.yaml" in argv:
+        argv += SHORT_COMPARE
     return argv
 
 
@@ -257,14 +262,18 @@ def _needs_recipe_material(argv: list[str]) -> bool:
 
 
 def build_recipe_material(cwd: Path) -> None:
-    from hf_finetune.quickstart import build_stand_in_checkpoint, export_digits
+    """What the recipes' own first runs build: every piece of material their YAMLs name."""
+    import yaml
+
+    from hf_finetune.quickstart import MATERIAL_BUILDERS
 
     # The clone's material folder, built from here (another working directory): asked for explicitly.
-    export_digits(cwd / "data/quickstart/digits", outside_material_dir=True)
-    build_stand_in_checkpoint(cwd / "data/quickstart/stand-in-vit", outside_material_dir=True)
-    build_stand_in_checkpoint(
-        cwd / "data/quickstart/stand-in-resnet", arch="resnet", outside_material_dir=True
-    )
+    for config in QUICKSTART_MATERIAL_YAMLS:
+        values = yaml.safe_load((REPO / config).read_text())
+        for setting in (*str(values["model_name_or_path"]).split(","), values["train_dir"]):
+            name = Path(setting.strip()).name
+            if name in MATERIAL_BUILDERS:
+                MATERIAL_BUILDERS[name](cwd / "data/quickstart" / name, outside_material_dir=True)
 
 
 @pytest.mark.parametrize(
@@ -482,7 +491,7 @@ def test_compare_under_two_processes_keeps_a_failing_method_as_a_row_on_every_pr
     comparison goes on to the next method and finishes: no process waits for another."""
     out = "outputs/compare-two"
     argv = [*LAUNCH_2, "recipes/compare.py", "--compare_methods", "lora", "head", "--lora_target_modules", "nope",
-            "--num_train_epochs", "1", "--output_dir", out]  # fmt: skip
+            *SHORT_COMPARE, "--output_dir", out]  # fmt: skip
     result = run(argv, workdir, timeout=900)
     assert_no_traceback_of_ours(result, argv)
     assert exit_status(result, argv) == 0, result.stderr[-4000:]

@@ -58,6 +58,10 @@ def test_compare_writes_one_table_two_plots_and_a_folder_per_method(tmp_path, da
         assert row["status"] == "ok", row
         assert 0.0 <= row["accuracy"] <= 1.0 and row["split"] == "test"
         assert row["wall_time_s"] > 0 and row["trainable_parameters"] > 0
+        # CPU time of the method in this process, and what each CPU-minute of it bought.
+        assert 0 < row["cpu_time_s"] and row["accuracy_per_cpu_minute"] == round(
+            row["accuracy"] / (row["cpu_time_s"] / 60), 4
+        )
         results = json.loads((out / name / "all_results.json").read_text())
         assert results["test_accuracy"] == row["accuracy"]
         assert "## Comparison with other ways to transfer" in (out / name / "README.md").read_text()
@@ -69,6 +73,23 @@ def test_compare_writes_one_table_two_plots_and_a_folder_per_method(tmp_path, da
     for plot in (PLOT_PARAMS, PLOT_TIME):
         with Image.open(out / plot) as image:
             assert image.format == "PNG" and image.size[0] > 100
+
+
+def test_scratch_trains_what_freeze_modules_protects_in_a_pretrained_checkpoint(tmp_path):
+    """freeze_modules (here: BatchNorm, as recipes/compare.yaml sets it) keeps pretrained weights as they are;
+    random weights have nothing to protect, so `scratch` trains everything, while `full` keeps the freeze."""
+    from hf_finetune.compare import METHODS, _method_arguments
+
+    args = parse_compare_args(["--model_name_or_path", "a,b", "--freeze_modules", r"\.bn\d\.", "--output_dir",
+                               str(tmp_path)])  # fmt: skip
+    model_args, _, strategy_args, probe_args, _, training_args = args
+    pick = {
+        name: _method_arguments(METHODS[name], model_args, strategy_args, probe_args, training_args, tmp_path)
+        for name in ("scratch", "full")
+    }
+    assert pick["scratch"][0].from_scratch and pick["scratch"][1].freeze_modules is None
+    assert not pick["full"][0].from_scratch and pick["full"][1].freeze_modules == [r"\.bn\d\."]
+    assert pick["scratch"][0].model_name_or_path == "a"
 
 
 def test_as_is_evaluates_a_checkpoint_whose_labels_fit_without_training(tmp_path, data):

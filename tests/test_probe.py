@@ -376,3 +376,36 @@ def test_push_publishes_the_finished_folder_and_keeps_the_token_out(
         if path.is_file() and path.suffix in (".json", ".yaml", ".md"):
             assert "hf_secret_token" not in path.read_text(), path
     assert 'load_probe("someone/digits-probe")' in (out / "README.md").read_text()
+
+
+def test_refit_on_validation_saves_the_classifier_fitted_on_train_and_validation(
+    checkpoints, feature_cache, dataset, tmp_path
+):
+    """GridSearchCV's refit: C chosen on validation as before, then the saved classifier is fitted again with it
+    on train + validation. Validation metrics stay those of the train-only fit; test metrics are the saved one's."""
+    from hf_finetune.probe import refit
+
+    kept, _ = _fit_and_save(checkpoints["vit"], tmp_path / "kept", feature_cache, dataset)
+    refitted, _ = _fit_and_save(
+        checkpoints["vit"], tmp_path / "refit", feature_cache, dataset, refit_on_validation="true"
+    )
+    assert refitted.fitted.chosen == kept.fitted.chosen and refitted.fitted.grid == kept.fitted.grid
+    assert refitted.results["eval_accuracy"] == kept.results["eval_accuracy"]
+    n_train, n_val = len(kept.y["train"]), len(kept.y["validation"])
+    assert refitted.results["refit_samples"] == n_train + n_val
+    # The saved classifier is exactly the chosen C fitted on train + validation, not the train-only one.
+    inputs = FitInputs(kept.x["train"], kept.y["train"], kept.x["validation"], kept.y["validation"], 10)
+    expected = refit(kept.spec, kept.fitted, inputs, ProbeArguments())
+    test_x = refitted.x["test"]
+    np.testing.assert_allclose(refitted.fitted.predictor.scores(test_x), expected.predictor.scores(test_x))
+    assert not np.allclose(refitted.fitted.predictor.scores(test_x), kept.fitted.predictor.scores(test_x))
+    test_accuracy = float((expected.predictor.scores(test_x).argmax(axis=1) == refitted.y["test"]).mean())
+    assert refitted.results["test_accuracy"] == pytest.approx(test_accuracy)
+    summary = json.loads((tmp_path / "refit" / "run_summary.json").read_text())
+    assert summary["refit_on_validation"] is True
+
+
+def test_refit_on_validation_needs_a_test_split(checkpoints, feature_cache, dataset, tmp_path):
+    args = _args(checkpoints["vit"], tmp_path / "o", feature_cache, refit_on_validation="true", train_test_split=0)
+    with pytest.raises(UserError, match="test split"):
+        fit_probe(*args, dataset=dataset)
