@@ -25,13 +25,13 @@ QUIET = ["--disable_tqdm", "true", "--dataloader_num_workers", "0"]
 SMALL = {
     "quickstart": ["--num_train_epochs", "1", "--max_train_samples", "150", "--max_eval_samples", "60"],
     "probe": ["--max_train_samples", "300", "--max_eval_samples", "100"],
-    "compare": ["--compare_methods", "probe_logistic_regression", "head", "--num_train_epochs", "1",
+    "compare": ["--compare_methods", "probe_logistic_regression", "head", "--max_steps", "5",
                 "--max_train_samples", "150", "--max_eval_samples", "60"],
 }  # fmt: skip
 MATERIAL = {
     "quickstart": ["digits", "tf_efficientnet_lite0"],
     "probe": ["digits", "stand-in-vit"],
-    "compare": ["digits", "stand-in-vit", "stand-in-resnet"],
+    "compare": ["digits", "tf_efficientnet_lite0-64px", "tf_efficientnet_lite2-64px"],
 }
 
 
