@@ -404,7 +404,9 @@ def comparison_markdown(rows: list[dict[str, Any]]) -> str:
     lines = []
     for row in rows:
         if row["status"] != "ok":
-            lines.append(f"| {row['method']} | – | – | – | – | – | – | – | {row['status']}: {row['reason']} |")
+            lines.append(
+                f"| {row['method']} | – | – | – | – | – | – | – | {row['status']}: {row['reason']} |"
+            )
             continue
         memory = row.get("peak_gpu_mib") or row.get("peak_rss_added_mib")
         notes = [] if row["split"] == "test" else ["validation split (no test split)"]

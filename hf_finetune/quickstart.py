@@ -218,7 +218,12 @@ def build_real_checkpoint(
     if _already_built(folder, kind, (folder / "config.json").is_file()):
         return folder
     convert_efficientnet_lite(variant, folder, image_size=image_size, crop_pct=crop_pct)
-    logger.info("Converted Google's ImageNet EfficientNet-%s to %s (%d px inputs)", variant.capitalize(), folder, image_size)
+    logger.info(
+        "Converted Google's ImageNet EfficientNet-%s to %s (%d px inputs)",
+        variant.capitalize(),
+        folder,
+        image_size,
+    )
     return folder
 
 

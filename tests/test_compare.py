@@ -59,7 +59,7 @@ def test_compare_writes_one_table_two_plots_and_a_folder_per_method(tmp_path, da
         assert 0.0 <= row["accuracy"] <= 1.0 and row["split"] == "test"
         assert row["wall_time_s"] > 0 and row["trainable_parameters"] > 0
         # CPU time of the method in this process, and what each CPU-minute of it bought.
-        assert 0 < row["cpu_time_s"] and row["accuracy_per_cpu_minute"] == round(
+        assert row["cpu_time_s"] > 0 and row["accuracy_per_cpu_minute"] == round(
             row["accuracy"] / (row["cpu_time_s"] / 60), 4
         )
         results = json.loads((out / name / "all_results.json").read_text())

@@ -406,6 +406,8 @@ def test_refit_on_validation_saves_the_classifier_fitted_on_train_and_validation
 
 
 def test_refit_on_validation_needs_a_test_split(checkpoints, feature_cache, dataset, tmp_path):
-    args = _args(checkpoints["vit"], tmp_path / "o", feature_cache, refit_on_validation="true", train_test_split=0)
+    args = _args(
+        checkpoints["vit"], tmp_path / "o", feature_cache, refit_on_validation="true", train_test_split=0
+    )
     with pytest.raises(UserError, match="test split"):
         fit_probe(*args, dataset=dataset)
