@@ -37,13 +37,7 @@ TRANSFORMERS = ("vit", "deit", "beit", "dinov2", "swin")
 CONVOLUTIONAL = ("resnet", "regnet", "mobilenet_v2", "efficientnet")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy two-core machine they slow everything.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -42,14 +42,7 @@ BATCHNORM_ARCHITECTURES = ("resnet", "regnet", "mobilenet_v2", "efficientnet")
 BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy two-core machine OpenMP's spinning
-    # threads make every small matmul a thousand times slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _digits(per_class: int, offset: int):

@@ -16,12 +16,7 @@ from hf_finetune.tiny import build_tiny_timm_checkpoint
 CHECKPOINT_LABELS = ["cat", "dog", "bird"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
