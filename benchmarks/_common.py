@@ -96,7 +96,7 @@ def build_checkpoint(folder: str | Path, arch: str, image_size: int, seed: int =
     """A tiny random-init checkpoint saved like a Hub download; rebuilt only when missing."""
     from transformers.utils import logging
 
-    from hf_finetune.tiny import build_tiny_checkpoint
+    from hf_finetune.testing.tiny import build_tiny_checkpoint
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -348,7 +348,7 @@ PEER_SCRIPT = Path(__file__).resolve().parent / "throughput_vs_peer.py"
 
 
 def ours_arguments(checkpoint, data_dir, output_dir, flags: list[str]) -> list[str]:
-    """The `hf_finetune.cli train` arguments for data_dir/{train,validation,test}: its defaults plus `flags`."""
+    """The `hf_finetune.commands.cli train` arguments for data_dir/{train,validation,test}: its defaults plus `flags`."""
     data_dir = Path(data_dir)
     return [
         "--model_name_or_path", str(checkpoint),
@@ -361,11 +361,11 @@ def ours_arguments(checkpoint, data_dir, output_dir, flags: list[str]) -> list[s
 
 
 def ours_command(checkpoint, data_dir, output_dir, flags: list[str]) -> list[str]:
-    """`python -m hf_finetune.cli train` on data_dir/{train,validation,test} with its defaults plus `flags`."""
+    """`python -m hf_finetune.commands.cli train` on data_dir/{train,validation,test} with its defaults plus `flags`."""
     return [
         sys.executable,
         "-m",
-        "hf_finetune.cli",
+        "hf_finetune.commands.cli",
         "train",
         *ours_arguments(checkpoint, data_dir, output_dir, flags),
     ]

@@ -29,7 +29,7 @@ scikit-image's bundled photographs, 8 classes x 120 / 20 / 40, written once to b
 ViTConfig(hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768, image_size=64,
 patch_size=8), randomly initialised and saved with a ViTImageProcessor at 64 px and a label set of its own.
 
-What runs: ours is `python -m hf_finetune.cli train` with its defaults; the peer is `peer_main` of
+What runs: ours is `python -m hf_finetune.commands.cli train` with its defaults; the peer is `peer_main` of
 throughput_vs_peer.py (the transformers docs' tutorial as a plain script). Both: 3 epochs, batch 32, eval batch
 128, lr 1e-3, the same dataloader workers, a fresh datasets cache each. The full run does each side three
 times, in the order ours, peer, peer, ours, ours, peer, with seeds 42, 43, 44 on both sides; --quick runs each
@@ -117,7 +117,7 @@ def main(argv: list[str]) -> None:
     args = parse(argv)
     import torch
 
-    from hf_finetune.args import VISION_TRAINING_DEFAULTS
+    from hf_finetune.config import VISION_TRAINING_DEFAULTS
 
     workers = args.workers if args.workers is not None else VISION_TRAINING_DEFAULTS["dataloader_num_workers"]
     print(f"Compute-bound: ours vs the docs-style peer on {_common.machine()}; {_common.load()}")
@@ -197,7 +197,10 @@ def main(argv: list[str]) -> None:
     peak = max(peaks)
     print(f"  done; {_common.load()}\n")
     rows = []
-    for side, label in (("ours", "ours (hf_finetune.cli train)"), ("peer", "peer (HF docs tutorial)")):
+    for side, label in (
+        ("ours", "ours (hf_finetune.commands.cli train)"),
+        ("peer", "peer (HF docs tutorial)"),
+    ):
         fastest = best_train_only[side]
         rows.append(
             [

@@ -17,7 +17,7 @@ a fraction of that per image, so the run's speed is the speed of turning files i
 decodes every picture in full (datasets' Image feature) in every epoch and crops and resizes the full-size
 picture. Ours decodes each file once, in the image check before training, in PIL's draft mode at the smallest
 power-of-two scale that covers what the transforms need, and stores a copy at just that size in the datasets
-cache (`downscale_images`; `hf_finetune.transforms.decode_sizes`: 64 / sqrt(0.08) = 227 px on the short side
+cache (`downscale_images`; `hf_finetune.data.transforms.decode_sizes`: 64 / sqrt(0.08) = 227 px on the short side
 for training, 302x227, so the smallest random crop keeps full resolution; the eval resize of 73 px, 97x73,
 lossless); the epochs then decode those small copies. The copies are made inside the timed run (each run has
 a fresh datasets cache), so their cost is counted.
@@ -25,10 +25,10 @@ a fresh datasets cache), so their cost is counted.
 Data: an image folder (train / validation / test, one sub-folder per class) of 1600x1200 JPEGs (quality 90),
 each a random crop of one of scikit-image's bundled photographs (the class), flipped, colour-jittered and
 given sensor-like noise; 4 classes x 250 / 40 / 80. Checkpoint: a tiny randomly initialised ResNet of
-hf_finetune.tiny at 64 px (its ConvNext-style image processor: resize 73, centre crop 64), with a label set
+hf_finetune.testing.tiny at 64 px (its ConvNext-style image processor: resize 73, centre crop 64), with a label set
 of its own so both sides replace the classifier.
 
-What runs: ours is `python -m hf_finetune.cli train` with its defaults; the peer is `peer_main` of
+What runs: ours is `python -m hf_finetune.commands.cli train` with its defaults; the peer is `peer_main` of
 throughput_vs_peer.py (the transformers docs' image-classification tutorial as a plain script; see that file
 for its three departures from the tutorial). Both: 3 epochs of full fine-tuning, batch 32, eval batch 128,
 lr 1e-3, per-epoch evaluation and checkpoint, best-model reload, test evaluation, the same number of
@@ -93,7 +93,7 @@ def parse(argv):
 
 def main(argv: list[str]) -> None:
     args = parse(argv)
-    from hf_finetune.args import VISION_TRAINING_DEFAULTS
+    from hf_finetune.config import VISION_TRAINING_DEFAULTS
 
     workers = args.workers if args.workers is not None else VISION_TRAINING_DEFAULTS["dataloader_num_workers"]
     print(f"Decode-bound: ours vs the docs-style peer on {_common.machine()}; {_common.load()}")
@@ -152,7 +152,10 @@ def main(argv: list[str]) -> None:
     best_train = {side: _common.best_of(runs[side], "train_runtime") for side in runs}
     accuracy = {side: statistics.mean(r["test_accuracy"] for r in runs[side]) for side in runs}
     rows = []
-    for side, label in (("ours", "ours (hf_finetune.cli train)"), ("peer", "peer (HF docs tutorial)")):
+    for side, label in (
+        ("ours", "ours (hf_finetune.commands.cli train)"),
+        ("peer", "peer (HF docs tutorial)"),
+    ):
         rows.append(
             [
                 label,

@@ -12,7 +12,7 @@ Targets (printed with PASS/MISS, never asserted):
   plus that of the input data (its memory-mapped Arrow files, read as in any approach) plus a few MiB.
 
 Part 1 runs the probe in this process on the quickstart digits with the tiny stand-in ViT (and a tiny ResNet
-for fusion), counting backbone forward passes with `hf_finetune.features.count_backbone_forwards` (a global
+for fusion), counting backbone forward passes with `hf_finetune.probe.features.count_backbone_forwards` (a global
 hook on every transformers base model, independent of the probe's own counter).
 
 Part 2 computes the features of N synthetic 32 px pictures (digits with random shifts and noise, an Arrow
@@ -49,9 +49,9 @@ TOLERANCE_MIB = 8.0
 # Part 1: forward passes per run
 # --------------------------------------------------------------------------------------------------------
 def forward_passes_per_run() -> list[bool]:
-    from hf_finetune.features import count_backbone_forwards
-    from hf_finetune.probe import parse_probe_args, run_probe
-    from hf_finetune.quickstart import build_stand_in_checkpoint, export_digits
+    from hf_finetune.probe.features import count_backbone_forwards
+    from hf_finetune.probe.fit import parse_probe_args, run_probe
+    from hf_finetune.testing.quickstart import build_stand_in_checkpoint, export_digits
 
     digits = export_digits(_common.BENCH_OUT / "digits", outside_material_dir=True)
     vit = build_stand_in_checkpoint(_common.BENCH_OUT / "probe-backbone-stand-in", outside_material_dir=True)
@@ -175,8 +175,8 @@ def _measure(argv: list[str]) -> None:
     import numpy as np
     from datasets import load_from_disk
 
-    from hf_finetune.args import ModelArguments
-    from hf_finetune.features import Backbone, FeatureCache, embed_batch, extract_features
+    from hf_finetune.config import ModelArguments
+    from hf_finetune.probe.features import Backbone, FeatureCache, embed_batch, extract_features
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", required=True)
@@ -212,7 +212,7 @@ def _measure(argv: list[str]) -> None:
         extract_features(backbone, {"train": dataset}, "image", "label", labels, FeatureCache(args.cache),
                          batch_size=64, num_workers=0)  # fmt: skip
     else:
-        from hf_finetune.features import pixel_loader
+        from hf_finetune.probe.features import pixel_loader
 
         chunks = [
             embed_batch(model, batch["pixel_values"], args.checkpoint)

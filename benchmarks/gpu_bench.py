@@ -13,7 +13,7 @@ synthetic pictures (a per-class colour gradient under noise and blobs; `--synthe
 
 What runs, each in a subprocess with a fresh datasets cache, ours first, then the peer (with
 --repeats 2: ours, peer, peer, ours, and medians):
-  * ours: `python -m hf_finetune.cli train --bf16 true --per_device_train_batch_size 128
+  * ours: `python -m hf_finetune.commands.cli train --bf16 true --per_device_train_batch_size 128
     --dataloader_num_workers 12 --max_steps N --eval_strategy no --save_strategy no
     --load_best_model_at_end false` (everything else our defaults);
   * the peer: `peer_main` below, the transformers docs' image-classification tutorial (imagefolder,
@@ -345,7 +345,7 @@ def main(argv: list[str]) -> None:
                 str(checkpoint), "--output_dir", str(output_dir), *peer_flags]  # fmt: skip
 
     def ours(output_dir: Path) -> list[str]:
-        return [sys.executable, "-m", "hf_finetune.cli", "train", "--model_name_or_path", str(checkpoint),
+        return [sys.executable, "-m", "hf_finetune.commands.cli", "train", "--model_name_or_path", str(checkpoint),
                 "--train_dir", str(data / "train"), "--validation_dir", str(data / "validation"),
                 "--output_dir", str(output_dir), *ours_flags]  # fmt: skip
 
@@ -407,7 +407,10 @@ def main(argv: list[str]) -> None:
             mfu(rate[side], matmul),
             f"{_common.median_of(runs[side], 'wall_s'):.0f} s",
         ]
-        for side, label in (("ours", "ours (hf_finetune.cli train)"), ("peer", "peer (HF docs tutorial)"))
+        for side, label in (
+            ("ours", "ours (hf_finetune.commands.cli train)"),
+            ("peer", "peer (HF docs tutorial)"),
+        )
     ]
     if step_rate is not None:
         rows.append(

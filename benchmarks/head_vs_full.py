@@ -6,7 +6,7 @@
 Target: a `head` step takes at most 0.5 x the time of a `full` step, and its peak memory is lower. Printed
 with PASS/MISS, never asserted.
 
-What is compared: one model per strategy, frozen by `hf_finetune.strategies.prepare_strategy` exactly as a
+What is compared: one model per strategy, frozen by `hf_finetune.strategies.core.prepare_strategy` exactly as a
 run freezes it (requires_grad, BatchNorm hooks) and optimised by AdamW over the strategy's own parameter
 groups (`FreezingPlan.param_groups`, what the Trainer gets). A step is forward + cross-entropy + backward +
 AdamW step + zero_grad on one fixed batch in train mode; data loading is left out, so the figure is the
@@ -19,7 +19,7 @@ over one step, then its memory timeline (`export_memory_timeline`, raw JSON): th
 bytes of all live tensors on the CPU (parameters, optimizer state, inputs, activations kept for backward,
 gradients, temporaries), with the breakdown at that peak.
 
-Configs: `quickstart` is the model recipes/quickstart.yaml trains (the tiny ViT of hf_finetune.tiny: hidden
+Configs: `quickstart` is the model recipes/quickstart.yaml trains (the tiny ViT of hf_finetune.testing.tiny: hidden
 32, 2 layers, 32 px, batch 64). At that size a step is dominated by per-operator overhead rather than
 arithmetic, so the same comparison is also run on `bigger` (hidden 192, 6 layers, 3 heads, 64 px in 8 px
 patches, batch 32; ViT-Tiny's width at a CPU-friendly depth and resolution). Both are always printed.
@@ -62,8 +62,8 @@ def build(config_name: str, strategy: str):
     import torch
     from transformers import AutoModelForImageClassification, Trainer
 
-    from hf_finetune.strategies import StrategyArguments, prepare_strategy
-    from hf_finetune.tiny import tiny_config
+    from hf_finetune.strategies.core import StrategyArguments, prepare_strategy
+    from hf_finetune.testing.tiny import tiny_config
 
     spec = CONFIGS[config_name]
     config = tiny_config("vit", LABELS)

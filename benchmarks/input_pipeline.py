@@ -10,8 +10,8 @@ missing: the 1,480 photographs of 1600x1200 take 2 to 3 minutes on 2 cores, once
 Target: on each set-up the input pipeline alone delivers >= 3x the images/s that the training step alone
 consumes, so that the step, not the pictures, sets the pace. Printed with PASS/MISS, never asserted.
 
-What is measured, in this process, with the objects a run of `hf_finetune.cli train` builds (the same library
-calls as `hf_finetune.training.run`, in the same order: checkpoint, `prepare_data`, `load_model`,
+What is measured, in this process, with the objects a run of `hf_finetune.commands.cli train` builds (the same library
+calls as `hf_finetune.train.run.run`, in the same order: checkpoint, `prepare_data`, `load_model`,
 `attach_transforms`, `prepare_strategy`, `build_trainer`), with our defaults:
   * input pipeline: `trainer.get_train_dataloader()` (the Trainer's own loader: our lazy transforms over the
     downscaled copies the image check stored, our collator, the dataloader workers our defaults choose for this machine, persistent),
@@ -51,9 +51,9 @@ BATCH_SIZE = 32
 
 
 def our_trainer(checkpoint: Path, data_dir: Path, output_dir: Path, flags: list[str]):
-    """The Trainer that `hf_finetune.cli train` would build for these arguments (nothing is trained)."""
-    from hf_finetune.cli import parse_train_args
-    from hf_finetune.training import prepare_trainer
+    """The Trainer that `hf_finetune.commands.cli train` would build for these arguments (nothing is trained)."""
+    from hf_finetune.commands.cli import parse_train_args
+    from hf_finetune.train.run import prepare_trainer
 
     model_args, data_args, strategy_args, training_args = parse_train_args(
         _common.ours_arguments(checkpoint, data_dir, output_dir, flags)

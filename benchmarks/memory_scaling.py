@@ -10,7 +10,7 @@ asserted). Pixels are decoded lazily per batch, so ten times the images should c
 per-image metadata; a ratio far above 1 means something holds all images, or all of a column, in memory.
 
 Data: two image folders (one sub-folder per class) of 64x64 JPEGs cut from scikit-image's bundled photographs,
-written once to bench_out/ and reused. Each run is the real command line (`python -m hf_finetune.cli train`)
+written once to bench_out/ and reused. Each run is the real command line (`python -m hf_finetune.commands.cli train`)
 with its defaults (15% stratified validation split, per-epoch evaluation and checkpoint, best-model reload),
 in a subprocess with a fresh datasets cache, so that it also pays for loading and scanning its data as a first
 run does; full: one epoch, --quick: 20 steps (the data is still loaded, split and scanned in full).
@@ -41,7 +41,9 @@ def parse(argv):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="20 training steps per run: about 1 minute.")
-    parser.add_argument("--arch", default="vit", help="Tiny architecture of hf_finetune.tiny (default vit).")
+    parser.add_argument(
+        "--arch", default="vit", help="Tiny architecture of hf_finetune.testing.tiny (default vit)."
+    )
     parser.add_argument("--image_size", type=int, default=64, help="Model input size in pixels.")
     parser.add_argument("--batch_size", type=int, default=64, help="Train batch size; eval uses 4x.")
     parser.add_argument(
@@ -88,7 +90,7 @@ def main(argv: list[str]) -> None:
     for n in SIZES:
         run_dir = runs_dir / f"{n}"
         cmd = [
-            sys.executable, "-m", "hf_finetune.cli", "train",
+            sys.executable, "-m", "hf_finetune.commands.cli", "train",
             "--model_name_or_path", str(checkpoint),
             "--train_dir", str(folders[n] / "train"),
             "--output_dir", str(run_dir / "output"),

@@ -4,8 +4,8 @@ same architecture trained from scratch, on scikit-learn's digits, every way in o
     .venv/bin/python benchmarks/real_transfer.py            # 96 px, 4 epochs: about 12 minutes on 2 idle cores
     .venv/bin/python benchmarks/real_transfer.py --quick    # 64 px, 2 epochs: 8.8 CPU-minutes measured, ~5 min
 
-Rows, each a fresh `hf_finetune.cli train` subprocess on the same stratified splits (seed 42: 1,257 train /
-270 validation / 270 test) and the same converted checkpoint (`hf_finetune.real_weights`, saved for
+Rows, each a fresh `hf_finetune.commands.cli train` subprocess on the same stratified splits (seed 42: 1,257 train /
+270 validation / 270 test) and the same converted checkpoint (`hf_finetune.testing.real_weights`, saved for
 `--image_size` px inputs, whole pictures: crop_pct 1.0):
 - scratch: the same architecture randomly initialised (`from_scratch`), everything trains (lr 2e-3);
 - probe: frozen features once, logistic regression (C chosen on validation);
@@ -83,7 +83,7 @@ def parse_args(argv):
 
 
 def main(argv=None) -> None:
-    from hf_finetune.quickstart import QUICKSTART_IMAGE_SIZE, build_real_checkpoint, export_digits
+    from hf_finetune.testing.quickstart import QUICKSTART_IMAGE_SIZE, build_real_checkpoint, export_digits
 
     args = parse_args(argv)
     # bench_out/ is this benchmark's own folder, not the demo material folder.
@@ -96,7 +96,7 @@ def main(argv=None) -> None:
     )
     runs = OUT / "runs"
     shutil.rmtree(runs, ignore_errors=True)
-    python = [sys.executable, "-m", "hf_finetune.cli", "train"]
+    python = [sys.executable, "-m", "hf_finetune.commands.cli", "train"]
 
     commands = {
         name: [*python, "--model_name_or_path", str(checkpoint), "--train_dir", str(digits), *SPLITS,

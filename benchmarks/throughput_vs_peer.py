@@ -13,10 +13,10 @@ never asserted.
 
 Data: an image folder (train / validation / test, one sub-folder per class) of 640x480 JPEGs, each a random
 crop of one of scikit-image's bundled photographs (the class), flipped, colour-jittered and lightly noised;
-written once to bench_out/ and reused. Checkpoint: a tiny randomly initialised ViT (hf_finetune.tiny) at
+written once to bench_out/ and reused. Checkpoint: a tiny randomly initialised ViT (hf_finetune.testing.tiny) at
 128 px, saved like a Hub download with a label set of its own, so both sides replace the classifier.
 
-Ours is the real command line (`python -m hf_finetune.cli train ...`) with its defaults. The peer is
+Ours is the real command line (`python -m hf_finetune.commands.cli train ...`) with its defaults. The peer is
 `peer_main` below: the transformers docs' image-classification tutorial (imagefolder, AutoImageProcessor,
 torchvision Compose(RandomResizedCrop, ToTensor, Normalize) over examples in `set_transform`,
 DefaultDataCollator, AutoModelForImageClassification with label2id/id2label, TrainingArguments with
@@ -159,7 +159,9 @@ def peer_main(argv: list[str]) -> None:
 # The benchmark
 # --------------------------------------------------------------------------------------------------------
 def add_setup_arguments(parser) -> None:
-    parser.add_argument("--arch", default="vit", help="Tiny architecture of hf_finetune.tiny (default vit).")
+    parser.add_argument(
+        "--arch", default="vit", help="Tiny architecture of hf_finetune.testing.tiny (default vit)."
+    )
     parser.add_argument("--image_size", type=int, default=128, help="Model input size in pixels.")
     parser.add_argument("--classes", type=int, default=len(_common.PHOTOS), help="Number of photos/classes.")
     parser.add_argument("--train_per_class", type=int, default=None, help="Default 250 (quick: 100).")
@@ -181,7 +183,7 @@ def parse(argv):
 
 def main(argv: list[str]) -> None:
     args = parse(argv)
-    from hf_finetune.args import VISION_TRAINING_DEFAULTS
+    from hf_finetune.config import VISION_TRAINING_DEFAULTS
 
     workers = args.workers if args.workers is not None else VISION_TRAINING_DEFAULTS["dataloader_num_workers"]
     per_class = {
@@ -223,7 +225,7 @@ def main(argv: list[str]) -> None:
     def command(side: str, output_dir: Path) -> list[str]:
         if side == "ours":
             cmd = [
-                sys.executable, "-m", "hf_finetune.cli", "train",
+                sys.executable, "-m", "hf_finetune.commands.cli", "train",
                 "--model_name_or_path", str(checkpoint),
                 "--train_dir", str(data_dir / "train"),
                 "--validation_dir", str(data_dir / "validation"),
@@ -284,7 +286,10 @@ def main(argv: list[str]) -> None:
 
     print(f"  done; {_common.load()}\n")
     rows = []
-    for side, label in (("ours", "ours (hf_finetune.cli train)"), ("peer", "peer (HF docs tutorial)")):
+    for side, label in (
+        ("ours", "ours (hf_finetune.commands.cli train)"),
+        ("peer", "peer (HF docs tutorial)"),
+    ):
         rows.append(
             [
                 label,

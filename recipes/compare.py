@@ -19,9 +19,9 @@ your data (used as given, never written to) to get the answer that matters:
 import sys
 from pathlib import Path
 
-from hf_finetune.cli import recipe_config, report_user_errors
-from hf_finetune.compare import compare, parse_compare_args
-from hf_finetune.quickstart import prepare_material
+from hf_finetune.commands.cli import recipe_config, report_user_errors
+from hf_finetune.commands.compare import compare, parse_compare_args
+from hf_finetune.testing.quickstart import prepare_material
 
 
 @report_user_errors

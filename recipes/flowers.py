@@ -15,8 +15,8 @@ Your own pictures with the same recipe:
 
 import sys
 
-from hf_finetune.cli import parse_train_args, recipe_config, report_user_errors
-from hf_finetune.training import run
+from hf_finetune.commands.cli import parse_train_args, recipe_config, report_user_errors
+from hf_finetune.train.run import run
 
 
 @report_user_errors

@@ -21,9 +21,9 @@ Expect 74 s of CPU time (under 2 minutes on 2 free cores) and a test accuracy ar
 
 import sys
 
-from hf_finetune.cli import parse_train_args, recipe_config, report_user_errors
-from hf_finetune.quickstart import prepare_material
-from hf_finetune.training import run
+from hf_finetune.commands.cli import parse_train_args, recipe_config, report_user_errors
+from hf_finetune.testing.quickstart import prepare_material
+from hf_finetune.train.run import run
 
 
 @report_user_errors

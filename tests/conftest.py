@@ -31,7 +31,7 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def digits_folder(tmp_path_factory) -> Path:
     """scikit-learn's digits as an image folder (ten classes, 1,797 PNGs)."""
-    from hf_finetune.quickstart import export_digits
+    from hf_finetune.testing.quickstart import export_digits
 
     return export_digits(tmp_path_factory.mktemp("digits") / "digits", outside_material_dir=True)
 
@@ -85,7 +85,7 @@ def write_digits_folder(root: Path, n_per_class: int, offset: int, names=("zero"
 @pytest.fixture(scope="session")
 def tiny_vit(tmp_path_factory) -> Path:
     """A tiny ViT saved like a Hub download, with a label set unlike the test data's."""
-    from hf_finetune.tiny import build_tiny_checkpoint
+    from hf_finetune.testing.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(
         "vit", tmp_path_factory.mktemp("tiny_vit"), labels=["cat", "dog", "bird", "fish"]
@@ -94,8 +94,8 @@ def tiny_vit(tmp_path_factory) -> Path:
 
 def run_training(argv: list[str], dataset=None) -> dict:
     """Parse argv exactly like the CLI does and run training in-process; returns all metrics."""
-    from hf_finetune.cli import parse_train_args
-    from hf_finetune.training import run
+    from hf_finetune.commands.cli import parse_train_args
+    from hf_finetune.train.run import run
 
     parsed = {type(p).__name__: p for p in parse_train_args(argv)}
     extra = {"strategy_args": parsed["StrategyArguments"]} if "StrategyArguments" in parsed else {}

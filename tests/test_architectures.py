@@ -9,9 +9,9 @@ from PIL import Image
 from torch import nn
 from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
-from hf_finetune.architectures import block_map, classifier_input, feature_dim
 from hf_finetune.errors import UserError
-from hf_finetune.tiny import TINY_ARCHITECTURES, build_tiny_checkpoint, tiny_config
+from hf_finetune.models.architectures import block_map, classifier_input, feature_dim
+from hf_finetune.testing.tiny import TINY_ARCHITECTURES, build_tiny_checkpoint, tiny_config
 
 LABELS = ["cat", "dog", "bird"]
 BATCHNORM_ARCHITECTURES = ("resnet", "regnet", "mobilenet_v2", "efficientnet")

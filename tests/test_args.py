@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hf_finetune.args import VISION_TRAINING_DEFAULTS
-from hf_finetune.cli import parse_train_args
+from hf_finetune.commands.cli import parse_train_args
+from hf_finetune.config import VISION_TRAINING_DEFAULTS
 from hf_finetune.errors import UserError
-from hf_finetune.output import RESOLVED_CONFIG, write_resolved_config
+from hf_finetune.outputs.files import RESOLVED_CONFIG, write_resolved_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -99,11 +99,11 @@ def test_resolved_config_round_trips(tmp_path):
 def parser_for(values: dict):
     """The parser the recipe's own script uses: probe, compare or train."""
     if "compare_methods" in values:
-        from hf_finetune.compare import parse_compare_args
+        from hf_finetune.commands.compare import parse_compare_args
 
         return parse_compare_args
     if values.get("strategy") == "probe":
-        from hf_finetune.probe import parse_probe_args
+        from hf_finetune.probe.fit import parse_probe_args
 
         return parse_probe_args
     return parse_train_args
@@ -143,7 +143,7 @@ def test_cli_data_source_replaces_the_yaml_source(tmp_path):
 # global_batch_size: accumulation from the process count
 # --------------------------------------------------------------------------------------------------------
 def test_global_batch_size_sets_accumulation_for_one_and_two_processes():
-    from hf_finetune.args import accumulation_for_global_batch
+    from hf_finetune.config import accumulation_for_global_batch
 
     assert accumulation_for_global_batch(64, 32, processes=1) == 2
     assert accumulation_for_global_batch(64, 32, processes=2) == 1
@@ -158,7 +158,7 @@ def test_global_batch_size_sets_accumulation_for_one_and_two_processes():
 
 
 def test_global_batch_size_is_applied_to_the_run_and_logged():
-    from hf_finetune.args import apply_global_batch_size, global_batch_description
+    from hf_finetune.config import apply_global_batch_size, global_batch_description
 
     (args,) = parse_train_args(["--model_name_or_path", "x", "--use_cpu", "true",
                                 "--per_device_train_batch_size", "32", "--global_batch_size", "64"])[-1:]  # fmt: skip
@@ -179,8 +179,8 @@ def test_global_batch_size_is_applied_to_the_run_and_logged():
 
 
 def test_output_dir_placeholders_are_filled_from_the_settings():
-    from hf_finetune.args import expand_output_dir
-    from hf_finetune.probe import parse_probe_args
+    from hf_finetune.config import expand_output_dir
+    from hf_finetune.probe.fit import parse_probe_args
 
     parsed = parse_probe_args(["--model_name_or_path", "x", "--classifier", "knn",
                                "--output_dir", "outputs/probe/{classifier}"])  # fmt: skip

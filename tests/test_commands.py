@@ -108,7 +108,7 @@ def _small_pictures(root: Path, per_class: int, offset: int = 0) -> Path:
 def make_workdir(root: Path) -> Path:
     """A folder that looks like a clone (recipes/, accelerate_configs/, .venv/bin) plus `my_checkpoint/` and
     `pictures/train|test/`, the names README.md uses for your own checkpoint and pictures."""
-    from hf_finetune.tiny import build_tiny_checkpoint
+    from hf_finetune.testing.tiny import build_tiny_checkpoint
 
     root.mkdir(parents=True, exist_ok=True)
     for name in ("recipes", "accelerate_configs"):
@@ -161,7 +161,7 @@ def executable(argv: list[str]) -> list[str]:
     if head in ("accelerate", ".venv/bin/accelerate"):
         return [str(BIN / "accelerate"), *rest]
     if head == "hf-finetune":
-        return [sys.executable, "-m", "hf_finetune.cli", *rest]
+        return [sys.executable, "-m", "hf_finetune.commands.cli", *rest]
     raise AssertionError(f"not a documented command: {argv}")
 
 
@@ -265,7 +265,7 @@ def build_recipe_material(cwd: Path) -> None:
     """What the recipes' own first runs build: every piece of material their YAMLs name."""
     import yaml
 
-    from hf_finetune.quickstart import MATERIAL_BUILDERS
+    from hf_finetune.testing.quickstart import MATERIAL_BUILDERS
 
     # The clone's material folder, built from here (another working directory): asked for explicitly.
     for config in QUICKSTART_MATERIAL_YAMLS:
@@ -326,9 +326,9 @@ def test_a_hub_recipe_with_no_network_names_its_own_checkpoint(workdir):
 def test_every_documented_command_parses_as_written(workdir, monkeypatch):
     """In process, fast: each recipe / hf-finetune command's arguments go through its real parser (with the
     recipe's own YAML when it has no --config), as the command would parse them."""
-    from hf_finetune.cli import parse_train_args, recipe_config
-    from hf_finetune.compare import parse_compare_args
-    from hf_finetune.probe import parse_probe_args
+    from hf_finetune.commands.cli import parse_train_args, recipe_config
+    from hf_finetune.commands.compare import parse_compare_args
+    from hf_finetune.probe.fit import parse_probe_args
 
     monkeypatch.chdir(workdir)
     parsers = {"train": parse_train_args, "probe": parse_probe_args, "compare": parse_compare_args}

@@ -9,7 +9,7 @@ from conftest import digits_dataset
 from datasets import DatasetDict
 from PIL import Image
 
-from hf_finetune.compare import (
+from hf_finetune.commands.compare import (
     COMPARISON_JSON,
     COMPARISON_MD,
     PLOT_PARAMS,
@@ -18,7 +18,7 @@ from hf_finetune.compare import (
     parse_compare_args,
 )
 from hf_finetune.errors import UserError
-from hf_finetune.tiny import build_tiny_checkpoint
+from hf_finetune.testing.tiny import build_tiny_checkpoint
 
 LABELS = ["zero", "one", "two"]
 
@@ -78,7 +78,7 @@ def test_compare_writes_one_table_two_plots_and_a_folder_per_method(tmp_path, da
 def test_scratch_trains_what_freeze_modules_protects_in_a_pretrained_checkpoint(tmp_path):
     """freeze_modules (here: BatchNorm, as recipes/compare.yaml sets it) keeps pretrained weights as they are;
     random weights have nothing to protect, so `scratch` trains everything, while `full` keeps the freeze."""
-    from hf_finetune.compare import METHODS, _method_arguments
+    from hf_finetune.commands.compare import METHODS, _method_arguments
 
     args = parse_compare_args(["--model_name_or_path", "a,b", "--freeze_modules", r"\.bn\d\.", "--output_dir",
                                str(tmp_path)])  # fmt: skip

@@ -10,8 +10,8 @@ import pytest
 from conftest import digits_dataset, write_digits_folder
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 
-from hf_finetune.args import DataArguments
-from hf_finetune.data import detect_columns, prepare_data
+from hf_finetune.config import DataArguments
+from hf_finetune.data.sources import detect_columns, prepare_data
 from hf_finetune.errors import UserError
 
 

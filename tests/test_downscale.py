@@ -12,10 +12,10 @@ import torch
 from datasets import ClassLabel, Dataset, Features, Image, load_from_disk
 from PIL import Image as PILImage
 
-from hf_finetune.args import DataArguments
-from hf_finetune.data import find_bad_images
-from hf_finetune.images import DecodeSizes, check_image, downscaled_copy, load_rgb
-from hf_finetune.transforms import BatchTransform, build_transforms
+from hf_finetune.config import DataArguments
+from hf_finetune.data.images import DecodeSizes, check_image, downscaled_copy, load_rgb
+from hf_finetune.data.sources import find_bad_images
+from hf_finetune.data.transforms import BatchTransform, build_transforms
 
 ORIENTATION = 0x0112
 
@@ -107,7 +107,7 @@ def test_downscaled_copy_covers_the_target_and_keeps_the_path():
 def test_eval_pixels_from_the_lossless_copy_are_the_originals(processor):
     from transformers import ConvNextImageProcessor, ViTImageProcessor
 
-    from hf_finetune.transforms import decode_sizes
+    from hf_finetune.data.transforms import decode_sizes
 
     kind = processor.pop("kind")
     processor = (ConvNextImageProcessor if kind == "convnext" else ViTImageProcessor)(**processor)
@@ -131,7 +131,7 @@ def test_eval_pixels_from_the_lossless_copy_are_the_originals(processor):
 def test_random_resized_crop_of_the_copy_still_sees_full_resolution():
     from transformers import ViTImageProcessor
 
-    from hf_finetune.transforms import draft_sizes, processor_spec
+    from hf_finetune.data.transforms import draft_sizes, processor_spec
 
     processor = ViTImageProcessor(size={"height": 64, "width": 64})
     train_cover, _ = draft_sizes(processor_spec(processor), (0.08, 1.0))
@@ -219,7 +219,7 @@ def test_without_downscale_the_scan_keeps_the_originals(on_disk_photos):
 def test_decode_sizes_follow_the_processor_and_the_augmentation():
     from transformers import ConvNextImageProcessor, ViTImageProcessor
 
-    from hf_finetune.transforms import decode_sizes
+    from hf_finetune.data.transforms import decode_sizes
 
     convnext = ConvNextImageProcessor(size={"shortest_edge": 64}, crop_pct=0.875)
     assert decode_sizes(convnext, DataArguments()) == DecodeSizes((227, 227), (73, 73), "bicubic")
@@ -238,7 +238,7 @@ def test_image_folder_copies_follow_the_files(tmp_path, monkeypatch):
     """Through `prepare_data` on an image folder: copies are made, reused, and remade when a file changes."""
     import os
 
-    from hf_finetune.data import prepare_data
+    from hf_finetune.data.sources import prepare_data
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     for n, label in enumerate(("cat", "other")):
@@ -271,7 +271,7 @@ def test_image_folder_copies_follow_the_files(tmp_path, monkeypatch):
 
 
 def test_error_grid_thumbnails_come_from_the_original_file(tmp_path):
-    from hf_finetune.reports import _thumbnail
+    from hf_finetune.outputs.reports import _thumbnail
 
     path = tmp_path / "cat.jpg"
     _photo().save(path, quality=90)
@@ -283,7 +283,7 @@ def test_error_grid_thumbnails_come_from_the_original_file(tmp_path):
 def test_the_log_counts_the_copies(on_disk_photos, caplog):
     import logging
 
-    with caplog.at_level(logging.INFO, logger="hf_finetune.data"):
+    with caplog.at_level(logging.INFO, logger="hf_finetune.data.sources"):
         find_bad_images({"train": on_disk_photos}, "image", DecodeSizes((227, 227), (73, 73)))
     assert "train 4 of 6 picture(s), covering 227x227" in caplog.text  # 4 large; the small and the bad kept
 
@@ -320,7 +320,7 @@ def test_mpo_photos_are_decoded_at_reduced_size_like_jpegs():
 def test_without_augmentation_training_gets_lossless_eval_copies():
     from transformers import ConvNextImageProcessor
 
-    from hf_finetune.transforms import decode_sizes
+    from hf_finetune.data.transforms import decode_sizes
 
     processor = ConvNextImageProcessor(size={"shortest_edge": 64}, crop_pct=0.875)
     plain = decode_sizes(processor, DataArguments(augment=False))
@@ -346,7 +346,7 @@ def test_copies_from_a_csv_of_paths_follow_the_files(tmp_path, monkeypatch):
     """`datasets` fingerprints a CSV by its own bytes; the scan adds the listed files' times and sizes."""
     import os
 
-    from hf_finetune.data import prepare_data
+    from hf_finetune.data.sources import prepare_data
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     rows = ["image,label"]
@@ -371,8 +371,8 @@ def test_a_run_makes_copies_only_when_it_trains(tmp_path, monkeypatch, caplog, t
     """An evaluation-only run decodes each picture once either way, so a copy would only cost more."""
     import logging
 
-    from hf_finetune.cli import parse_train_args
-    from hf_finetune.training import prepare_trainer
+    from hf_finetune.commands.cli import parse_train_args
+    from hf_finetune.train.run import prepare_trainer
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     for n, label in enumerate(("cat", "dog")):
@@ -383,7 +383,7 @@ def test_a_run_makes_copies_only_when_it_trains(tmp_path, monkeypatch, caplog, t
         ["--model_name_or_path", str(tiny_vit), "--train_dir", str(tmp_path / "train"),
          "--output_dir", str(tmp_path / "out"), "--train_val_split", "0.34", "--dataloader_num_workers", "0"]
     )  # fmt: skip
-    with caplog.at_level(logging.INFO, logger="hf_finetune.data"):
+    with caplog.at_level(logging.INFO, logger="hf_finetune.data.sources"):
         _, data, _, _ = prepare_trainer(model_args, data_args, training_args, strategy_args, train=train)
     sizes = {image.size for image in data.splits["validation"]["image"]}
     if train:
@@ -404,7 +404,7 @@ def test_a_run_makes_copies_only_when_it_trains(tmp_path, monkeypatch, caplog, t
     ],
 )
 def test_the_header_alone_predicts_whether_a_copy_is_made(size, orientation, cover, exact):
-    from hf_finetune.images import may_downscale
+    from hf_finetune.data.images import may_downscale
 
     value = {"bytes": _jpeg(_photo(size), orientation=orientation, quality=98), "path": None}
     # The header predicts the pixel rule; a copy can still be dropped for taking more bytes than the file.
@@ -425,7 +425,7 @@ def test_splits_with_nothing_to_copy_are_only_checked(tmp_path, caplog):
     )
     small = load_from_disk(str(tmp_path / "ds"))
     before = set(Path(small.cache_files[0]["filename"]).parent.iterdir())
-    with caplog.at_level(logging.INFO, logger="hf_finetune.data"):
+    with caplog.at_level(logging.INFO, logger="hf_finetune.data.sources"):
         splits, bad = find_bad_images({"train": small}, "image", DecodeSizes((64, 64), (32, 32)))
     assert "train needs none" in caplog.text and bad == []
     assert [image.size for image in splits["train"]["image"]] == [(96, 72)] * 4

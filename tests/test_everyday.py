@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hf_finetune.args import DataArguments, default_dataloader_workers
-from hf_finetune.cli import parse_train_args, recipe_config
+from hf_finetune.commands.cli import parse_train_args, recipe_config
+from hf_finetune.config import DataArguments, default_dataloader_workers
 from hf_finetune.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,11 +47,11 @@ def test_recipe_without_config_reads_its_own_yaml_from_any_directory(recipe, tmp
 
 def _parser_of(name: str):
     if name == "compare":
-        from hf_finetune.compare import parse_compare_args
+        from hf_finetune.commands.compare import parse_compare_args
 
         return lambda argv, **kw: parse_compare_args([*argv, "--bf16", "false"], **kw)
     if name == "probe":
-        from hf_finetune.probe import parse_probe_args
+        from hf_finetune.probe.fit import parse_probe_args
 
         return parse_probe_args
     # flowers.yaml asks for bf16, a GPU setting: the rest must parse on a CPU
@@ -148,7 +148,7 @@ def _with_labels(values, dtype):
     ],
 )
 def test_class_ids_map_to_their_own_names(values, dtype, names):
-    from hf_finetune.data import _encode_labels
+    from hf_finetune.data.sources import _encode_labels
 
     encoded = _encode_labels(_with_labels(values, dtype), "label", "test data")["train"]
     feature = encoded.features["label"]
@@ -157,7 +157,7 @@ def test_class_ids_map_to_their_own_names(values, dtype, names):
 
 
 def test_one_class_id_written_two_ways_is_an_error():
-    from hf_finetune.data import _encode_labels
+    from hf_finetune.data.sources import _encode_labels
 
     with pytest.raises(UserError, match="same class id"):
         _encode_labels(_with_labels(["1", "01", "2"], "string"), "label", "test data")
@@ -167,7 +167,7 @@ def test_max_samples_are_stratified_and_seeded():
     from conftest import digits_dataset
     from datasets import DatasetDict
 
-    from hf_finetune.data import make_splits
+    from hf_finetune.data.sources import make_splits
 
     # Rows sorted by class, as an image folder lists them: the first N rows would hold only the first classes.
     data = DatasetDict(
@@ -188,9 +188,9 @@ def test_max_samples_are_stratified_and_seeded():
 def test_integer_labels_from_csv_end_to_end_with_probe(tmp_path, small_digits_folder, tiny_vit):
     """Class ids 1..3 in CSV files (as Flowers-102 numbers its classes), through `training.run` with
     `strategy: probe`: names, per-row labels and per-class support in the report are the files' own."""
-    from hf_finetune.args import FinetuneTrainingArguments, ModelArguments
-    from hf_finetune.strategies import StrategyArguments
-    from hf_finetune.training import run
+    from hf_finetune.config import FinetuneTrainingArguments, ModelArguments
+    from hf_finetune.strategies.core import StrategyArguments
+    from hf_finetune.train.run import run
 
     ids = {"zero": 1, "one": 2, "two": 3}
     counts = {"train": {"zero": 30, "one": 20, "two": 25}, "test": {"zero": 4, "one": 7, "two": 9}}
@@ -223,9 +223,9 @@ def test_integer_labels_from_csv_end_to_end_with_probe(tmp_path, small_digits_fo
 # 6. One strategy switch
 # ---------------------------------------------------------------------------------------------------------
 def test_strategy_probe_parses_in_every_entry_point(tmp_path):
-    from hf_finetune.compare import parse_compare_args
-    from hf_finetune.probe import ProbeArguments
-    from hf_finetune.strategies import StrategyArguments
+    from hf_finetune.commands.compare import parse_compare_args
+    from hf_finetune.probe.fit import ProbeArguments
+    from hf_finetune.strategies.core import StrategyArguments
 
     parsed = parse_train_args(["--model_name_or_path", "x", "--strategy", "probe", "--classifier", "knn"])
     assert isinstance(parsed[2], ProbeArguments) and parsed[2].classifier == "knn"
@@ -248,7 +248,7 @@ def test_strategy_probe_parses_in_every_entry_point(tmp_path):
 def test_library_entry_points_leave_logging_alone(tmp_path, tiny_vit):
     from conftest import digits_dataset
 
-    from hf_finetune.compare import compare, parse_compare_args
+    from hf_finetune.commands.compare import compare, parse_compare_args
 
     root = logging.getLogger()
     marker = logging.NullHandler()
@@ -267,7 +267,7 @@ def test_library_entry_points_leave_logging_alone(tmp_path, tiny_vit):
 def test_compare_ends_on_system_exit_but_keeps_ordinary_failures_as_rows(tmp_path, tiny_vit, monkeypatch):
     from conftest import digits_dataset
 
-    from hf_finetune import compare as compare_module
+    from hf_finetune.commands import compare as compare_module
 
     argv = ["--model_name_or_path", str(tiny_vit), "--output_dir", str(tmp_path / "c"), "--use_cpu", "true",
             "--compare_methods", "head", "full"]  # fmt: skip
@@ -311,8 +311,8 @@ def test_hub_preflight_loads_what_is_cached_and_refuses_what_is_not(tmp_path, ti
     from huggingface_hub import constants
 
     from hf_finetune import hub
-    from hf_finetune.args import ModelArguments
-    from hf_finetune.modeling import load_config, load_image_processor
+    from hf_finetune.config import ModelArguments
+    from hf_finetune.models.loading import load_config, load_image_processor
 
     cache = tmp_path / "hub"
     _hub_cache_with(cache, "someone/tiny-vit", tiny_vit)

@@ -21,7 +21,7 @@ FAKE_TOKEN = "hf_PlantedFakeTokenDoNotLeak0123456789"
 
 
 def train_cmd(checkpoint, data, out, epochs=4):
-    return [sys.executable, "-m", "hf_finetune.cli", "train", "--model_name_or_path", str(checkpoint),
+    return [sys.executable, "-m", "hf_finetune.commands.cli", "train", "--model_name_or_path", str(checkpoint),
             "--train_dir", str(data), "--train_val_split", "0.25", "--train_test_split", "0.2",
             "--num_train_epochs", str(epochs), "--per_device_train_batch_size", "8", "--learning_rate", "0.003",
             "--use_cpu", "true", "--dataloader_num_workers", "0", "--seed", "0", "--output_dir", str(out)]  # fmt: skip
@@ -97,7 +97,7 @@ def test_planted_token_reaches_no_file_and_no_log(tmp_path, tiny_vit, small_digi
 
 
 def test_next_run_dir_keeps_finished_runs_and_resumes_an_unfinished_one(tmp_path):
-    from hf_finetune.output import ALL_RESULTS, next_run_dir
+    from hf_finetune.outputs.files import ALL_RESULTS, next_run_dir
 
     assert next_run_dir(tmp_path / "runs") == tmp_path / "runs" / "run-1"  # nothing there yet, nothing made
     assert not (tmp_path / "runs").exists()

@@ -11,12 +11,12 @@ import torch
 from conftest import digits_dataset
 from transformers import AutoModel, BertConfig
 
-from hf_finetune import features as F
-from hf_finetune.architectures import classifier_input
-from hf_finetune.args import DataArguments, ModelArguments
-from hf_finetune.data import prepare_data
+from hf_finetune.config import DataArguments, ModelArguments
+from hf_finetune.data.sources import prepare_data
 from hf_finetune.errors import UserError
-from hf_finetune.tiny import build_tiny_checkpoint, tiny_config
+from hf_finetune.models.architectures import classifier_input
+from hf_finetune.probe import features as F
+from hf_finetune.testing.tiny import build_tiny_checkpoint, tiny_config
 
 LABELS = ["digit_0", "digit_1", "digit_2"]
 

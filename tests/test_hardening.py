@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 from transformers import ConvNextImageProcessor
 
-from hf_finetune.args import ModelArguments
+from hf_finetune.config import ModelArguments
+from hf_finetune.data.transforms import BatchTransform, build_transforms
 from hf_finetune.errors import UserError
-from hf_finetune.modeling import load_model
-from hf_finetune.tiny import build_tiny_checkpoint
-from hf_finetune.transforms import BatchTransform, build_transforms
+from hf_finetune.models.loading import load_model
+from hf_finetune.testing.tiny import build_tiny_checkpoint
 
 
 def test_pickle_only_checkpoint_needs_explicit_opt_in(tmp_path):
@@ -51,8 +51,8 @@ def test_sixteen_bit_and_palette_images_flow_through_the_transform():
 def test_split_emptied_by_unreadable_images_is_a_clear_error(tmp_path, small_digits_folder):
     import shutil
 
-    from hf_finetune.args import DataArguments
-    from hf_finetune.data import prepare_data
+    from hf_finetune.config import DataArguments
+    from hf_finetune.data.sources import prepare_data
 
     validation = tmp_path / "validation"
     for cls in ("zero", "one", "two"):

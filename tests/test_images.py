@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hf_finetune.images import image_problem, to_rgb
+from hf_finetune.data.images import image_problem, to_rgb
 
 
 def test_grey_palette_cmyk_one_bit_become_rgb():
@@ -87,7 +87,7 @@ def test_good_files_and_missing_files(tmp_path):
 
 
 def test_extreme_aspect_ratios_keep_the_middle():
-    from hf_finetune.images import limit_aspect_ratio
+    from hf_finetune.data.images import limit_aspect_ratio
 
     strip = np.zeros((10, 5000, 3), np.uint8)
     strip[:, 2460:2540] = 255  # the middle 80 columns

@@ -89,7 +89,7 @@ def test_a_failing_overwrite_leaves_a_finished_run_exactly_as_it_was(
 def test_the_probe_replaces_its_previous_run_only_once_it_starts(
     tmp_path, small_digits_folder, tiny_vit, caplog
 ):
-    from hf_finetune.probe import parse_probe_args, run_probe
+    from hf_finetune.probe.fit import parse_probe_args, run_probe
 
     out = tmp_path / "probe"
 
@@ -104,7 +104,7 @@ def test_the_probe_replaces_its_previous_run_only_once_it_starts(
     with pytest.raises(UserError, match="no_such_pictures"):
         probe(tmp_path / "no_such_pictures", "--overwrite_output_dir", "true")
     assert checksums(out) == before
-    with caplog.at_level(logging.WARNING, logger="hf_finetune.output"):
+    with caplog.at_level(logging.WARNING, logger="hf_finetune.outputs.files"):
         probe(small_digits_folder, "--overwrite_output_dir", "true", "--classifier", "knn")
     assert "replaced the previous run" in caplog.text and "all_results.json" in caplog.text
     assert json.loads((out / "run_summary.json").read_text())["classifier"] == "knn"
@@ -133,7 +133,7 @@ def test_the_probe_replaces_its_previous_run_only_once_it_starts(
 def test_a_bad_yaml_value_is_one_message_before_any_work(
     tmp_path, small_digits_folder, capsys, line, expected
 ):
-    from hf_finetune.cli import main
+    from hf_finetune.commands.cli import main
 
     out = tmp_path / "out"
     config = tmp_path / "run.yaml"
@@ -159,7 +159,7 @@ def test_a_bad_yaml_value_is_one_message_before_any_work(
     ],
 )
 def test_a_bad_command_line_value_gets_the_same_message(tmp_path, capsys, flag, value, expected):
-    from hf_finetune.cli import main
+    from hf_finetune.commands.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--model_name_or_path", "m", "--output_dir", str(tmp_path / "out"), flag, value])
@@ -169,7 +169,7 @@ def test_a_bad_command_line_value_gets_the_same_message(tmp_path, capsys, flag, 
 
 
 def test_yaml_numbers_written_without_a_dot_are_numbers(tmp_path):
-    from hf_finetune.cli import parse_train_args
+    from hf_finetune.commands.cli import parse_train_args
 
     config = tmp_path / "run.yaml"
     config.write_text("model_name_or_path: m\nlearning_rate: 1e-4\nmax_train_samples: '12'\n")
@@ -184,7 +184,7 @@ def test_sixteen_bit_files_keep_their_brightness_whatever_their_maximum(tmp_path
     import numpy as np
     from PIL import Image
 
-    from hf_finetune.images import load_rgb
+    from hf_finetune.data.images import load_rgb
 
     shades = {}
     for top in (255, 256, 1000, 65535):
@@ -220,12 +220,12 @@ def nested_folder(root: Path) -> Path:
 def test_sub_folders_of_a_class_folder_belong_to_that_class(tmp_path, caplog):
     from collections import Counter
 
-    from hf_finetune.args import DataArguments
-    from hf_finetune.data import prepare_data
+    from hf_finetune.config import DataArguments
+    from hf_finetune.data.sources import prepare_data
 
     train = nested_folder(tmp_path / "train")
     (train / "grass" / "loose.png").write_bytes((train / "grass" / "batch1" / "0.png").read_bytes())
-    with caplog.at_level(logging.INFO, logger="hf_finetune.data"):
+    with caplog.at_level(logging.INFO, logger="hf_finetune.data.sources"):
         data = prepare_data(DataArguments(train_dir=str(train), train_val_split=0.25), seed=0)
     assert data.labels == ["brick", "grass"]  # never batch1 / batch2
     counts = Counter(data.labels[i] for d in data.splits.values() for i in d[data.label_column])
@@ -234,8 +234,8 @@ def test_sub_folders_of_a_class_folder_belong_to_that_class(tmp_path, caplog):
 
 
 def test_pictures_directly_in_train_dir_are_named(tmp_path):
-    from hf_finetune.args import DataArguments
-    from hf_finetune.data import prepare_data
+    from hf_finetune.config import DataArguments
+    from hf_finetune.data.sources import prepare_data
 
     train = nested_folder(tmp_path / "train")
     digit_pictures(1, 0)[0].save(train / "stray.png")
@@ -261,8 +261,8 @@ def test_an_output_dir_inside_train_dir_is_not_trained_on(tmp_path, tiny_vit, ca
 # 5. splits that share pictures
 # --------------------------------------------------------------------------------------------------------
 def test_train_dir_equal_to_test_dir_is_refused(tmp_path):
-    from hf_finetune.args import DataArguments
-    from hf_finetune.data import prepare_data
+    from hf_finetune.config import DataArguments
+    from hf_finetune.data.sources import prepare_data
 
     train = nested_folder(tmp_path / "train")
     with pytest.raises(UserError, match=r"Every picture of the test split \(12\) is also in another split"):
@@ -270,8 +270,8 @@ def test_train_dir_equal_to_test_dir_is_refused(tmp_path):
 
 
 def test_copies_across_splits_are_counted_and_recorded(tmp_path, caplog):
-    from hf_finetune.args import DataArguments
-    from hf_finetune.data import prepare_data
+    from hf_finetune.config import DataArguments
+    from hf_finetune.data.sources import prepare_data
 
     train = nested_folder(tmp_path / "train")
     test = tmp_path / "test"
@@ -284,7 +284,7 @@ def test_copies_across_splits_are_counted_and_recorded(tmp_path, caplog):
         (test / source.split("/")[0] / f"copy_of_{source.replace('/', '_')}").write_bytes(
             (train / source).read_bytes()
         )
-    with caplog.at_level(logging.WARNING, logger="hf_finetune.data"):
+    with caplog.at_level(logging.WARNING, logger="hf_finetune.data.sources"):
         data = prepare_data(
             DataArguments(train_dir=str(train), test_dir=str(test), train_val_split=0.25), seed=0
         )
@@ -297,8 +297,8 @@ def test_copies_across_splits_are_counted_and_recorded(tmp_path, caplog):
 # 6. labels that differ by surrounding spaces are one class; by case, a warning
 # --------------------------------------------------------------------------------------------------------
 def test_csv_labels_are_stripped_and_case_collisions_named(tmp_path, caplog):
-    from hf_finetune.args import DataArguments
-    from hf_finetune.data import prepare_data
+    from hf_finetune.config import DataArguments
+    from hf_finetune.data.sources import prepare_data
 
     rows = ["path,label"]
     for cls, names in enumerate((("brick", "Brick"), (" grass", "grass "))):
@@ -306,7 +306,7 @@ def test_csv_labels_are_stripped_and_case_collisions_named(tmp_path, caplog):
             image.save(tmp_path / f"{cls}_{i}.png")
             rows.append(f'{cls}_{i}.png,"{names[i % 2]}"')
     (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
-    with caplog.at_level(logging.INFO, logger="hf_finetune.data"):
+    with caplog.at_level(logging.INFO, logger="hf_finetune.data.sources"):
         data = prepare_data(
             DataArguments(train_file=str(tmp_path / "data.csv"), train_val_split=0.25), seed=0
         )
@@ -320,7 +320,7 @@ def test_csv_labels_are_stripped_and_case_collisions_named(tmp_path, caplog):
 def test_published_files_hold_no_local_paths_and_bad_rows_are_rows_of_the_file(
     tmp_path, tiny_vit, monkeypatch, capsys
 ):
-    from hf_finetune.cli import main
+    from hf_finetune.commands.cli import main
 
     monkeypatch.chdir(tmp_path)
     pictures = tmp_path / "pics"

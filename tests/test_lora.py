@@ -23,12 +23,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForImageClassification
 
-from hf_finetune.architectures import block_map
-from hf_finetune.cli import parse_train_args
+from hf_finetune.commands.cli import parse_train_args
 from hf_finetune.errors import UserError
-from hf_finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_lora, is_adapter_parameter
-from hf_finetune.strategies import STRATEGIES, STRATEGY_SUMMARY, StrategyArguments, plan_strategy
-from hf_finetune.tiny import TINY_ARCHITECTURES, build_tiny_checkpoint
+from hf_finetune.models.architectures import block_map
+from hf_finetune.strategies.core import STRATEGIES, STRATEGY_SUMMARY, StrategyArguments, plan_strategy
+from hf_finetune.strategies.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_lora, is_adapter_parameter
+from hf_finetune.testing.tiny import TINY_ARCHITECTURES, build_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 CHECKPOINT_LABELS = ["cat", "dog", "bird", "fish"]  # not the data's: the head is re-initialised on load
@@ -64,7 +64,7 @@ def checkpoints(tmp_path_factory):
 
 def train(folder, output_dir, data, *flags, epochs: int = 1) -> dict:
     """One in-process `lora` run parsed exactly like the CLI; returns strategy_summary.json."""
-    from hf_finetune.training import run
+    from hf_finetune.train.run import run
 
     model_args, data_args, strategy_args, training_args = parse_train_args(
         [
@@ -389,7 +389,7 @@ def test_best_model_reload_restores_the_best_checkpoints_adapter(checkpoints, da
 def test_checkpoint_reloads_of_an_adapter_are_complete_or_fail(checkpoints, tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    from hf_finetune.checkpoints import CheckpointLoadingMixin
+    from hf_finetune.train.checkpoints import CheckpointLoadingMixin
 
     model = apply_lora(base_with_data_labels(checkpoints("convnext")), StrategyArguments(strategy="lora"))
     with torch.no_grad():
@@ -436,7 +436,7 @@ def test_checkpoint_reloads_of_an_adapter_are_complete_or_fail(checkpoints, tmp_
 # --------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_two_process_lora_run_of_the_quickstart_recipe(tmp_path):
-    from hf_finetune.quickstart import build_stand_in_checkpoint, export_digits
+    from hf_finetune.testing.quickstart import build_stand_in_checkpoint, export_digits
 
     # Built here rather than by the recipe, so that two processes do not write the same files at once.
     digits = export_digits(tmp_path / "digits", outside_material_dir=True)

@@ -120,7 +120,7 @@ def test_recipe_with_a_hub_id_offline_creates_nothing_and_stops(name, tmp_path, 
 # The helpers, called from user code
 # --------------------------------------------------------------------------------------------------------
 def test_helpers_build_only_in_the_material_folder(tmp_path, monkeypatch):
-    from hf_finetune.quickstart import (
+    from hf_finetune.testing.quickstart import (
         MATERIAL_DIR,
         build_stand_in_checkpoint,
         export_digits,
@@ -153,7 +153,7 @@ def test_helpers_build_only_in_the_material_folder(tmp_path, monkeypatch):
 
 
 def test_helpers_never_create_a_folder_that_reads_as_a_hub_id(tmp_path, monkeypatch):
-    from hf_finetune.quickstart import build_stand_in_checkpoint, export_digits
+    from hf_finetune.testing.quickstart import build_stand_in_checkpoint, export_digits
 
     monkeypatch.chdir(tmp_path)
     for build in (export_digits, build_stand_in_checkpoint):
@@ -165,10 +165,10 @@ def test_helpers_never_create_a_folder_that_reads_as_a_hub_id(tmp_path, monkeypa
 
 
 def test_a_local_folder_shadowing_a_hub_id_is_named_in_the_log(tmp_path, monkeypatch, caplog):
-    from hf_finetune.args import ModelArguments
+    from hf_finetune.config import ModelArguments
     from hf_finetune.hub import looks_like_hub_id
-    from hf_finetune.modeling import load_config
-    from hf_finetune.tiny import build_tiny_checkpoint
+    from hf_finetune.models.loading import load_config
+    from hf_finetune.testing.tiny import build_tiny_checkpoint
 
     assert looks_like_hub_id(HUB_ID) and looks_like_hub_id("acme/vit.v2")
     assert not looks_like_hub_id("./acme/vit") and not looks_like_hub_id("data/quickstart/stand-in-vit")
@@ -186,8 +186,8 @@ def test_a_local_folder_shadowing_a_hub_id_is_named_in_the_log(tmp_path, monkeyp
 
 
 def test_a_missing_material_or_local_path_is_named_not_fetched(tmp_path, monkeypatch):
-    from hf_finetune.args import ModelArguments
-    from hf_finetune.modeling import load_config
+    from hf_finetune.config import ModelArguments
+    from hf_finetune.models.loading import load_config
 
     monkeypatch.chdir(tmp_path)
     # The command (hf-finetune train --config recipes/probe.yaml) loads material; only the recipes build it.

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForImageClassification
 
-from hf_finetune.args import ModelArguments
+from hf_finetune.config import ModelArguments
 from hf_finetune.errors import UserError
-from hf_finetune.modeling import load_config, load_model
-from hf_finetune.tiny import build_tiny_checkpoint
+from hf_finetune.models.loading import load_config, load_model
+from hf_finetune.testing.tiny import build_tiny_checkpoint
 
 
 def checkpoint_tensors(folder):
@@ -91,7 +91,7 @@ def test_trust_remote_code_is_off_by_default():
 @pytest.mark.parametrize("arch", ["vit", "resnet"])
 def test_checkpoint_weights_reload_through_renamed_keys(tmp_path, arch):
     # Trainer checkpoints store the serialised (legacy) names; a plain load_state_dict would load nothing.
-    from hf_finetune.checkpoints import load_weights_from_checkpoint
+    from hf_finetune.train.checkpoints import load_weights_from_checkpoint
 
     folder = build_tiny_checkpoint(arch, tmp_path / "a", labels=["a", "b"], seed=1)
     target = AutoModelForImageClassification.from_config(

@@ -109,7 +109,7 @@ def displayed_images(nb, cell_id: str) -> int:
 @pytest.fixture(scope="module")
 def stand_in(tmp_path_factory) -> str:
     """A tiny ViT saved like a Hub download, in place of the notebooks' Hub checkpoints."""
-    from hf_finetune.quickstart import build_stand_in_checkpoint
+    from hf_finetune.testing.quickstart import build_stand_in_checkpoint
 
     return str(
         build_stand_in_checkpoint(tmp_path_factory.mktemp("stand_in") / "vit", outside_material_dir=True)

@@ -7,10 +7,10 @@ import torch
 from conftest import digits_dataset, run_training
 from transformers import AutoModelForImageClassification
 
-from hf_finetune.cli import parse_train_args
+from hf_finetune.commands.cli import parse_train_args
 from hf_finetune.errors import UserError
-from hf_finetune.performance import wants_channels_last
-from hf_finetune.tiny import build_tiny_checkpoint, tiny_config
+from hf_finetune.testing.tiny import build_tiny_checkpoint, tiny_config
+from hf_finetune.train.speed import wants_channels_last
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,9 @@ import torch
 from conftest import PYTHON, REPO
 from PIL import Image
 
-from hf_finetune.images import to_rgb
-from hf_finetune.predict import main, predict_paths
-from hf_finetune.tiny import build_tiny_checkpoint
+from hf_finetune.commands.predict import main, predict_paths
+from hf_finetune.data.images import to_rgb
+from hf_finetune.testing.tiny import build_tiny_checkpoint
 
 LABELS = ["cat", "dog", "bird"]
 
@@ -134,7 +134,7 @@ def test_missing_inputs_exit_2_with_a_message(model_dir, pictures, tmp_path, cap
 def test_help_is_fast_and_imports_nothing_heavy():
     code = (
         "import sys\n"
-        "from hf_finetune.predict import main\n"
+        "from hf_finetune.commands.predict import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
         "heavy = [m for m in ('torch', 'transformers', 'datasets', 'matplotlib') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
@@ -146,7 +146,7 @@ def test_help_is_fast_and_imports_nothing_heavy():
 
 def test_probe_directories_dispatch_to_load_probe(model_dir, pictures, tmp_path, monkeypatch):
     """A non-transformers probe output directory goes through probe_export.load_probe."""
-    import hf_finetune.probe_export as probe_export
+    import hf_finetune.probe.export as probe_export
 
     folder = tmp_path / "probe_out"
     folder.mkdir()
@@ -174,7 +174,7 @@ def test_real_probe_directory_and_transformers_format_probe(model_dir, pictures,
 
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    from hf_finetune.probe_export import (
+    from hf_finetune.probe.export import (
         FORMAT_TRANSFORMERS,
         PROBE_FILE,
         GaussianNBPredictor,

@@ -10,8 +10,16 @@ import pytest
 from conftest import digits_dataset
 
 from hf_finetune.errors import UserError
-from hf_finetune.features import count_backbone_forwards
-from hf_finetune.probe import (
+from hf_finetune.outputs.reports import CONFUSION_MATRIX, report_file
+from hf_finetune.probe.export import (
+    FORMAT_PROBE,
+    FORMAT_TRANSFORMERS,
+    Normaliser,
+    Predictor,
+    load_probe,
+)
+from hf_finetune.probe.features import count_backbone_forwards
+from hf_finetune.probe.fit import (
     CLASSIFIERS,
     FitInputs,
     ProbeArguments,
@@ -20,15 +28,7 @@ from hf_finetune.probe import (
     run_probe,
     save_probe,
 )
-from hf_finetune.probe_export import (
-    FORMAT_PROBE,
-    FORMAT_TRANSFORMERS,
-    Normaliser,
-    Predictor,
-    load_probe,
-)
-from hf_finetune.reports import CONFUSION_MATRIX, report_file
-from hf_finetune.tiny import build_tiny_checkpoint
+from hf_finetune.testing.tiny import build_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 STAND_IN_LABELS = ["cat", "dog", "bird", "fish"]
@@ -358,10 +358,12 @@ def test_probe_recipe_runs(tmp_path, monkeypatch):
 def test_push_publishes_the_finished_folder_and_keeps_the_token_out(
     checkpoints, dataset, feature_cache, tmp_path, monkeypatch
 ):
-    import hf_finetune.publish
+    import hf_finetune.outputs.publish
 
     calls = []
-    monkeypatch.setattr(hf_finetune.publish, "publish", lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.setattr(
+        hf_finetune.outputs.publish, "publish", lambda *args, **kwargs: calls.append((args, kwargs))
+    )
     out = tmp_path / "pushed"
     overrides = {
         "push_to_hub": "true",
@@ -383,7 +385,7 @@ def test_refit_on_validation_saves_the_classifier_fitted_on_train_and_validation
 ):
     """GridSearchCV's refit: C chosen on validation as before, then the saved classifier is fitted again with it
     on train + validation. Validation metrics stay those of the train-only fit; test metrics are the saved one's."""
-    from hf_finetune.probe import refit
+    from hf_finetune.probe.fit import refit
 
     kept, _ = _fit_and_save(checkpoints["vit"], tmp_path / "kept", feature_cache, dataset)
     refitted, _ = _fit_and_save(

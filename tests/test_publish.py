@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hf_finetune.errors import UserError
-from hf_finetune.publish import files_to_upload, publish
+from hf_finetune.outputs.publish import files_to_upload, publish
 
 
 class RecordingHubApi:

@@ -21,7 +21,7 @@ CATS = {"tabby, tabby cat", "tiger cat", "Egyptian cat"}
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    from hf_finetune.real_weights import convert_efficientnet_lite
+    from hf_finetune.testing.real_weights import convert_efficientnet_lite
 
     root = tmp_path_factory.mktemp("real_weights")
     return {variant: convert_efficientnet_lite(variant, root / variant) for variant in ("lite0", "lite2")}
@@ -48,7 +48,7 @@ def test_timm_loads_the_folder_as_a_hub_repo(converted, variant):
     import torch
     from timm.data import create_transform, resolve_data_config
 
-    from hf_finetune.real_weights import VARIANTS, imagenet_label_names
+    from hf_finetune.testing.real_weights import VARIANTS, imagenet_label_names
 
     model = timm.create_model(f"local-dir:{converted[variant]}", pretrained=True).eval()
     reference = timm.models.get_pretrained_cfg(VARIANTS[variant].architecture + ".in1k").to_dict()
@@ -70,7 +70,7 @@ def test_layout_is_the_hub_repos(converted):
     import torch
     from safetensors.torch import load_file
 
-    from hf_finetune.real_weights import imagenet_label_names
+    from hf_finetune.testing.real_weights import imagenet_label_names
 
     folder = converted["lite0"]
     config = json.loads((folder / "config.json").read_text())
@@ -94,7 +94,7 @@ def test_layout_is_the_hub_repos(converted):
 
 
 def test_conversion_is_reused_and_atomic(converted, tmp_path):
-    from hf_finetune.real_weights import convert_efficientnet_lite
+    from hf_finetune.testing.real_weights import convert_efficientnet_lite
 
     folder = converted["lite0"]
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
@@ -114,7 +114,7 @@ def test_conversion_is_reused_and_atomic(converted, tmp_path):
 def test_missing_wheel_is_a_clear_error(monkeypatch):
     import importlib.util
 
-    from hf_finetune.real_weights import source_weights
+    from hf_finetune.testing.real_weights import source_weights
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
@@ -133,7 +133,7 @@ def test_preprocessing_override_reaches_the_image_processor(tmp_path):
     from timm.data import create_transform, resolve_data_config
     from transformers import AutoImageProcessor
 
-    from hf_finetune.real_weights import convert_efficientnet_lite
+    from hf_finetune.testing.real_weights import convert_efficientnet_lite
 
     folder = convert_efficientnet_lite("lite0", tmp_path / "small", image_size=96, crop_pct=1.0)
     cfg = json.loads((folder / "config.json").read_text())["pretrained_cfg"]
@@ -156,7 +156,7 @@ def test_preprocessing_override_reaches_the_image_processor(tmp_path):
 @pytest.fixture(scope="module")
 def lite0_32px(tmp_path_factory):
     """The real Lite0 saved for 32-px inputs (the digits' own size): every strategy in seconds."""
-    from hf_finetune.real_weights import convert_efficientnet_lite
+    from hf_finetune.testing.real_weights import convert_efficientnet_lite
 
     return convert_efficientnet_lite(
         "lite0", tmp_path_factory.mktemp("lite0") / "32px", image_size=32, crop_pct=1.0
@@ -206,7 +206,7 @@ def test_each_strategy_runs_on_the_real_checkpoint(strategy, lite0_32px, three_d
             "--per_device_train_batch_size", "16", "--num_train_epochs", "1", "--use_cpu", "true",
             "--dataloader_num_workers", "0", *STRATEGY_FLAGS[strategy]]  # fmt: skip
     if strategy == "probe":
-        from hf_finetune.probe import parse_probe_args, run_probe
+        from hf_finetune.probe.fit import parse_probe_args, run_probe
 
         argv += ["--feature_cache_dir", str(tmp_path / "features")]
         results = run_probe(*parse_probe_args(argv), dataset=three_digits)
@@ -236,8 +236,8 @@ def test_probe_and_head_on_real_weights_beat_scratch_by_20_points(tmp_path_facto
     from conftest import digits_dataset, run_training
     from datasets import DatasetDict
 
-    from hf_finetune.probe import parse_probe_args, run_probe
-    from hf_finetune.real_weights import convert_efficientnet_lite
+    from hf_finetune.probe.fit import parse_probe_args, run_probe
+    from hf_finetune.testing.real_weights import convert_efficientnet_lite
 
     root = tmp_path_factory.mktemp("beats_scratch")
     lite0 = convert_efficientnet_lite("lite0", root / "lite0-64px", image_size=64, crop_pct=1.0)

@@ -28,9 +28,7 @@ def test_help_lists_commands_without_heavy_imports():
     result = run([str(BIN / "hf-finetune"), "--help"])
     assert result.returncode == 0 and "train" in result.stdout
     # --help is fast because the command module imports no heavy library; check that, not a wall time.
-    probe = (
-        "import sys, hf_finetune.cli; print(sorted({'torch', 'transformers', 'datasets'} & set(sys.modules)))"
-    )
+    probe = "import sys, hf_finetune.commands.cli; print(sorted({'torch', 'transformers', 'datasets'} & set(sys.modules)))"
     assert run([sys.executable, "-c", probe]).stdout.strip() == "[]"
 
 
@@ -114,7 +112,7 @@ def test_readme_probe_sequence_keeps_every_model(tmp_path):
 
 @pytest.mark.slow
 def test_flowers_recipe_on_local_files(tmp_path, small_digits_folder):
-    from hf_finetune.tiny import build_tiny_checkpoint
+    from hf_finetune.testing.tiny import build_tiny_checkpoint
 
     checkpoint = build_tiny_checkpoint(
         "convnext", tmp_path / "ckpt", labels=[f"flower_{i}" for i in range(102)]
@@ -175,8 +173,8 @@ def test_two_process_accelerate_launch_keeps_the_global_batch(tmp_path):
 
 def test_quickstart_yaml_serves_the_probe_and_every_gradient_strategy():
     """`strategy: probe` in the YAML, and `--strategy head` (or any other) on the same YAML trains instead."""
-    from hf_finetune.cli import parse_train_args
-    from hf_finetune.probe import parse_probe_args
+    from hf_finetune.commands.cli import parse_train_args
+    from hf_finetune.probe.fit import parse_probe_args
 
     config = ["--config", "recipes/quickstart.yaml"]
     assert parse_probe_args(config)[2].strategy == "probe"

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from sklearn.metrics import classification_report
 
-from hf_finetune import reports
-from hf_finetune.reports import report_links_markdown, write_reports
+from hf_finetune.outputs import reports
+from hf_finetune.outputs.reports import report_links_markdown, write_reports
 
 NAMES = ["apple", "banana", "cherry", "date|fig"]  # a "|" must not break the Markdown table
 

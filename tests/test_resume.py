@@ -47,7 +47,7 @@ def setup(tmp_path_factory):
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    from hf_finetune.tiny import build_tiny_checkpoint
+    from hf_finetune.testing.tiny import build_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("resume")
     digits = load_digits()
@@ -62,7 +62,7 @@ def setup(tmp_path_factory):
 
 def command(setup, out: Path, processes: int, flags) -> list[str]:
     return [str(ACCELERATE), "launch", "--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"),
-            "--num_processes", str(processes), "-m", "hf_finetune.cli", "train",
+            "--num_processes", str(processes), "-m", "hf_finetune.commands.cli", "train",
             "--model_name_or_path", str(setup["checkpoint"]), "--train_dir", str(setup["root"] / "data"),
             "--output_dir", str(out), *COMMON, *flags]  # fmt: skip
 
@@ -158,7 +158,12 @@ def seeded_train_set(seed: int = 0):
     from datasets import Image
     from transformers import ViTImageProcessor
 
-    from hf_finetune.transforms import BatchTransform, SeededAugmentation, SeededTrainSet, build_transforms
+    from hf_finetune.data.transforms import (
+        BatchTransform,
+        SeededAugmentation,
+        SeededTrainSet,
+        build_transforms,
+    )
 
     train_tf, _ = build_transforms(ViTImageProcessor(size={"height": 24, "width": 24}))
     data = digits_dataset(4).cast_column("image", Image(decode=False))
@@ -168,7 +173,7 @@ def seeded_train_set(seed: int = 0):
 def epoch_batches(train_set, workers: int, epochs=(0, 1)) -> list:
     import torch
 
-    from hf_finetune.transforms import collate
+    from hf_finetune.data.transforms import collate
 
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=4, shuffle=False, num_workers=workers, collate_fn=collate,

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForImageClassification
 
-from hf_finetune.architectures import block_map
-from hf_finetune.cli import parse_train_args
+from hf_finetune.commands.cli import parse_train_args
 from hf_finetune.errors import UserError
-from hf_finetune.strategies import (
+from hf_finetune.models.architectures import block_map
+from hf_finetune.strategies.core import (
     STRATEGIES,
     STRATEGY_SUMMARY,
     StrategyArguments,
@@ -33,7 +33,7 @@ from hf_finetune.strategies import (
     plan_strategy,
     prepare_strategy,
 )
-from hf_finetune.tiny import TINY_ARCHITECTURES, build_tiny_checkpoint
+from hf_finetune.testing.tiny import TINY_ARCHITECTURES, build_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 # Not the data's labels: the head is re-initialised on load, as with a real Hub checkpoint.
@@ -84,7 +84,7 @@ def checkpoints(tmp_path_factory):
 
 def train(folder, output_dir, data, *flags, epochs: int = 1) -> dict:
     """One in-process run parsed exactly like the CLI; returns strategy_summary.json."""
-    from hf_finetune.training import run
+    from hf_finetune.train.run import run
 
     model_args, data_args, strategy_args, training_args = parse_train_args(
         [
@@ -452,7 +452,7 @@ def test_unknown_architecture_works_without_the_block_map_and_errors_clearly_wit
 # --------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def launch_root(tmp_path_factory):
-    from hf_finetune.quickstart import build_stand_in_checkpoint, export_digits
+    from hf_finetune.testing.quickstart import build_stand_in_checkpoint, export_digits
 
     root = tmp_path_factory.mktemp("launch")
     export_digits(root / "digits", outside_material_dir=True)
@@ -514,7 +514,7 @@ def test_two_process_head_run_of_the_quickstart_recipe(launch_root, tmp_path):
 def test_two_process_gradual_run_rewraps_ddp_at_each_unfreeze(launch_root, tmp_path):
     summary = _launch(
         [
-            "-m", "hf_finetune.cli", "train",
+            "-m", "hf_finetune.commands.cli", "train",
             "--model_name_or_path", str(launch_root / "tiny-resnet"),
             "--train_dir", str(launch_root / "digits"),
             "--strategy", "gradual",

@@ -9,9 +9,9 @@ import torch
 from conftest import digits_dataset, run_training
 from datasets import DatasetDict
 
-from hf_finetune.args import ModelArguments
-from hf_finetune.modeling import load_image_processor, load_model
-from hf_finetune.tiny import build_tiny_timm_checkpoint
+from hf_finetune.config import ModelArguments
+from hf_finetune.models.loading import load_image_processor, load_model
+from hf_finetune.testing.tiny import build_tiny_timm_checkpoint
 
 CHECKPOINT_LABELS = ["cat", "dog", "bird"]
 
@@ -109,7 +109,7 @@ def test_block_map_of_any_timm_architecture_comes_from_timm(
 ):
     from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
 
-    from hf_finetune.architectures import block_map, feature_dim
+    from hf_finetune.models.architectures import block_map, feature_dim
 
     model = TimmWrapperForImageClassification(TimmWrapperConfig(architecture=architecture, num_labels=3))
     mapped = block_map(model)  # every parameter in exactly one group, or it raises
@@ -123,7 +123,7 @@ def test_block_map_of_any_timm_architecture_comes_from_timm(
 
 
 def test_probe_features_are_timms_pre_logits(timm_vit):
-    from hf_finetune.architectures import classifier_input
+    from hf_finetune.models.architectures import classifier_input
 
     model, _ = load_model(ModelArguments(model_name_or_path=str(timm_vit)), CHECKPOINT_LABELS)
     pixels = torch.randn(2, 3, 32, 32)
@@ -136,7 +136,7 @@ def test_probe_features_are_timms_pre_logits(timm_vit):
 
 
 def test_lora_default_targets_of_timm_models(timm_checkpoint, timm_vit):
-    from hf_finetune.lora import default_target_modules
+    from hf_finetune.strategies.lora import default_target_modules
 
     vit, _ = load_model(ModelArguments(model_name_or_path=str(timm_vit)), CHECKPOINT_LABELS)
     targets = default_target_modules(vit)
@@ -214,7 +214,7 @@ def test_each_strategy_trains_the_timm_checkpoint(strategy, timm_checkpoint, dat
 def test_probe_on_the_timm_checkpoint_is_written_into_its_head(timm_checkpoint, data, tmp_path):
     from transformers import pipeline
 
-    from hf_finetune.probe import parse_probe_args, run_probe
+    from hf_finetune.probe.fit import parse_probe_args, run_probe
 
     args = parse_probe_args(
         ["--model_name_or_path", str(timm_checkpoint), "--output_dir", str(tmp_path / "probe"),
@@ -254,8 +254,8 @@ def _picture_folders(root):
 def test_pipeline_on_the_output_reproduces_the_test_accuracy(kind, timm_checkpoint, tmp_path):
     from transformers import pipeline
 
-    from hf_finetune.predict import predict_paths
-    from hf_finetune.tiny import build_tiny_checkpoint
+    from hf_finetune.commands.predict import predict_paths
+    from hf_finetune.testing.tiny import build_tiny_checkpoint
 
     checkpoint = (
         timm_checkpoint
@@ -288,7 +288,7 @@ def test_pipeline_on_the_output_reproduces_the_test_accuracy(kind, timm_checkpoi
 
 
 def test_channels_last_auto_follows_the_timm_architecture(timm_checkpoint, timm_vit):
-    from hf_finetune.performance import wants_channels_last
+    from hf_finetune.train.speed import wants_channels_last
 
     convnet, _ = load_model(ModelArguments(model_name_or_path=str(timm_checkpoint)), CHECKPOINT_LABELS)
     vit, _ = load_model(ModelArguments(model_name_or_path=str(timm_vit)), CHECKPOINT_LABELS)
@@ -297,7 +297,7 @@ def test_channels_last_auto_follows_the_timm_architecture(timm_checkpoint, timm_
 
 
 def test_model_card_of_a_timm_hub_checkpoint_names_it_as_base_model():
-    from hf_finetune.output import model_card_text
+    from hf_finetune.outputs.files import model_card_text
 
     card = model_card_text(
         model_name="digits",

@@ -10,7 +10,7 @@ import yaml
 from conftest import digits_dataset, run_training
 from datasets import DatasetDict
 
-from hf_finetune.tiny import TINY_ARCHITECTURES, build_tiny_checkpoint
+from hf_finetune.testing.tiny import TINY_ARCHITECTURES, build_tiny_checkpoint
 
 LABELS = ["zero", "one", "two"]
 

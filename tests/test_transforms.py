@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from transformers import ConvNextImageProcessor, ViTImageProcessor
 
-from hf_finetune.transforms import BatchTransform, build_transforms, collate, processor_spec
+from hf_finetune.data.transforms import BatchTransform, build_transforms, collate, processor_spec
 
 
 def test_spec_follows_processor_sizes():
@@ -64,8 +64,8 @@ def test_batch_transform_converts_every_mode_to_rgb_and_collates():
 def test_large_jpegs_are_decoded_at_reduced_size_but_never_below_what_the_transform_needs():
     import io
 
-    from hf_finetune.images import load_rgb
-    from hf_finetune.transforms import draft_sizes
+    from hf_finetune.data.images import load_rgb
+    from hf_finetune.data.transforms import draft_sizes
 
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (1200, 1600, 3), dtype=np.uint8)).save(
@@ -133,7 +133,7 @@ def photo_files(tmp_path_factory):
 
 
 def _checkpoint_folders(tmp_path_factory):
-    from hf_finetune.tiny import build_tiny_timm_checkpoint
+    from hf_finetune.testing.tiny import build_tiny_timm_checkpoint
 
     folders = {}
     for index, (family, settings) in enumerate(PROCESSOR_FAMILIES):
@@ -164,9 +164,9 @@ def test_eval_pixels_equal_the_checkpoints_processor_on_real_photos(family, proc
     from datasets import Image as ImageFeature
     from transformers import AutoImageProcessor
 
-    from hf_finetune.args import ModelArguments
-    from hf_finetune.modeling import load_image_processor
-    from hf_finetune.transforms import attach_transforms
+    from hf_finetune.config import ModelArguments
+    from hf_finetune.data.transforms import attach_transforms
+    from hf_finetune.models.loading import load_image_processor
 
     folder = processor_folders[family]
     ours = load_image_processor(ModelArguments(model_name_or_path=str(folder)))
@@ -190,9 +190,9 @@ def test_training_normalisation_equals_the_processors(family, processor_folders)
     import skimage.data
     from torchvision.transforms import v2
 
-    from hf_finetune.args import ModelArguments
-    from hf_finetune.modeling import load_image_processor
-    from hf_finetune.transforms import _tail, is_timm_processor
+    from hf_finetune.config import ModelArguments
+    from hf_finetune.data.transforms import _tail, is_timm_processor
+    from hf_finetune.models.loading import load_image_processor
 
     processor = load_image_processor(ModelArguments(model_name_or_path=str(processor_folders[family])))
     spec = processor_spec(processor)

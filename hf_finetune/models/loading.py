@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hf_finetune.args import ModelArguments
+from hf_finetune.config import ModelArguments
 from hf_finetune.errors import UserError
 from hf_finetune.hub import check_hub_repo, offline, warn_if_local_shadows
 
@@ -49,7 +49,7 @@ def load_config(model_args: ModelArguments):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
-    from hf_finetune.quickstart import check_built
+    from hf_finetune.testing.quickstart import check_built
 
     check_built(model_args.model_name_or_path, "model_name_or_path")
     warn_if_local_shadows(model_args.model_name_or_path, "model_name_or_path")

@@ -270,7 +270,7 @@ def most_confident_errors(
 
 
 def _thumbnail(value, size: int = 256):
-    from hf_finetune.images import load_rgb
+    from hf_finetune.data.images import load_rgb
 
     path = value.get("path") if isinstance(value, dict) else None
     if path and os.path.isabs(path) and os.path.isfile(path):
@@ -286,7 +286,7 @@ def plot_errors_grid(path: Path, shown: list[dict[str, Any]], images: Sequence) 
 
     from matplotlib.figure import Figure
 
-    from hf_finetune.images import image_location
+    from hf_finetune.data.images import image_location
 
     columns = min(4, len(shown))
     rows = math.ceil(len(shown) / columns)
@@ -332,8 +332,8 @@ def write_reports(
     """
     import numpy as np
 
-    from hf_finetune.images import image_location
-    from hf_finetune.output import write_json, write_text_atomic
+    from hf_finetune.data.images import image_location
+    from hf_finetune.outputs.files import write_json, write_text_atomic
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

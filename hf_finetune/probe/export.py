@@ -16,7 +16,7 @@ Two formats, recorded in ``probe.json`` (``format``) so that `load_probe` can op
     classifier as plain arrays (``classifier.safetensors``; no pickle, so loading runs no code from the
     folder) and ``probe.json`` describing them. Load it with::
 
-        from hf_finetune.probe_export import load_probe
+        from hf_finetune.probe.export import load_probe
 
         probe = load_probe("outputs/probe")
         probe.predict("picture.jpg")  # [{"label": "cat", "score": 0.93}], like pipeline()
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from hf_finetune import output
 from hf_finetune.errors import UserError
+from hf_finetune.outputs import files as output
 
 if TYPE_CHECKING:
     import numpy as np
@@ -311,8 +311,8 @@ def linear_head(model, num_labels: int):
     """
     from torch import nn
 
-    from hf_finetune.architectures import feature_dim, is_timm_model
-    from hf_finetune.modeling import head_linears
+    from hf_finetune.models.architectures import feature_dim, is_timm_model
+    from hf_finetune.models.loading import head_linears
 
     heads = head_linears(model, num_labels)
     if is_timm_model(model):
@@ -360,7 +360,7 @@ def _describe(
         "how_to_load": (
             'transformers.pipeline("image-classification", model=<this folder>)'
             if fmt == FORMAT_TRANSFORMERS
-            else "hf_finetune.probe_export.load_probe(<this folder>).predict(images)"
+            else "hf_finetune.probe.export.load_probe(<this folder>).predict(images)"
         ),
         **extra,
     }
@@ -407,7 +407,7 @@ def export_linear(
 
 
 def _backbone_folder(index: int, name: str) -> str:
-    from hf_finetune.features import _slug
+    from hf_finetune.probe.features import _slug
 
     return f"{BACKBONES_DIR}/{index}-{_slug(name)}"
 
@@ -450,7 +450,7 @@ def export_probe_directory(
     )
     logger.info(
         "Saved the %s probe as an hf-finetune probe directory (%d backbone(s)) at %s; load it with "
-        "hf_finetune.probe_export.load_probe. It is not a plain transformers model.",
+        "hf_finetune.probe.export.load_probe. It is not a plain transformers model.",
         classifier,
         len(backbones),
         output_dir,
@@ -481,7 +481,7 @@ load it. It is an hf-finetune probe directory (format `{FORMAT_PROBE}`): the fro
 `{PROBE_FILE}`. Load it with hf-finetune:
 
 ```python
-from hf_finetune.probe_export import load_probe
+from hf_finetune.probe.export import load_probe
 
 probe = load_probe("{load_from}")
 probe.predict("picture.jpg")  # [{{"label": ..., "score": ...}}]
@@ -524,7 +524,7 @@ class ProbeModel:
         from safetensors.numpy import load_file
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-        from hf_finetune.transforms import build_transforms
+        from hf_finetune.data.transforms import build_transforms
 
         self.directory = Path(directory)
         info_file = self.directory / PROBE_FILE
@@ -567,7 +567,7 @@ class ProbeModel:
     def _pixels(self, transform, images):
         import torch
 
-        from hf_finetune.images import limit_aspect_ratio, load_rgb
+        from hf_finetune.data.images import limit_aspect_ratio, load_rgb
 
         return torch.stack([transform(limit_aspect_ratio(load_rgb(image))) for image in images])
 
@@ -576,7 +576,7 @@ class ProbeModel:
         import numpy as np
         import torch
 
-        from hf_finetune.features import embed_batch
+        from hf_finetune.probe.features import embed_batch
 
         images = list(images)
         out = []

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from hf_finetune.images import DecodeSizes, limit_aspect_ratio, load_rgb
+from hf_finetune.data.images import DecodeSizes, limit_aspect_ratio, load_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ class BatchTransform:
 # Training augmentation: a pure function of (seed, epoch, sample index)
 # --------------------------------------------------------------------------------------------------------
 AUGMENTATION_STREAM = (
-    1  # first word after the seed in every sample's seed (hf_finetune.resume uses 0 for steps)
+    1  # first word after the seed in every sample's seed (hf_finetune.train.resume uses 0 for steps)
 )
 
 
@@ -280,7 +280,7 @@ class SeededTrainSet:
 
     `Dataset.with_transform` cannot do this (its transform sees the rows, not their indices), so the DataLoader
     fetches through `__getitems__` here. The epoch is one integer in shared memory, set in the main process at
-    each epoch start (`set_epoch`, from `hf_finetune.resume.AugmentationEpochCallback`): dataloader worker
+    each epoch start (`set_epoch`, from `hf_finetune.train.resume.AugmentationEpochCallback`): dataloader worker
     processes, persistent ones included, read that same memory (inherited by fork, passed as a shared tensor
     under spawn), and an epoch's batches are only requested after the epoch has started.
     """

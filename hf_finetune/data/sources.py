@@ -3,7 +3,7 @@
 Sources: a Hub dataset, a local image folder per split, a CSV / JSON-lines file per split, or an in-memory
 `Dataset` / `DatasetDict`. Everything ends up as a `DatasetDict` with `train`, `validation` and, when there is
 one, `test`, sharing one `ClassLabel` label column. Pixels are never materialised: transforms are attached
-lazily by `hf_finetune.transforms`.
+lazily by `hf_finetune.data.transforms`.
 """
 
 from __future__ import annotations
@@ -18,10 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hf_finetune.args import VALIDATION_SPLIT_NAMES, DataArguments
+from hf_finetune.config import VALIDATION_SPLIT_NAMES, DataArguments
+from hf_finetune.data.images import (
+    DOWNSCALE_MIN_FACTOR,
+    DecodeSizes,
+    check_image,
+    image_location,
+    may_downscale,
+)
 from hf_finetune.errors import UserError
 from hf_finetune.hub import check_hub_repo, offline, warn_if_local_shadows
-from hf_finetune.images import DOWNSCALE_MIN_FACTOR, DecodeSizes, check_image, image_location, may_downscale
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +101,7 @@ def _scan_image_folder(split: str, folder: str) -> dict[str, list[str]]:
     hf-finetune (they hold its manifest), are not data. One `os.walk`; paths are absolute."""
     from collections import Counter
 
-    from hf_finetune.output import MANIFEST
+    from hf_finetune.outputs.files import MANIFEST
 
     root = Path(folder)
     if not root.is_dir():

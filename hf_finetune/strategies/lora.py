@@ -43,7 +43,7 @@ from hf_finetune.errors import UserError
 if TYPE_CHECKING:
     from torch import nn
 
-    from hf_finetune.strategies import StrategyArguments
+    from hf_finetune.strategies.core import StrategyArguments
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ _TIMM_ATTENTION = LoraTargets(
 
 def default_rule(model: nn.Module) -> LoraTargets | None:
     """The default LoRA targets of ``model``'s family; for a timm model, chosen from what its blocks hold."""
-    from hf_finetune.architectures import block_map, is_timm_model
+    from hf_finetune.models.architectures import block_map, is_timm_model
 
     if not is_timm_model(model):
         return DEFAULT_TARGETS.get(_model_type(model))
@@ -163,8 +163,8 @@ def _model_type(model: nn.Module) -> str:
 
 def head_modules(model: nn.Module) -> list[str]:
     """The classifier head's module names: the block map's head, else the Linear layers producing the logits."""
-    from hf_finetune.architectures import block_map
-    from hf_finetune.modeling import head_linears
+    from hf_finetune.models.architectures import block_map
+    from hf_finetune.models.loading import head_linears
 
     try:
         names = list(block_map(model).head)
@@ -194,7 +194,7 @@ def _candidates(model: nn.Module, exclude: list[str]) -> str:
 
 def default_target_modules(model: nn.Module) -> list[str]:
     """The qualified names of the modules that get a LoRA pair by default (see the module docstring)."""
-    from hf_finetune.architectures import block_map
+    from hf_finetune.models.architectures import block_map
 
     model_type = _model_type(model)
     rule = default_rule(model)
@@ -475,8 +475,8 @@ def card_section(
     output_dir: str | os.PathLike, base_model: str | None, labels: list[str], repo_id: str | None, merge: bool
 ) -> str:
     """The model card's LoRA section: which files are the merged model and which the adapter, how to load each."""
-    from hf_finetune.output import _is_hub_id
-    from hf_finetune.strategies import STRATEGY_SUMMARY
+    from hf_finetune.outputs.files import _is_hub_id
+    from hf_finetune.strategies.core import STRATEGY_SUMMARY
 
     output_dir = Path(output_dir)
     adapter_dir = output_dir / ADAPTER_DIR if merge else output_dir

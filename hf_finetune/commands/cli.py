@@ -23,7 +23,7 @@ commands:
   push         upload a finished output directory to a Hub model repository (--dry_run lists the files)
 
 Run `hf-finetune train --help` for every setting. Multi-GPU / multi-node runs:
-  accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m hf_finetune.cli train --config ...
+  accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m hf_finetune.commands.cli train --config ...
 """
 
 
@@ -90,7 +90,7 @@ def parse_train_args(
     probe's settings (`ProbeRunArguments`: classifier, feature cache, ...), which `training.run` routes to the
     frozen-feature path.
     """
-    from hf_finetune.args import (
+    from hf_finetune.config import (
         DataArguments,
         FinetuneTrainingArguments,
         ModelArguments,
@@ -99,10 +99,10 @@ def parse_train_args(
     )
 
     if requested_setting(argv, "strategy", default_config) == "probe":
-        from hf_finetune.probe import parse_probe_args
+        from hf_finetune.probe.fit import parse_probe_args
 
         return parse_probe_args(argv, prog, default_config=default_config)
-    from hf_finetune.strategies import StrategyArguments
+    from hf_finetune.strategies.core import StrategyArguments
 
     return parse_args(
         (ModelArguments, DataArguments, StrategyArguments, FinetuneTrainingArguments),
@@ -114,7 +114,7 @@ def parse_train_args(
 
 @report_user_errors
 def train(argv: list[str] | None = None, prog: str = "hf-finetune train"):
-    from hf_finetune.training import run
+    from hf_finetune.train.run import run
 
     model_args, data_args, strategy_args, training_args = parse_train_args(argv, prog)
     return run(model_args, data_args, training_args, strategy_args=strategy_args)
@@ -122,28 +122,28 @@ def train(argv: list[str] | None = None, prog: str = "hf-finetune train"):
 
 @report_user_errors
 def probe(argv: list[str] | None = None, prog: str = "hf-finetune probe"):
-    from hf_finetune.probe import parse_probe_args, run_probe
+    from hf_finetune.probe.fit import parse_probe_args, run_probe
 
     return run_probe(*parse_probe_args(argv, prog))
 
 
 @report_user_errors
 def compare(argv: list[str] | None = None, prog: str = "hf-finetune compare"):
-    from hf_finetune.compare import compare as compare_methods
-    from hf_finetune.compare import parse_compare_args
+    from hf_finetune.commands.compare import compare as compare_methods
+    from hf_finetune.commands.compare import parse_compare_args
 
     return compare_methods(*parse_compare_args(argv, prog))
 
 
 def predict(argv: list[str] | None = None, prog: str = "hf-finetune predict"):
-    from hf_finetune.predict import main as predict_main
+    from hf_finetune.commands.predict import main as predict_main
 
     return predict_main(argv, prog=prog)
 
 
 @report_user_errors
 def push(argv: list[str] | None = None, prog: str = "hf-finetune push"):
-    from hf_finetune.publish import main as push_main
+    from hf_finetune.outputs.publish import main as push_main
 
     return push_main(argv)
 

@@ -7,7 +7,7 @@ model testers (hidden 32, 2 layers): big enough to have every structural piece t
 strategies rely on (at least two blocks, BatchNorm where the real network has it), small enough to train
 on a CPU in seconds.
 
-    from hf_finetune.tiny import build_tiny_checkpoint
+    from hf_finetune.testing.tiny import build_tiny_checkpoint
     folder = build_tiny_checkpoint("vit", "/tmp/tiny-vit", labels=["cat", "dog"])
     model = AutoModelForImageClassification.from_pretrained(folder)
 

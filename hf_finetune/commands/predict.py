@@ -2,7 +2,7 @@
 
     hf-finetune predict outputs/flowers photos/ holiday.jpg --top_k 3 --output predictions.csv
 
-    from hf_finetune.predict import predict_paths
+    from hf_finetune.commands.predict import predict_paths
     rows = predict_paths("outputs/flowers", ["photos/"], top_k=3)
     # [{"path": "photos/a.jpg", "labels": ["rose", ...], "scores": [0.91, ...], "error": None}, ...]
 
@@ -11,7 +11,7 @@ centre crop, normalisation; RGB conversion; the aspect-ratio limit), so the scor
 validation and test metrics were measured with. An unreadable file becomes a row with an `error` instead of
 stopping the whole run. Output directories of the feature path that are not transformers models (probe
 directories: naive Bayes, kNN, MLP, fused backbones) are recognised by their `probe.json` and loaded with
-`hf_finetune.probe_export.load_probe`.
+`hf_finetune.probe.export.load_probe`.
 
 Heavy libraries are imported only after the arguments are parsed, so `--help` is instant.
 """
@@ -26,10 +26,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from hf_finetune.cli import report_user_errors
+from hf_finetune.commands.cli import report_user_errors
 from hf_finetune.errors import UserError
 
-logger = logging.getLogger("hf_finetune.predict")  # not __name__: `python -m` makes that __main__
+logger = logging.getLogger("hf_finetune.commands.predict")  # not __name__: `python -m` makes that __main__
 
 OUTPUT_FORMATS = (".csv", ".json")
 CSV_COLUMNS = ("path", "rank", "label", "score", "error")
@@ -44,7 +44,7 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
     A file named directly is kept whatever its extension (it was asked for; if it is no image, its row says
     so). Hidden files and folders inside a folder are skipped, like the training data scan does.
     """
-    from hf_finetune.data import IMAGE_EXTENSIONS
+    from hf_finetune.data.sources import IMAGE_EXTENSIONS
 
     files: set[str] = set()
     for raw in paths:
@@ -91,7 +91,7 @@ def probe_format(model_dir: str) -> str | None:
     """The `format` recorded in a probe run's `probe.json`, or None when `model_dir` has none."""
     import json
 
-    from hf_finetune.probe_export import PROBE_FILE
+    from hf_finetune.probe.export import PROBE_FILE
 
     info_file = Path(model_dir) / PROBE_FILE
     if not info_file.is_file():
@@ -113,7 +113,7 @@ class _TransformersClassifier:
     def __init__(self, name: str, device: str):
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-        from hf_finetune.transforms import BatchTransform, build_transforms
+        from hf_finetune.data.transforms import BatchTransform, build_transforms
 
         if not os.path.isdir(name):
             from hf_finetune.hub import check_hub_repo
@@ -158,13 +158,13 @@ class _ProbeClassifier:
     """A probe output directory (not a transformers model), through `probe_export.load_probe`."""
 
     def __init__(self, name: str, device: str):
-        from hf_finetune.probe_export import load_probe
+        from hf_finetune.probe.export import load_probe
 
         self.probe = load_probe(name, device=device)
         self.labels = list(self.probe.labels)
 
     def load(self, path: str):
-        from hf_finetune.images import limit_aspect_ratio, load_rgb
+        from hf_finetune.data.images import limit_aspect_ratio, load_rgb
 
         image = limit_aspect_ratio(load_rgb(path))
         image.load()
@@ -176,7 +176,7 @@ class _ProbeClassifier:
 
 def load_classifier(model_dir_or_id: str, device: str = "cpu"):
     """The classifier behind a model folder / Hub id: `.labels`, `.load(path)`, `.probabilities(loaded)`."""
-    from hf_finetune.probe_export import FORMAT_TRANSFORMERS
+    from hf_finetune.probe.export import FORMAT_TRANSFORMERS
 
     name = str(model_dir_or_id)
     if os.path.exists(name):
@@ -211,7 +211,7 @@ def predict_paths(
     """
     import numpy as np
 
-    from hf_finetune.images import image_problem
+    from hf_finetune.data.images import image_problem
 
     if top_k < 1 or batch_size < 1:
         raise UserError(f"--top_k ({top_k}) and --batch_size ({batch_size}) must be at least 1.")
@@ -300,7 +300,7 @@ def write_predictions(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Pa
     """Write rows as CSV (`.csv`) or JSON (`.json`), atomically."""
     import json
 
-    from hf_finetune.output import write_text_atomic
+    from hf_finetune.outputs.files import write_text_atomic
 
     suffix = Path(path).suffix.lower()
     if suffix == ".csv":
@@ -356,7 +356,7 @@ def build_parser(prog: str = "hf-finetune predict") -> argparse.ArgumentParser:
 def _setup_logging() -> None:
     import transformers
 
-    from hf_finetune.cli import configure_logging
+    from hf_finetune.commands.cli import configure_logging
 
     configure_logging(sys.stderr)  # stdout is the prediction table
     transformers.utils.logging.disable_progress_bar()  # a weight-loading bar per call is noise here

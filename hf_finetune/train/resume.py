@@ -1,7 +1,7 @@
 """Exact resume: a run killed anywhere and started again ends with the uninterrupted run's weights.
 
 What transformers' Trainer restores from a checkpoint by itself: the weights (through
-`hf_finetune.checkpoints`), the optimizer and learning-rate scheduler state, the global step and epoch, the
+`hf_finetune.train.checkpoints`), the optimizer and learning-rate scheduler state, the global step and epoch, the
 shuffling order (accelerate's seedable sampler: epoch e's permutation comes from seed + e, and the batches
 already trained on in the resumed epoch are skipped), and, with `restore_callback_states_from_checkpoint`
 (on by default here), the early-stopping counter. A checkpoint is only ever written at an optimizer step, so
@@ -15,7 +15,7 @@ What it does not restore exactly, and what this module does instead:
   other draw in a step are the same whatever happened before it.
 - The augmentation in dataloader workers, whose random state a checkpoint does not hold (skipped batches
   shift it). Each picture's augmentation is a pure function of (seed, epoch, sample index)
-  (`hf_finetune.transforms.SeededAugmentation`); `AugmentationEpochCallback` tells the training set the
+  (`hf_finetune.data.transforms.SeededAugmentation`); `AugmentationEpochCallback` tells the training set the
   epoch.
 - What was restored is not said anywhere; `ResumeReport` logs it.
 """
@@ -27,7 +27,7 @@ import math
 
 from transformers import TrainerCallback
 
-from hf_finetune.transforms import derived_seed
+from hf_finetune.data.transforms import derived_seed
 
 logger = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hf_finetune.args import ModelArguments
+from hf_finetune.config import ModelArguments
 from hf_finetune.errors import UserError
 
 if TYPE_CHECKING:
@@ -341,7 +341,7 @@ def embed_batch(model, pixel_values: torch.Tensor, checkpoint: str, autocast_dty
     """Pooled features of one batch (one counted backbone forward pass), float32 on the CPU."""
     import torch
 
-    from hf_finetune.architectures import classifier_input
+    from hf_finetune.models.architectures import classifier_input
 
     device = next(model.parameters()).device
     autocast = (
@@ -359,7 +359,7 @@ def embed_batch(model, pixel_values: torch.Tensor, checkpoint: str, autocast_dty
 
 def check_pooled_output(model, checkpoint: str) -> int:
     """The feature width of `model`, or a UserError naming `checkpoint` when it has no pooled output."""
-    from hf_finetune.architectures import feature_dim
+    from hf_finetune.models.architectures import feature_dim
 
     try:
         return feature_dim(model)
@@ -371,7 +371,7 @@ def pixel_loader(dataset, image_column: str, transform, batch_size: int, num_wor
     """Batches of `pixel_values` (eval transform) over `dataset`, in row order."""
     from torch.utils.data import DataLoader
 
-    from hf_finetune.transforms import BatchTransform, collate
+    from hf_finetune.data.transforms import BatchTransform, collate
 
     pixels = dataset.select_columns([image_column]).with_transform(
         BatchTransform(transform, image_column, None)
@@ -415,8 +415,8 @@ class Backbone:
     """
 
     def __init__(self, model_args: ModelArguments):
-        from hf_finetune.modeling import load_config, load_image_processor
-        from hf_finetune.transforms import build_transforms, processor_spec
+        from hf_finetune.data.transforms import build_transforms, processor_spec
+        from hf_finetune.models.loading import load_config, load_image_processor
 
         self.model_args = model_args
         self.name = model_args.model_name_or_path
@@ -436,7 +436,7 @@ class Backbone:
 
     def model(self, labels: list[str]):
         """The checkpoint as `AutoModelForImageClassification` for `labels` (loaded once, in eval mode)."""
-        from hf_finetune.modeling import load_model
+        from hf_finetune.models.loading import load_model
 
         if self._model is None or self._labels != list(labels):
             self._model, _ = load_model(self.model_args, list(labels), self.config)

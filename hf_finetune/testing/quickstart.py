@@ -32,7 +32,7 @@ from pathlib import Path
 
 from hf_finetune.errors import UserError
 from hf_finetune.hub import looks_like_hub_id
-from hf_finetune.tiny import TINY_ARCHITECTURES
+from hf_finetune.testing.tiny import TINY_ARCHITECTURES
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def build_stand_in_checkpoint(
     outside_material_dir: bool = False,
 ) -> Path:
     """A tiny, randomly initialised checkpoint saved like a Hub download (config, safetensors, processor)."""
-    from hf_finetune.tiny import build_tiny_checkpoint
+    from hf_finetune.testing.tiny import build_tiny_checkpoint
 
     kind = f"a stand-in {arch} checkpoint"
     _check_target(folder, kind, outside_material_dir)
@@ -209,8 +209,8 @@ def build_real_checkpoint(
     outside_material_dir: bool = False,
 ) -> Path:
     """Google's ImageNet-1k EfficientNet-Lite0 (or `variant`, e.g. "lite2") in the Hub's timm layout,
-    preprocessing for the digits (see `hf_finetune.real_weights`, which writes it atomically)."""
-    from hf_finetune.real_weights import convert_efficientnet_lite
+    preprocessing for the digits (see `hf_finetune.testing.real_weights`, which writes it atomically)."""
+    from hf_finetune.testing.real_weights import convert_efficientnet_lite
 
     kind = f"the converted ImageNet EfficientNet-{variant.capitalize()}"
     _check_target(folder, kind, outside_material_dir)
@@ -259,7 +259,7 @@ def prepare_material(model_args, data_args, training_args=None) -> list[Path]:
     names = [name.strip() for name in str(model_args.model_name_or_path or "").split(",") if name.strip()]
     for name in names:
         if not material_name(name):
-            from hf_finetune.modeling import load_config
+            from hf_finetune.models.loading import load_config
 
             load_config(dataclasses.replace(model_args, model_name_or_path=name))
     wanted = [Path(p) for p in (*names, data_args.train_dir) if p and material_name(p)]

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from hf_finetune.args import resolved_config
+from hf_finetune.config import resolved_config
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hf_finetune import output
 from hf_finetune.errors import UserError
+from hf_finetune.outputs import files as output
 
 logger = logging.getLogger(__name__)
 
@@ -101,9 +101,9 @@ def parse_compare_args(
 ):
     """(model, data, strategy, probe, compare, training) arguments from `--config` (else `default_config`)
     + flags."""
-    from hf_finetune.args import DataArguments, FinetuneTrainingArguments, ModelArguments, parse_args
-    from hf_finetune.probe import ProbeArguments
-    from hf_finetune.strategies import StrategyArguments
+    from hf_finetune.config import DataArguments, FinetuneTrainingArguments, ModelArguments, parse_args
+    from hf_finetune.probe.fit import ProbeArguments
+    from hf_finetune.strategies.core import StrategyArguments
 
     types = (ModelArguments, DataArguments, StrategyArguments, ProbeArguments, CompareArguments)
     return parse_args((*types, FinetuneTrainingArguments), argv, prog=prog, default_config=default_config)
@@ -196,11 +196,11 @@ def _skip_reason(method: Method, model_args, data_labels_match) -> str | None:
 
 
 def run_method(method: Method, args: tuple, out: Path, dataset=None) -> dict[str, Any]:
-    from hf_finetune.training import run
+    from hf_finetune.train.run import run
 
     model_args, data_args, strategy_args, probe_args, training_args = args
     if method.kind in ("probe", "fusion"):
-        from hf_finetune.probe import run_probe
+        from hf_finetune.probe.fit import run_probe
 
         models, probe, train_args = _method_arguments(
             method, model_args, strategy_args, probe_args, training_args, out
@@ -304,8 +304,8 @@ def compare(model_args, data_args, strategy_args, probe_args, compare_args, trai
     A method whose folder already holds a finished run is kept and its row reused, unless
     `overwrite_output_dir`; the table keeps the earlier run's other rows. Returns the table's rows.
     """
-    from hf_finetune.args import expand_output_dir
-    from hf_finetune.modeling import checkpoint_labels, load_config
+    from hf_finetune.config import expand_output_dir
+    from hf_finetune.models.loading import checkpoint_labels, load_config
 
     shared = (model_args, data_args, strategy_args, probe_args, training_args)
     root = Path(expand_output_dir(training_args, *shared, compare_args))
@@ -321,7 +321,7 @@ def compare(model_args, data_args, strategy_args, probe_args, compare_args, trai
     settings = settings_fingerprint(*shared)
 
     def labels_match() -> bool:
-        from hf_finetune.data import prepare_data
+        from hf_finetune.data.sources import prepare_data
 
         data = prepare_data(data_args, training_args.seed, dataset=dataset)
         return checkpoint_labels(config) == data.labels

@@ -8,8 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from hf_finetune import output
-from hf_finetune.args import (
+from hf_finetune.config import (
     DataArguments,
     FinetuneTrainingArguments,
     ModelArguments,
@@ -17,6 +16,7 @@ from hf_finetune.args import (
     expand_output_dir,
     global_batch_description,
 )
+from hf_finetune.outputs import files as output
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +33,11 @@ def build_trainer(
 ):
     from transformers import EarlyStoppingCallback, Trainer
 
-    from hf_finetune.checkpoints import CheckpointLoadingMixin, CompleteCheckpointCallback
-    from hf_finetune.evaluation import ComputeMetrics
-    from hf_finetune.resume import AugmentationEpochCallback, StepSeedCallback
-    from hf_finetune.strategies import strategy_trainer_class
-    from hf_finetune.transforms import Collator
+    from hf_finetune.data.transforms import Collator
+    from hf_finetune.strategies.core import strategy_trainer_class
+    from hf_finetune.train.checkpoints import CheckpointLoadingMixin, CompleteCheckpointCallback
+    from hf_finetune.train.metrics import ComputeMetrics
+    from hf_finetune.train.resume import AugmentationEpochCallback, StepSeedCallback
 
     callbacks = list(callbacks or [])
     if getattr(training_args, "early_stopping_patience", None):
@@ -46,7 +46,7 @@ def build_trainer(
     base_cls, extra = (strategy_trainer_class(), {"plan": plan}) if plan is not None else (Trainer, {})
     trainer_cls = type("FinetuneTrainer", (CheckpointLoadingMixin, base_cls), {})
     callbacks.append(CompleteCheckpointCallback())
-    # Exact resume (hf_finetune.resume): each step's random stream and each picture's augmentation are derived
+    # Exact resume (hf_finetune.train.resume): each step's random stream and each picture's augmentation are derived
     # from the seed, so a resumed run draws what the uninterrupted one drew.
     callbacks.append(StepSeedCallback(training_args.seed))
     if hasattr(splits["train"], "set_epoch"):
@@ -124,11 +124,11 @@ def prepare_trainer(model_args, data_args, training_args, strategy_args, dataset
     `train=False` (evaluation only) makes no downscaled copies: each picture is decoded once either way.
     Returns (trainer, prepared data, transformed splits, the checkpoint's load report).
     """
-    from hf_finetune.data import prepare_data
-    from hf_finetune.modeling import load_config, load_image_processor, load_model
-    from hf_finetune.performance import apply_channels_last, log_input_pipeline
-    from hf_finetune.strategies import prepare_strategy, wrap_for_strategy
-    from hf_finetune.transforms import attach_transforms, collate, decode_sizes
+    from hf_finetune.data.sources import prepare_data
+    from hf_finetune.data.transforms import attach_transforms, collate, decode_sizes
+    from hf_finetune.models.loading import load_config, load_image_processor, load_model
+    from hf_finetune.strategies.core import prepare_strategy, wrap_for_strategy
+    from hf_finetune.train.speed import apply_channels_last, log_input_pipeline
 
     # Checkpoint first: a wrong id fails in seconds, before any data is read.
     config = load_config(model_args)
@@ -189,14 +189,14 @@ def run(
     """
     from transformers import set_seed
 
-    from hf_finetune.checkpoints import last_complete_checkpoint
-    from hf_finetune.resume import ResumeReport
-    from hf_finetune.strategies import FEATURE_STRATEGY, STRATEGY_SUMMARY, StrategyArguments
+    from hf_finetune.strategies.core import FEATURE_STRATEGY, STRATEGY_SUMMARY, StrategyArguments
+    from hf_finetune.train.checkpoints import last_complete_checkpoint
+    from hf_finetune.train.resume import ResumeReport
 
     strategy_args = strategy_args or StrategyArguments()
     if strategy_args.strategy == FEATURE_STRATEGY:
         # The one strategy switch: `probe` is the frozen-feature path (features once, a classic classifier).
-        from hf_finetune.probe import ProbeArguments, ProbeRunArguments, run_probe
+        from hf_finetune.probe.fit import ProbeArguments, ProbeRunArguments, run_probe
 
         probe_args = strategy_args if isinstance(strategy_args, ProbeArguments) else ProbeRunArguments()
         return run_probe(model_args, data_args, probe_args, training_args, dataset=dataset)
@@ -260,7 +260,7 @@ def run(
         # Again after training: the optimizer's real groups and, for gradual, the schedule as it happened.
         output.write_json(output_dir / STRATEGY_SUMMARY, trainer.strategy_summary())
     if strategy_args.strategy == "lora":
-        from hf_finetune.lora import save_lora_outputs
+        from hf_finetune.strategies.lora import save_lora_outputs
 
         save_lora_outputs(trainer, output_dir, merge=strategy_args.lora_merge)
     else:
@@ -288,7 +288,7 @@ def run(
     # model card; then publish               #
     ##########################################
     if trainer.is_world_process_zero():
-        from hf_finetune.reports import report_links_markdown, write_reports
+        from hf_finetune.outputs.reports import report_links_markdown, write_reports
 
         report_files = write_reports(
             output_dir,
@@ -311,7 +311,7 @@ def run(
         if record is not None:
             record.finish()
         if publish:
-            from hf_finetune.publish import publish as publish_dir
+            from hf_finetune.outputs.publish import publish as publish_dir
 
             repo_id = training_args.hub_model_id or output_dir.name
             publish_dir(output_dir, repo_id, private=training_args.hub_private_repo, token=hub_token)
@@ -332,7 +332,7 @@ def write_card(
     strategy = strategy_args.strategy if strategy_args is not None else "full"
     settings = output.non_default_settings(strategy_args) if strategy_args is not None else {}
     if strategy == "lora":
-        from hf_finetune.lora import card_section
+        from hf_finetune.strategies.lora import card_section
 
         lora = card_section(
             output_dir,

@@ -1,0 +1,1 @@
+"""Commands: the `hf-finetune` CLI, predict, compare."""

@@ -1,0 +1,1 @@
+"""Data: sources, labels, splits, image hygiene and the pixel pipeline."""

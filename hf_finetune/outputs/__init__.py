@@ -1,0 +1,1 @@
+"""Outputs: files a run writes, the model card, reports, publishing."""

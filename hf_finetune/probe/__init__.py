@@ -1,0 +1,1 @@
+"""The feature path: cached features, classic classifiers and small heads, export."""

@@ -1,0 +1,1 @@
+"""Strategies: what trains, at which learning rate, from which epoch."""

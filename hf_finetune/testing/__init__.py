@@ -1,0 +1,1 @@
+"""Offline stand-ins and demo material: tiny checkpoints, real weights, quickstart pictures."""

@@ -1,0 +1,1 @@
+"""One training run: Trainer assembly, checkpoints, resume, metrics, speed settings."""
