@@ -135,6 +135,12 @@ def check_hub_repo(
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
+def is_hub_id(name: str | None) -> bool:
+    """True when `name` names a Hub repository rather than a folder of this machine (it is not a path that
+    exists, nor an absolute one): what a model card may name as its base model or dataset."""
+    return bool(name) and not os.path.exists(name) and not os.path.isabs(name)
+
+
 def looks_like_hub_id(name: str) -> bool:
     """True when `name` reads as a Hub id (`org/name`, relative, without `./`): a local folder of that name
     would be loaded in its place by transformers and datasets, which try the local path first."""

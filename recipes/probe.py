@@ -18,7 +18,7 @@ What comes out in `output_dir`: with a linear classifier (logistic_regression, l
 checkpoint, a plain transformers checkpoint (the fitted weights sit in its own classifier layer) that
 `pipeline("image-classification", model="outputs/probe/logistic_regression")` loads. With gaussian_nb, knn, mlp,
 or several checkpoints (fusion), an hf-finetune probe directory: load it with
-`hf_finetune.probe.export.load_probe("outputs/probe/knn").predict("picture.jpg")`; it is *not* a transformers
+`hf_finetune.probe.load.load_probe("outputs/probe/knn").predict("picture.jpg")`; it is *not* a transformers
 model.
 
 Stand-ins: the digits (1,797 real 8x8 scans from scikit-learn) as an image folder, and tiny *randomly

@@ -97,7 +97,7 @@ def test_planted_token_reaches_no_file_and_no_log(tmp_path, tiny_vit, small_digi
 
 
 def test_next_run_dir_keeps_finished_runs_and_resumes_an_unfinished_one(tmp_path):
-    from hf_finetune.outputs.files import ALL_RESULTS, next_run_dir
+    from hf_finetune.outputs.manifest import ALL_RESULTS, next_run_dir
 
     assert next_run_dir(tmp_path / "runs") == tmp_path / "runs" / "run-1"  # nothing there yet, nothing made
     assert not (tmp_path / "runs").exists()

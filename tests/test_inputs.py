@@ -104,7 +104,7 @@ def test_the_probe_replaces_its_previous_run_only_once_it_starts(
     with pytest.raises(UserError, match="no_such_pictures"):
         probe(tmp_path / "no_such_pictures", "--overwrite_output_dir", "true")
     assert checksums(out) == before
-    with caplog.at_level(logging.WARNING, logger="hf_finetune.outputs.files"):
+    with caplog.at_level(logging.WARNING, logger="hf_finetune.outputs.manifest"):
         probe(small_digits_folder, "--overwrite_output_dir", "true", "--classifier", "knn")
     assert "replaced the previous run" in caplog.text and "all_results.json" in caplog.text
     assert json.loads((out / "run_summary.json").read_text())["classifier"] == "knn"

@@ -145,8 +145,9 @@ def test_help_is_fast_and_imports_nothing_heavy():
 
 
 def test_probe_directories_dispatch_to_load_probe(model_dir, pictures, tmp_path, monkeypatch):
-    """A non-transformers probe output directory goes through probe_export.load_probe."""
+    """A non-transformers probe output directory goes through probe.load.load_probe."""
     import hf_finetune.probe.export as probe_export
+    import hf_finetune.probe.load as probe_load
 
     folder = tmp_path / "probe_out"
     folder.mkdir()
@@ -161,7 +162,7 @@ def test_probe_directories_dispatch_to_load_probe(model_dir, pictures, tmp_path,
             assert all(image.mode == "RGB" for image in images)
             return np.tile([0.25, 0.75], (len(images), 1))
 
-    monkeypatch.setattr(probe_export, "load_probe", lambda directory, device="cpu": FakeProbe())
+    monkeypatch.setattr(probe_load, "load_probe", lambda directory, device="cpu": FakeProbe())
     rows = predict_paths(folder, [pictures], top_k=1, batch_size=3, device="cpu")
     assert seen["sizes"] == [3, 1]
     assert [row["labels"] for row in rows if row["error"] is None] == [["y"]] * 4
@@ -169,19 +170,14 @@ def test_probe_directories_dispatch_to_load_probe(model_dir, pictures, tmp_path,
 
 
 def test_real_probe_directory_and_transformers_format_probe(model_dir, pictures, tmp_path):
-    """Both probe export formats, written by probe_export itself: the answers are load_probe's."""
+    """Both probe export formats, written by probe.export itself: the answers are load_probe's."""
     import shutil
 
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    from hf_finetune.probe.export import (
-        FORMAT_TRANSFORMERS,
-        PROBE_FILE,
-        GaussianNBPredictor,
-        Normaliser,
-        export_probe_directory,
-        load_probe,
-    )
+    from hf_finetune.probe.export import FORMAT_TRANSFORMERS, PROBE_FILE, export_probe_directory
+    from hf_finetune.probe.load import load_probe
+    from hf_finetune.probe.predictors import GaussianNBPredictor, Normaliser
 
     model = AutoModelForImageClassification.from_pretrained(model_dir)
     processor = AutoImageProcessor.from_pretrained(model_dir)

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from scipy.special import softmax
 from sklearn.metrics import classification_report
 
-from hf_finetune.outputs import reports
-from hf_finetune.outputs.reports import report_links_markdown, write_reports
+from hf_finetune.outputs.reports import report_section, write_reports
 
 NAMES = ["apple", "banana", "cherry", "date|fig"]  # a "|" must not break the Markdown table
 
@@ -86,7 +86,7 @@ def test_all_reports_are_written_and_valid(tmp_path):
     wrong = np.flatnonzero(predictions != labels)
     assert errors["num_errors"] == len(wrong) > 0
     assert len(errors["shown"]) == min(16, len(wrong))
-    probabilities = reports.softmax(logits)
+    probabilities = softmax(logits, axis=1)
     for shown in errors["shown"]:
         index = shown["index"]
         assert index in wrong
@@ -145,17 +145,18 @@ def test_mismatched_inputs_are_rejected(tmp_path):
         write_reports(tmp_path, logits=logits, labels=labels, label_names=NAMES, images=images[:2])
 
 
-def test_report_links_markdown():
+def test_report_section_of_the_model_card():
     files = {
         "confusion_matrix": "confusion_matrix.png",
         "classification_report": "classification_report.json",
         "classification_report_markdown": "classification_report.md",
         "training_curves": "training_curves.png",
     }
-    text = report_links_markdown(files)
-    assert text.startswith("## Evaluation reports")
+    section = report_section(files)
+    text = section.markdown()
+    assert section.title == "Evaluation reports" and text.startswith("## Evaluation reports")
     assert "![Confusion matrix](confusion_matrix.png)" in text
     assert "![Training curves](training_curves.png)" in text
     assert "(classification_report.md)" in text and "(classification_report.json)" in text
     assert "most_confident_errors" not in text
-    assert report_links_markdown({}) == ""
+    assert report_section({}) is None

@@ -297,16 +297,20 @@ def test_channels_last_auto_follows_the_timm_architecture(timm_checkpoint, timm_
 
 
 def test_model_card_of_a_timm_hub_checkpoint_names_it_as_base_model():
-    from hf_finetune.outputs.files import model_card_text
+    from hf_finetune.outputs.card import ModelCardContent, model_card
 
-    card = model_card_text(
-        model_name="digits",
-        base_model="timm/tf_efficientnet_lite0.in1k",
-        dataset_name=None,
-        labels=["a", "b"],
-        results={"test_accuracy": 0.5},
-        repo_id="you/digits",
-        library_name="timm",
+    card = str(
+        model_card(
+            ModelCardContent(
+                model_name="digits",
+                base_model="timm/tf_efficientnet_lite0.in1k",
+                dataset_name=None,
+                labels=["a", "b"],
+                results={"test_accuracy": 0.5},
+                repo_id="you/digits",
+                library_name="timm",
+            )
+        )
     )
     assert "base_model: timm/tf_efficientnet_lite0.in1k" in card and "library_name: timm" in card
     assert 'pipeline("image-classification", model="you/digits")' in card

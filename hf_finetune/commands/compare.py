@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -22,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from hf_finetune.errors import UserError
-from hf_finetune.outputs import files as output
+from hf_finetune.outputs import atomic, manifest
+from hf_finetune.outputs.files import RUN_SUMMARY
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def _trainable_parameters(method_dir: Path) -> int | None:
             if k.startswith("trainable") and not k.startswith("trainable_fraction")
         ]
         return int(max(values)) if values else None
-    summary = method_dir / output.RUN_SUMMARY
+    summary = method_dir / RUN_SUMMARY
     if summary.is_file():
         value = json.loads(summary.read_text()).get("classifier_parameters")
         return int(value) if value is not None else None
@@ -262,7 +262,7 @@ def kept_row(method: Method, out: Path, earlier: dict[str, Any] | None, settings
         row = dict(earlier)
     else:  # no row recorded for it (e.g. comparison.json was removed): what its folder says, unmeasured
         row = {"method": method.name, "description": method.description, "status": "ok", "wall_time_s": None,
-               **_result_fields(json.loads((out / output.ALL_RESULTS).read_text()), out, method.name)}  # fmt: skip
+               **_result_fields(json.loads((out / manifest.ALL_RESULTS).read_text()), out, method.name)}  # fmt: skip
     return _mark_kept(row, settings)
 
 
@@ -293,7 +293,7 @@ def merge_rows(
     for name, row in earlier.items():
         if name in new:
             merged.append(new.pop(name))
-        elif row.get("status") != "ok" or output.finished_run(root / name):
+        elif row.get("status") != "ok" or manifest.finished_run(root / name):
             merged.append(_mark_kept(row, settings))
     return merged + list(new.values())
 
@@ -311,7 +311,7 @@ def compare(model_args, data_args, strategy_args, probe_args, compare_args, trai
     root = Path(expand_output_dir(training_args, *shared, compare_args))
     # Nothing is created or removed up front; each method's run replaces only its own folder's previous files,
     # and the root's manifest records what the comparison wrote.
-    record = output.RunOutput(root)
+    record = manifest.RunOutput(root)
     record.snapshot()
     first = dataclasses.replace(
         model_args, model_name_or_path=model_args.model_name_or_path.split(",")[0].strip()
@@ -337,7 +337,7 @@ def compare(model_args, data_args, strategy_args, probe_args, compare_args, trai
             rows.append(row)
             continue
         out = root / name
-        finished = output.finished_run(out)
+        finished = manifest.finished_run(out)
         if finished and not training_args.overwrite_output_dir:
             rows.append(kept_row(method, out, earlier.get(name), settings))
             logger.info(
@@ -439,12 +439,10 @@ def comparison_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def _plot(rows, x_key: str, x_label: str, path: Path, log_x: bool) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     points = [r for r in rows if r["status"] == "ok" and r.get(x_key) and r.get("accuracy") is not None]
     figure = Figure(figsize=(7, 5), dpi=100)
-    FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for row in points:
         axes.scatter(row[x_key], row["accuracy"], s=40)
@@ -457,24 +455,34 @@ def _plot(rows, x_key: str, x_label: str, path: Path, log_x: bool) -> None:
     axes.set_title(f"Ways to transfer: accuracy vs {x_label}")
     axes.grid(True, alpha=0.3)
     figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    atomic.save_figure(figure, path)
+
+
+COMPARISON_SECTION = "Comparison with other ways to transfer"
+
+
+def comparison_section(table: str):
+    """The section each compared method's model card gets: where it stands among the others."""
+    from hf_finetune.outputs.card import CardSection
+
+    return CardSection(COMPARISON_SECTION, f"Same data, split and seed:\n\n{table}")
 
 
 def write_comparison(root: Path, rows: list[dict[str, Any]]) -> None:
+    from hf_finetune.outputs.card import CARD, add_card_section
+
     table = comparison_markdown(rows)
-    output.write_json(root / COMPARISON_JSON, rows)
-    output.write_text_atomic(root / COMPARISON_MD, table)
-    # Each method's model card shows where it stands among the others.
-    for row in rows:
-        card = root / row["method"] / output.CARD
-        if row["status"] == "ok" and card.is_file():
-            text = card.read_text().split("\n## Comparison with other ways to transfer\n")[0].rstrip()
-            section = (
-                f"\n\n## Comparison with other ways to transfer\n\nSame data, split and seed:\n\n{table}"
-            )
-            output.write_text_atomic(card, text + section)
+    atomic.write_json(root / COMPARISON_JSON, rows)
+    atomic.write_text_atomic(root / COMPARISON_MD, table)
+    # Each method's model card, rendered again from its own content with the comparison added.
+    section = comparison_section(table)
+    cards = [
+        root / row["method"]
+        for row in rows
+        if row["status"] == "ok" and (root / row["method"] / CARD).is_file()
+    ]
+    updated = sum(add_card_section(folder, section) for folder in cards)
+    logger.info("compare: the comparison is in %d of %d method card(s).", updated, len(cards))
     _plot(rows, "trainable_parameters", "trainable parameters", root / PLOT_PARAMS, log_x=True)
     _plot(rows, "wall_time_s", "wall time (s)", root / PLOT_TIME, log_x=False)
-    logger.info("Comparison:\n%s", comparison_markdown(rows))
+    logger.info("Comparison:\n%s", table)

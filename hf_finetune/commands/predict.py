@@ -11,7 +11,7 @@ centre crop, normalisation; RGB conversion; the aspect-ratio limit), so the scor
 validation and test metrics were measured with. An unreadable file becomes a row with an `error` instead of
 stopping the whole run. Output directories of the feature path that are not transformers models (probe
 directories: naive Bayes, kNN, MLP, fused backbones) are recognised by their `probe.json` and loaded with
-`hf_finetune.probe.export.load_probe`.
+`hf_finetune.probe.load.load_probe`.
 
 Heavy libraries are imported only after the arguments are parsed, so `--help` is instant.
 """
@@ -155,10 +155,10 @@ class _TransformersClassifier:
 
 
 class _ProbeClassifier:
-    """A probe output directory (not a transformers model), through `probe_export.load_probe`."""
+    """A probe output directory (not a transformers model), through `probe.load.load_probe`."""
 
     def __init__(self, name: str, device: str):
-        from hf_finetune.probe.export import load_probe
+        from hf_finetune.probe.load import load_probe
 
         self.probe = load_probe(name, device=device)
         self.labels = list(self.probe.labels)
@@ -300,7 +300,7 @@ def write_predictions(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Pa
     """Write rows as CSV (`.csv`) or JSON (`.json`), atomically."""
     import json
 
-    from hf_finetune.outputs.files import write_text_atomic
+    from hf_finetune.outputs.atomic import write_text_atomic
 
     suffix = Path(path).suffix.lower()
     if suffix == ".csv":

@@ -101,7 +101,7 @@ def _scan_image_folder(split: str, folder: str) -> dict[str, list[str]]:
     hf-finetune (they hold its manifest), are not data. One `os.walk`; paths are absolute."""
     from collections import Counter
 
-    from hf_finetune.outputs.files import MANIFEST
+    from hf_finetune.outputs.manifest import MANIFEST
 
     root = Path(folder)
     if not root.is_dir():

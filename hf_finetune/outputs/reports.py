@@ -2,18 +2,17 @@
 
     files = write_reports(output_dir, logits=logits, labels=labels, label_names=names,
                           images=test_images, log_history=trainer.state.log_history)
-    card_section = report_links_markdown(files)
+    card_section = report_section(files)  # a CardSection for the model card
 
 Everything is drawn with matplotlib's object-oriented API on an Agg canvas (no pyplot, so no global backend
-switch and no figure registry to leak in a notebook), and every file is written atomically: a temporary file
-in the same folder, then `os.replace`.
+switch and no figure registry to leak in a notebook), and every file is written atomically
+(`hf_finetune.outputs.atomic`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,33 +53,15 @@ def report_file(name: str, split: str = "test") -> str:
     return f"{split}_{file_name}"
 
 
-# --------------------------------------------------------------------------------------------------------
-# Atomic writing
-# --------------------------------------------------------------------------------------------------------
 def _save_figure(figure, path: Path) -> None:
     """Render `figure` to PNG at `path` atomically; the figure is released either way."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from hf_finetune.outputs.atomic import save_figure
 
-    FigureCanvasAgg(figure)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as handle:
-            # zlib level 3: a grid of photographs encodes in a third of the default level's time, 9 % larger.
-            figure.savefig(handle, format="png", dpi=_DPI, pil_kwargs={"compress_level": 3})
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a plot is as readable as any other file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        # zlib level 3: a grid of photographs encodes in a third of the default level's time, 9 % larger.
+        save_figure(figure, path, dpi=_DPI, pil_kwargs={"compress_level": 3})
     finally:
         figure.clear()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _short(name: str, limit: int = 24) -> str:
@@ -92,23 +73,18 @@ def _short(name: str, limit: int = 24) -> str:
     return name[:head] + "…" + name[-(limit - 1 - head) :]
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    import numpy as np
-
-    logits = np.asarray(logits, dtype=np.float64)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
 # --------------------------------------------------------------------------------------------------------
 # Confusion matrix
 # --------------------------------------------------------------------------------------------------------
 def plot_confusion_matrix(path: Path, labels, predictions, label_names: list[str], split: str) -> None:
-    """Counts in the cells, colour = fraction of the true class (row-normalised), class names on the axes."""
+    """Counts in the cells, colour = fraction of the true class (row-normalised), class names on the axes.
+
+    Drawn by scikit-learn's `ConfusionMatrixDisplay` on the row-normalised matrix; its cell texts then show the
+    counts (empty off-diagonal cells stay blank), and the axes are sized and labelled for 2 to 1,000 classes.
+    """
     import numpy as np
     from matplotlib.figure import Figure
-    from sklearn.metrics import confusion_matrix
+    from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
     n = len(label_names)
     counts = confusion_matrix(labels, predictions, labels=list(range(n)))
@@ -118,8 +94,22 @@ def plot_confusion_matrix(path: Path, labels, predictions, label_names: list[str
     side = float(np.clip(2.5 + 0.3 * n, 5.0, 26.0))  # inches: ~0.3 per class, bounded for 100+ classes
     figure = Figure(figsize=(side + 1.5, side), layout="constrained")
     ax = figure.add_subplot()
-    image = ax.imshow(fraction, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
-    figure.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="fraction of the true class")
+    annotate = n <= MAX_ANNOTATED_CLASSES
+    display = ConfusionMatrixDisplay(fraction)  # tick labels: set below, every n-th class for many classes
+    display.plot(
+        ax=ax,
+        cmap="Blues",
+        include_values=annotate,
+        colorbar=False,
+        im_kw={"vmin": 0.0, "vmax": 1.0, "interpolation": "nearest"},
+        text_kw={"fontsize": float(np.clip(14 - 0.35 * n, 5, 11))},
+    )
+    figure.colorbar(display.im_, ax=ax, fraction=0.046, pad=0.02, label="fraction of the true class")
+    if annotate:
+        for (true, pred), text in np.ndenumerate(display.text_):
+            shown = counts[true, pred] > 0 or true == pred
+            text.set_text(str(counts[true, pred]) if shown else "")
+            text.set_color("white" if fraction[true, pred] > 0.5 else "black")
 
     step = max(1, int(np.ceil(n / MAX_TICK_LABELS)))
     ticks = list(range(0, n, step))
@@ -134,22 +124,6 @@ def plot_confusion_matrix(path: Path, labels, predictions, label_names: list[str
     ax.set_ylabel("true label")
     accuracy = float(np.trace(counts) / max(counts.sum(), 1))
     ax.set_title(f"Confusion matrix ({split}, {int(counts.sum())} images, accuracy {accuracy:.3f})")
-    if n <= MAX_ANNOTATED_CLASSES:
-        cell_font = float(np.clip(14 - 0.35 * n, 5, 11))
-        for true in range(n):
-            for pred in range(n):
-                if counts[true, pred] == 0 and true != pred:
-                    continue
-                colour = "white" if fraction[true, pred] > 0.5 else "black"
-                ax.text(
-                    pred,
-                    true,
-                    str(counts[true, pred]),
-                    ha="center",
-                    va="center",
-                    color=colour,
-                    fontsize=cell_font,
-                )
     _save_figure(figure, path)
 
 
@@ -331,9 +305,10 @@ def write_reports(
     its path; a run passes `PreparedData.image_name`, paths relative to the data source). See `FILE_NAMES`.
     """
     import numpy as np
+    from scipy.special import softmax
 
     from hf_finetune.data.images import image_location
-    from hf_finetune.outputs.files import write_json, write_text_atomic
+    from hf_finetune.outputs.atomic import write_json, write_text_atomic
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -353,7 +328,7 @@ def write_reports(
         return output_dir / written[name]
 
     if len(labels):
-        probabilities = softmax(logits)
+        probabilities = softmax(logits, axis=1)
         predictions = probabilities.argmax(axis=1)
         plot_confusion_matrix(target(CONFUSION_MATRIX), labels, predictions, label_names, split)
         report = classification_report_dict(labels, predictions, label_names)
@@ -412,11 +387,14 @@ _TITLES = {
 }
 
 
-def report_links_markdown(files: dict[str, str], heading: str = "## Evaluation reports") -> str:
-    """A model-card section embedding the plots and linking the tables (paths relative to the card)."""
+def report_section(files: dict[str, str]):
+    """The model card's "Evaluation reports" section: the plots embedded, the tables linked (paths relative to
+    the card). None when no report was written."""
+    from hf_finetune.outputs.card import CardSection
+
     if not files:
-        return ""
-    lines = [heading, ""]
+        return None
+    lines = []
     for name in (TRAINING_CURVES, CONFUSION_MATRIX, MOST_CONFIDENT_ERRORS):
         if name in files:
             lines += [f"**{_TITLES[name]}**", "", f"![{_TITLES[name]}]({_link(files[name])})", ""]
@@ -431,7 +409,7 @@ def report_links_markdown(files: dict[str, str], heading: str = "## Evaluation r
         if name not in _TITLES  # reports added later still get a link
     ]
     lines += links
-    return "\n".join(lines).rstrip() + "\n"
+    return CardSection("Evaluation reports", "\n".join(lines).strip())
 
 
 def _link(path: str) -> str:

@@ -210,7 +210,7 @@ def checkpoint_identity(model_args: ModelArguments) -> dict[str, Any]:
     return {"kind": "hub", "repo": name, "commit": commit}
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
     tail = Path(name.rstrip("/")).name or "checkpoint"
     return re.sub(r"[^A-Za-z0-9._-]+", "-", tail)[:40]
 
@@ -262,7 +262,7 @@ class FeatureCache:
         self.root = Path(root).expanduser() if root else default_cache_dir()
 
     def entry(self, key: FeatureKey) -> Path:
-        return self.root / f"{_slug(key.checkpoint)}-{key.digest[:24]}"
+        return self.root / f"{slug(key.checkpoint)}-{key.digest[:24]}"
 
     def load(self, key: FeatureKey, labels: np.ndarray) -> SplitFeatures | None:
         """The cached features of `key`, or None when absent, incomplete or not row-aligned with `labels`."""

@@ -5,7 +5,7 @@ One run, as data flows through it:
     data (prepare_data) ──▶ features of each checkpoint, per split (features.py: cached by fingerprint)
         ──▶ per-backbone standardisation, concatenation when several checkpoints are fused
         ──▶ classifier from `CLASSIFIERS`, its regularisation chosen on the validation split
-        ──▶ validation + test metrics ──▶ export (probe_export.py) + all_results.json, card, config
+        ──▶ validation + test metrics ──▶ export (probe/export.py) + all_results.json, card, config
 
 `model_name_or_path` may list several checkpoints separated by commas: their features are fused. A
 linear result on one checkpoint is written into that checkpoint's own classifier layer, so the output
@@ -28,12 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 from hf_finetune.config import DataArguments, FinetuneTrainingArguments, ModelArguments
 from hf_finetune.errors import UserError
+from hf_finetune.outputs import atomic, card, manifest
 from hf_finetune.outputs import files as output
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from hf_finetune.probe.export import Predictor
+    from hf_finetune.probe.predictors import Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +281,7 @@ def _linear_from_sklearn(estimator, num_labels: int):
     """sklearn coef_/intercept_ (over the classes seen in train) as a LinearPredictor over every label."""
     import numpy as np
 
-    from hf_finetune.probe.export import ABSENT_CLASS_SCORE, LinearPredictor
+    from hf_finetune.probe.predictors import ABSENT_CLASS_SCORE, LinearPredictor
 
     coef = np.atleast_2d(estimator.coef_).astype(np.float64)
     intercept = np.atleast_1d(estimator.intercept_).astype(np.float64)
@@ -332,7 +333,7 @@ def fit_gaussian_nb(inputs: FitInputs, args: ProbeArguments) -> Fitted:
     import numpy as np
     from sklearn.naive_bayes import GaussianNB
 
-    from hf_finetune.probe.export import ABSENT_CLASS_SCORE, GaussianNBPredictor
+    from hf_finetune.probe.predictors import ABSENT_CLASS_SCORE, GaussianNBPredictor
 
     def fit_one(smoothing):
         model = GaussianNB(var_smoothing=smoothing).fit(inputs.x_train, inputs.y_train)
@@ -351,7 +352,7 @@ def fit_gaussian_nb(inputs: FitInputs, args: ProbeArguments) -> Fitted:
     "knn", linear=False, description="distance-weighted k nearest neighbours, k on validation"
 )
 def fit_knn(inputs: FitInputs, args: ProbeArguments) -> Fitted:
-    from hf_finetune.probe.export import KNNPredictor
+    from hf_finetune.probe.predictors import KNNPredictor
 
     rows = len(inputs.y_train)
     values = list(dict.fromkeys(min(int(k), rows) for k in args.knn_neighbors))
@@ -414,7 +415,7 @@ def _train(net, inputs: FitInputs, args: ProbeArguments, weight_decay: float, ge
 def fit_linear_head(inputs: FitInputs, args: ProbeArguments) -> Fitted:
     from torch import nn
 
-    from hf_finetune.probe.export import LinearPredictor
+    from hf_finetune.probe.predictors import LinearPredictor
 
     def fit_one(weight_decay):
         net = train_torch_head(
@@ -429,7 +430,7 @@ def fit_linear_head(inputs: FitInputs, args: ProbeArguments) -> Fitted:
     "mlp", linear=False, description="torch MLP head (one GELU hidden layer), weight decay on validation"
 )
 def fit_mlp_head(inputs: FitInputs, args: ProbeArguments) -> Fitted:
-    from hf_finetune.probe.export import MLPPredictor, build_mlp
+    from hf_finetune.probe.predictors import MLPPredictor, build_mlp
 
     def fit_one(weight_decay):
         dim = inputs.x_train.shape[1]
@@ -466,7 +467,7 @@ class ProbeResult:
     spec: ClassifierSpec
     backbones: list[Any]  # features.Backbone, in `model_name_or_path` order
     data: Any  # data.PreparedData
-    normaliser: Any  # probe_export.Normaliser
+    normaliser: Any  # probe.predictors.Normaliser
     fitted: Fitted
     x: dict[str, np.ndarray]  # normalised, fused features per split
     y: dict[str, np.ndarray]
@@ -496,7 +497,6 @@ def fit_probe(
     import numpy as np
 
     from hf_finetune.data.sources import prepare_data
-    from hf_finetune.probe.export import Normaliser
     from hf_finetune.probe.features import (
         Backbone,
         ExtractionReport,
@@ -505,6 +505,7 @@ def fit_probe(
         forward_passes,
         split_checkpoints,
     )
+    from hf_finetune.probe.predictors import Normaliser
     from hf_finetune.train.metrics import classification_metrics
 
     start = time.perf_counter()
@@ -612,9 +613,9 @@ def save_probe(
     training_args: FinetuneTrainingArguments,
     started: float | None = None,
     hub_token: str | None = None,
-    record: output.RunOutput | None = None,
+    record: manifest.RunOutput | None = None,
 ) -> str:
-    """Write the output directory of a fitted probe; returns the export format (see probe_export).
+    """Write the output directory of a fitted probe; returns the export format (see probe.export).
 
     `started` (a `time.perf_counter()` value) adds `total_seconds`, end to end, to the results. With
     `training_args.push_to_hub`, the finished folder is published with `hub_token` (or the login's token).
@@ -682,13 +683,13 @@ def save_probe(
     ###########################################################
     # Config, summary, reports, card and metrics, like `train` #
     ###########################################################
-    from hf_finetune.outputs.reports import report_links_markdown, write_reports
+    from hf_finetune.outputs.reports import report_section, write_reports
     from hf_finetune.train.run import undecoded_images
 
     results = result.results
     output.write_resolved_config(output_dir, model_args, data_args, probe_args, training_args)
     output.write_bad_images(output_dir, result.data.bad_images)
-    output.write_json(output_dir / output.DATA_SPLITS, {"labels": labels, "splits": result.data.report})
+    atomic.write_json(output_dir / output.DATA_SPLITS, {"labels": labels, "splits": result.data.report})
     report_split = "test" if "test" in result.x else "validation"
     report_files = write_reports(
         output_dir,
@@ -699,7 +700,7 @@ def save_probe(
         split=report_split,
         locate=result.data.image_name,
     )
-    output.write_json(
+    atomic.write_json(
         output_dir / output.RUN_SUMMARY,
         {
             "strategy": strategy,
@@ -723,7 +724,7 @@ def save_probe(
             "bad_images_skipped": len(result.data.bad_images),
         },
     )
-    settings = {"classifier": spec.name, **output.non_default_settings(probe_args)}
+    settings = {"classifier": spec.name, **card.non_default_settings(probe_args)}
     settings.update({f"chosen on validation: {k}": v for k, v in fitted.chosen.items()})
     if len(result.backbones) > 1:
         settings["fused checkpoints"] = ", ".join(b.name for b in result.backbones)
@@ -739,7 +740,7 @@ def save_probe(
         strategy_settings=settings,
         repo_id=training_args.hub_model_id,
         license=training_args.license,
-        extra_sections=report_links_markdown(report_files),
+        sections=[report_section(report_files)],
     )
     # Metrics last: all_results.json marks a finished run (see training.prepare_output_dir).
     if started is not None:
@@ -747,8 +748,8 @@ def save_probe(
     for prefix in ("eval", "test"):
         split_results = {k: v for k, v in results.items() if k.startswith(prefix + "_")}
         if split_results:
-            output.write_json(output_dir / f"{prefix}_results.json", split_results)
-    output.write_json(output_dir / output.ALL_RESULTS, results)
+            atomic.write_json(output_dir / f"{prefix}_results.json", split_results)
+    atomic.write_json(output_dir / manifest.ALL_RESULTS, results)
     if record is not None:
         record.finish()
     logger.info(

@@ -475,14 +475,14 @@ def card_section(
     output_dir: str | os.PathLike, base_model: str | None, labels: list[str], repo_id: str | None, merge: bool
 ) -> str:
     """The model card's LoRA section: which files are the merged model and which the adapter, how to load each."""
-    from hf_finetune.outputs.files import _is_hub_id
+    from hf_finetune.hub import is_hub_id
     from hf_finetune.strategies.core import STRATEGY_SUMMARY
 
     output_dir = Path(output_dir)
     adapter_dir = output_dir / ADAPTER_DIR if merge else output_dir
     config = _read_json(adapter_dir / ADAPTER_CONFIG)
     summary = _read_json(output_dir / STRATEGY_SUMMARY).get("lora", {})
-    base = base_model if _is_hub_id(base_model) else "path/to/the/base/checkpoint"
+    base = base_model if is_hub_id(base_model) else "path/to/the/base/checkpoint"
     folder = repo_id or "path/to/this/folder"
     adapted = summary.get("adapted_modules", [])
     leaves = ", ".join(f"`{leaf}`" for leaf in sorted({name.rpartition(".")[2] for name in adapted}))

@@ -16,6 +16,7 @@ from hf_finetune.config import (
     expand_output_dir,
     global_batch_description,
 )
+from hf_finetune.outputs import atomic, card, manifest
 from hf_finetune.outputs import files as output
 
 logger = logging.getLogger(__name__)
@@ -73,16 +74,16 @@ def prepare_output_dir(training_args) -> None:
     from hf_finetune.errors import UserError
 
     output_dir = Path(training_args.output_dir)
-    finished = output.finished_run(output_dir)
+    finished = manifest.finished_run(output_dir)
     if finished and not training_args.overwrite_output_dir:
         raise UserError(
-            f"output_dir={output_dir} already holds a finished run ({output.ALL_RESULTS} with {finished}). "
+            f"output_dir={output_dir} already holds a finished run ({manifest.ALL_RESULTS} with {finished}). "
             "Choose another output_dir, or set overwrite_output_dir: true to train again and replace it."
         )
-    manifest = output.read_manifest(output_dir) or {"entries": []}
-    if (output_dir / output.CARD).is_file() and not finished and output.CARD not in manifest["entries"]:
+    previous = manifest.read_manifest(output_dir) or {"entries": []}
+    if (output_dir / card.CARD).is_file() and not finished and card.CARD not in previous["entries"]:
         raise UserError(
-            f"output_dir={output_dir} holds a {output.CARD} that hf-finetune did not write, and a run writes its "
+            f"output_dir={output_dir} holds a {card.CARD} that hf-finetune did not write, and a run writes its "
             "model card under that name. Choose another output_dir (e.g. --output_dir outputs/my_run) or move "
             "the file."
         )
@@ -107,13 +108,13 @@ def prepare_output_dir(training_args) -> None:
             )
 
 
-def start_output(training_args) -> output.RunOutput | None:
+def start_output(training_args) -> manifest.RunOutput | None:
     """The run is known to start: replace the previous run's files (with `overwrite_output_dir`) and begin this
     run's manifest. Main process only writes; the others wait until it is done."""
     record = None
     with training_args.main_process_first(desc="replacing the previous run"):
         if training_args.should_save:
-            record = output.RunOutput(training_args.output_dir)
+            record = manifest.RunOutput(training_args.output_dir)
             record.start(replace=training_args.overwrite_output_dir)
     return record
 
@@ -235,8 +236,8 @@ def run(
         output_dir.mkdir(parents=True, exist_ok=True)
         output.write_resolved_config(output_dir, model_args, data_args, *extra_args, training_args)
         output.write_bad_images(output_dir, data.bad_images)
-        output.write_json(output_dir / output.DATA_SPLITS, {"labels": data.labels, "splits": data.report})
-        output.write_json(
+        atomic.write_json(output_dir / output.DATA_SPLITS, {"labels": data.labels, "splits": data.report})
+        atomic.write_json(
             output_dir / output.RUN_SUMMARY,
             {
                 "checkpoint_head": "kept (labels identical)" if load_report.kept_head else "re-initialised",
@@ -246,7 +247,7 @@ def run(
                 "strategy": strategy_args.strategy,
             },
         )
-        output.write_json(output_dir / STRATEGY_SUMMARY, trainer.strategy_summary())
+        atomic.write_json(output_dir / STRATEGY_SUMMARY, trainer.strategy_summary())
 
     ############
     # Training #
@@ -258,7 +259,7 @@ def run(
         metrics = {}
     if trainer.is_world_process_zero():
         # Again after training: the optimizer's real groups and, for gradual, the schedule as it happened.
-        output.write_json(output_dir / STRATEGY_SUMMARY, trainer.strategy_summary())
+        atomic.write_json(output_dir / STRATEGY_SUMMARY, trainer.strategy_summary())
     if strategy_args.strategy == "lora":
         from hf_finetune.strategies.lora import save_lora_outputs
 
@@ -288,7 +289,7 @@ def run(
     # model card; then publish               #
     ##########################################
     if trainer.is_world_process_zero():
-        from hf_finetune.outputs.reports import report_links_markdown, write_reports
+        from hf_finetune.outputs.reports import report_section, write_reports
 
         report_files = write_reports(
             output_dir,
@@ -303,7 +304,7 @@ def run(
         output.relativize_trainer_state(output_dir)
         write_card(
             output_dir, model_args, data_args, training_args, data.labels, results, extra_args,
-            reports=report_links_markdown(report_files),
+            reports=report_section(report_files),
         )  # fmt: skip
         # Metrics last: all_results.json marks a finished run (see prepare_output_dir).
         for name, part in sections:
@@ -326,11 +327,13 @@ def undecoded_images(dataset, image_column: str):
 
 
 def write_card(
-    output_dir, model_args, data_args, training_args, labels, results, extra_args=(), reports: str = ""
+    output_dir, model_args, data_args, training_args, labels, results, extra_args=(), reports=None
 ) -> None:
+    """The run's model card, from what the run and its strategy contribute (`reports`: a `CardSection`)."""
     strategy_args = next((a for a in extra_args if hasattr(a, "strategy")), None)
     strategy = strategy_args.strategy if strategy_args is not None else "full"
-    settings = output.non_default_settings(strategy_args) if strategy_args is not None else {}
+    settings = card.non_default_settings(strategy_args) if strategy_args is not None else {}
+    sections = [reports]
     if strategy == "lora":
         from hf_finetune.strategies.lora import card_section
 
@@ -341,9 +344,8 @@ def write_card(
             training_args.hub_model_id,
             strategy_args.lora_merge,
         )
-        reports = f"{lora}\n{reports}"
-    output.write_model_card(
-        output_dir,
+        sections.insert(0, card.CardSection.from_markdown(lora))
+    content = card.ModelCardContent(
         model_name=training_args.hub_model_id or Path(output_dir).name,
         base_model=model_args.model_name_or_path,
         dataset_name=data_args.dataset_name,
@@ -353,5 +355,7 @@ def write_card(
         strategy_settings=settings,
         repo_id=training_args.hub_model_id,
         license=training_args.license,
-        extra_sections=reports,
+        library_name=card.model_library(output_dir),
+        sections=sections,
     )
+    card.write_model_card(output_dir, content)
