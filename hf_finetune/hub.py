@@ -45,21 +45,13 @@ def model_is_cached(repo_id: str, revision: str | None, cache_dir: str | None = 
 
 
 def dataset_is_cached(repo_id: str, config_name: str | None, cache_dir: str | None = None) -> bool:
-    """Whether `datasets.load_dataset` finds a prepared copy of the dataset with no network.
+    """Whether `datasets.load_dataset` finds a prepared copy of the dataset with no network (the lookup its
+    offline fallback makes, see `compat.dataset_in_cache`; when that lookup is unavailable, load_dataset
+    itself gives the answer)."""
+    from hf_finetune.compat import dataset_in_cache
 
-    Offline, `load_dataset` falls back to its cached-dataset module, which looks the dataset up with
-    `datasets.packaged_modules.cache.cache._find_hash_in_cache` (checked with datasets 5.2); the same lookup
-    is used here, so "cached" means exactly what would load.
-    """
-    try:
-        from datasets.packaged_modules.cache.cache import _find_hash_in_cache
-    except ImportError:  # a datasets release that moved it: let load_dataset give the answer
-        return True
-    try:
-        _find_hash_in_cache(repo_id, config_name, cache_dir, {}, None)
-    except (ValueError, OSError, KeyError):
-        return False
-    return True
+    found = dataset_in_cache(repo_id, config_name, cache_dir)
+    return True if found is None else found
 
 
 def check_hub_repo(
