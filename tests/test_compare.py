@@ -7,6 +7,7 @@ import json
 import pytest
 from conftest import digits_dataset
 from datasets import DatasetDict
+from huggingface_hub import ModelCard
 from PIL import Image
 
 from hf_finetune.commands.compare import (
@@ -41,6 +42,12 @@ def argv(checkpoints, out, methods, *extra):
             "--c_values", "1.0", *extra]  # fmt: skip
 
 
+def table_cells(table: str) -> dict[str, list[str]]:
+    """method -> the other cells of its row in comparison.md."""
+    rows = [line.strip("|").split("|") for line in table.splitlines() if line.startswith("| ")][1:]
+    return {cells[0].strip(): [cell.strip() for cell in cells[1:]] for cells in rows}
+
+
 def test_compare_writes_one_table_two_plots_and_a_folder_per_method(tmp_path, data):
     vit = build_tiny_checkpoint("vit", tmp_path / "vit", labels=["a", "b", "c", "d"])
     resnet = build_tiny_checkpoint("resnet", tmp_path / "resnet", labels=["a", "b"])
@@ -53,23 +60,36 @@ def test_compare_writes_one_table_two_plots_and_a_folder_per_method(tmp_path, da
     assert by_name["as_is"]["status"] == "skipped" and "labels" in by_name["as_is"]["reason"]
     # A failing method is a row that says why; the others still ran.
     assert by_name["lora"]["status"] == "failed" and "nope" in by_name["lora"]["reason"]
+    table = (out / COMPARISON_MD).read_text()
+    cells = table_cells(table)
+    # One table row per method asked for, in that order.
+    assert list(cells) == methods
     for name in ("scratch", "probe_logistic_regression", "head", "full", "fusion"):
         row = by_name[name]
         assert row["status"] == "ok", row
-        assert 0.0 <= row["accuracy"] <= 1.0 and row["split"] == "test"
+        assert row["split"] == "test"
         assert row["wall_time_s"] > 0 and row["trainable_parameters"] > 0
         # CPU time of the method in this process, and what each CPU-minute of it bought.
         assert row["cpu_time_s"] > 0 and row["accuracy_per_cpu_minute"] == round(
             row["accuracy"] / (row["cpu_time_s"] / 60), 4
         )
         results = json.loads((out / name / "all_results.json").read_text())
-        assert results["test_accuracy"] == row["accuracy"]
-        assert "## Comparison with other ways to transfer" in (out / name / "README.md").read_text()
+        assert results["test_accuracy"] == row["accuracy"] and results["test_macro_f1"] == row["macro_f1"]
+        # The table shows each method's own results, as its folder holds them.
+        assert cells[name][:2] == [f"{results['test_accuracy']:.4f}", f"{results['test_macro_f1']:.4f}"]
+        assert cells[name][2] == f"{row['trainable_parameters']:,}"
+        # Each method's card carries the same table, once, and stays a card the Hub reads.
+        card = ModelCard.load(out / name / "README.md")
+        assert card.text.count("## Comparison with other ways to transfer") == 1
+        assert table.split("\n\n")[0] in card.text
+        assert card.data.library_name == ("hf-finetune" if name == "fusion" else "transformers")
+        assert "hf-finetune" in card.data.tags
+    for name in ("as_is", "lora"):
+        assert cells[name][:2] == ["–", "–"] and by_name[name]["status"] in cells[name][-1]
     assert by_name["head"]["trainable_parameters"] < by_name["full"]["trainable_parameters"]
     assert by_name["scratch"]["trainable_parameters"] == by_name["full"]["trainable_parameters"]
     assert json.loads((out / COMPARISON_JSON).read_text()) == json.loads(json.dumps(rows))
-    table = (out / COMPARISON_MD).read_text()
-    assert all(f"| {name} |" in table for name in methods) and "failed" in table and "skipped" in table
+    assert "failed" in table and "skipped" in table
     for plot in (PLOT_PARAMS, PLOT_TIME):
         with Image.open(out / plot) as image:
             assert image.format == "PNG" and image.size[0] > 100
@@ -132,6 +152,11 @@ def test_compare_run_again_with_one_more_method_keeps_the_first_results(tmp_path
     assert json.loads((out / COMPARISON_JSON).read_text()) == json.loads(json.dumps(second))
     table = (out / COMPARISON_MD).read_text()
     assert table.count("kept from an earlier run |") == 2
+    # A kept method's card shows the new table (all three methods), once: rendered again, not appended to.
+    for name in methods:
+        card = (out / name / "README.md").read_text()
+        assert card.count("## Comparison with other ways to transfer") == 1
+        assert table.split("\n\n")[0] in card
 
     # Only one method asked for: the table still holds the others' rows, which are still on disk.
     third = compare(*parse_compare_args(argv([vit], out, ["head"], "--learning_rate", "0.1")), dataset=data)
