@@ -125,9 +125,8 @@ def test_section_markdown_must_open_with_its_title():
 
 @pytest.mark.parametrize("fmt", [FORMAT_TRANSFORMERS, FORMAT_PROBE])
 def test_probe_cards_say_whether_pipeline_loads_them(tmp_path, fmt):
-    decided_by_the_format = ("usage", "library_name", "pipeline_tag", "sections")
-    fields = {k: v for k, v in vars(content(repo_id="me/probe")).items() if k not in decided_by_the_format}
-    write_probe_card(tmp_path, fmt, sections=[None, CardSection("Evaluation reports", "reports")], **fields)
+    given = content(repo_id="me/probe", sections=[None, CardSection("Evaluation reports", "reports")])
+    write_probe_card(tmp_path, fmt, given)
     card = ModelCard.load(tmp_path / CARD)
     usage = card.text.split("## How to use")[1]
     assert card.text.count("## How to use") == 1 and usage.index("```python") < usage.index("## Evaluation")
@@ -140,3 +139,25 @@ def test_probe_cards_say_whether_pipeline_loads_them(tmp_path, fmt):
         assert "not a plain `transformers` model" in usage and 'load_probe("me/probe")' in usage
         assert "from hf_finetune.probe.load import load_probe" in usage
     assert json.loads((tmp_path / CARD_DATA).read_text())["library_name"] == card.data.library_name
+
+
+def test_a_runs_card_takes_name_repository_license_and_library_from_the_run(tmp_path):
+    from types import SimpleNamespace
+
+    out = tmp_path / "digits-run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"model_type": "timm_wrapper", "architecture": "resnet18"}))
+    data_args = SimpleNamespace(dataset_name="someone/digits")
+    named = ModelCardContent.for_run(
+        out, SimpleNamespace(hub_model_id="me/digits", license="mit"), data_args, labels=["a"], results={}
+    )
+    assert (named.model_name, named.repo_id, named.license) == ("me/digits", "me/digits", "mit")
+    assert named.dataset_name == "someone/digits" and named.library_name == "timm"
+    unnamed = ModelCardContent.for_run(
+        out, SimpleNamespace(hub_model_id=None, license=None), data_args, labels=["a"], results={}
+    )
+    assert (unnamed.model_name, unnamed.repo_id, unnamed.load_from) == (
+        "digits-run",
+        None,
+        "path/to/this/folder",
+    )

@@ -2,8 +2,8 @@
 
 What the card says comes from data that the parts of a run contribute, never from editing a written card:
 
-    content = ModelCardContent(model_name="digits", labels=names, results=metrics, base_model=checkpoint,
-                               strategy="full", sections=[report_section(report_files)])
+    content = ModelCardContent.for_run(output_dir, training_args, data_args, labels=names, results=metrics,
+                                       base_model=checkpoint, sections=[report_section(report_files)])
     write_model_card(output_dir, content)            # README.md, rendered once from `content`
     add_card_section(output_dir, CardSection("Comparison with other ways to transfer", table))  # compare
 
@@ -87,6 +87,19 @@ class ModelCardContent:
         self.labels = [str(label) for label in self.labels]
         self.strategy_settings = dict(self.strategy_settings or {})
         self.sections = [CardSection(**s) if isinstance(s, dict) else s for s in self.sections if s]
+
+    @classmethod
+    def for_run(cls, output_dir: str | os.PathLike, training_args, data_args, **fields) -> ModelCardContent:
+        """The content of a run's card: what every run takes from its arguments (the name and repository from
+        `hub_model_id`, else the folder's name; `license`; `dataset_name`; the saved model's library) + `fields`."""
+        defaults = {
+            "model_name": training_args.hub_model_id or Path(output_dir).name,
+            "repo_id": training_args.hub_model_id,
+            "license": training_args.license,
+            "dataset_name": data_args.dataset_name,
+            "library_name": model_library(output_dir),
+        }
+        return cls(**{**defaults, **fields})
 
     def with_section(self, section: CardSection) -> ModelCardContent:
         """A copy with `section` in place of the one of the same title (or after the others)."""

@@ -24,6 +24,7 @@ Two formats, recorded in ``probe.json`` (``format``) so that `hf_finetune.probe.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from hf_finetune.outputs.atomic import write_json
 
 if TYPE_CHECKING:
-    from hf_finetune.outputs.card import CardSection
+    from hf_finetune.outputs.card import ModelCardContent
     from hf_finetune.probe.predictors import LinearPredictor, Normaliser, Predictor
 
 logger = logging.getLogger(__name__)
@@ -235,22 +236,19 @@ probe.predict("picture.jpg")  # [{{"label": ..., "score": ...}}]
 ```"""
 
 
-def write_probe_card(
-    output_dir: str | os.PathLike, fmt: str, sections: list[CardSection | None] = (), **content
-) -> Path:
-    """The probe's model card: `content` (the fields of `ModelCardContent`) with the format's usage and metadata.
+def write_probe_card(output_dir: str | os.PathLike, fmt: str, content: ModelCardContent) -> Path:
+    """The probe's model card: `content` with the usage and the metadata of its export format.
 
     A probe directory is not a transformers model, so its metadata names no transformers library or pipeline
     (the Hub would otherwise offer a widget and a snippet that cannot load it).
     """
-    from hf_finetune.outputs.card import ModelCardContent, model_library, write_model_card
+    from hf_finetune.outputs.card import model_library, write_model_card
 
     transformers_model = fmt == FORMAT_TRANSFORMERS
-    card = ModelCardContent(
-        **content,
+    content = dataclasses.replace(
+        content,
         library_name=model_library(output_dir) if transformers_model else "hf-finetune",
         pipeline_tag="image-classification" if transformers_model else None,
-        usage=probe_card_usage(fmt, content.get("repo_id") or "path/to/this/folder"),
-        sections=[section for section in sections if section is not None],
+        usage=probe_card_usage(fmt, content.load_from),
     )
-    return write_model_card(output_dir, card)
+    return write_model_card(output_dir, content)

@@ -728,20 +728,18 @@ def save_probe(
     settings.update({f"chosen on validation: {k}": v for k, v in fitted.chosen.items()})
     if len(result.backbones) > 1:
         settings["fused checkpoints"] = ", ".join(b.name for b in result.backbones)
-    write_probe_card(
+    content = card.ModelCardContent.for_run(
         output_dir,
-        fmt,
-        model_name=training_args.hub_model_id or output_dir.name,
+        training_args,
+        data_args,
         base_model=result.backbones[0].name if len(result.backbones) == 1 else None,
-        dataset_name=data_args.dataset_name,
         labels=labels,
         results=results,
         strategy=strategy,
         strategy_settings=settings,
-        repo_id=training_args.hub_model_id,
-        license=training_args.license,
         sections=[report_section(report_files)],
     )
+    write_probe_card(output_dir, fmt, content)
     # Metrics last: all_results.json marks a finished run (see training.prepare_output_dir).
     if started is not None:
         results["total_seconds"] = round(time.perf_counter() - started, 3)

@@ -345,17 +345,15 @@ def write_card(
             strategy_args.lora_merge,
         )
         sections.insert(0, card.CardSection.from_markdown(lora))
-    content = card.ModelCardContent(
-        model_name=training_args.hub_model_id or Path(output_dir).name,
+    content = card.ModelCardContent.for_run(
+        output_dir,
+        training_args,
+        data_args,
         base_model=model_args.model_name_or_path,
-        dataset_name=data_args.dataset_name,
         labels=labels,
         results=results,
         strategy=strategy,
         strategy_settings=settings,
-        repo_id=training_args.hub_model_id,
-        license=training_args.license,
-        library_name=card.model_library(output_dir),
         sections=sections,
     )
     card.write_model_card(output_dir, content)
