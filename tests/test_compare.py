@@ -10,15 +10,9 @@ from datasets import DatasetDict
 from huggingface_hub import ModelCard
 from PIL import Image
 
-from hf_finetune.commands.compare import (
-    COMPARISON_JSON,
-    COMPARISON_MD,
-    PLOT_PARAMS,
-    PLOT_TIME,
-    compare,
-    parse_compare_args,
-)
+from hf_finetune.commands.compare import compare, parse_compare_args
 from hf_finetune.errors import UserError
+from hf_finetune.outputs.comparison import COMPARISON_JSON, COMPARISON_MD, PLOT_PARAMS, PLOT_TIME
 from hf_finetune.testing.tiny import build_tiny_checkpoint
 
 LABELS = ["zero", "one", "two"]
