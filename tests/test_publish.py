@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from hf_finetune.errors import UserError
+from hf_finetune.outputs.card import CARD_DATA
+from hf_finetune.outputs.manifest import MANIFEST
 from hf_finetune.outputs.publish import files_to_upload, publish
 
 
@@ -40,7 +42,7 @@ class RecordingHubApi:
 def output_dir(tmp_path):
     out = tmp_path / "out"
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md",
-                 "all_results.json", "confusion_matrix.png", "training_args.bin", ".lock",
+                 "all_results.json", "confusion_matrix.png", "training_args.bin", ".lock", MANIFEST, CARD_DATA,
                  "checkpoint-10/model.safetensors", "checkpoint-10/trainer_state.json"):  # fmt: skip
         path = out / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,6 +61,7 @@ EXPECTED = [
 
 
 def test_files_to_upload_leave_out_checkpoints_pickles_and_hidden_files(output_dir):
+    # Hidden files include the run manifest and the card content: what a run keeps for itself.
     assert files_to_upload(output_dir) == EXPECTED
 
 
