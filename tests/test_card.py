@@ -161,3 +161,12 @@ def test_a_runs_card_takes_name_repository_license_and_library_from_the_run(tmp_
         None,
         "path/to/this/folder",
     )
+
+
+def test_hub_names_stay_as_first_written_when_the_card_is_rendered_again(tmp_path, monkeypatch):
+    write_model_card(tmp_path / "out", content())
+    # Rendering again from a folder where a local `google/...` folder happens to exist changes nothing.
+    (tmp_path / "google" / "vit-base-patch16-224").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert add_card_section(tmp_path / "out", CardSection("Comparison with other ways to transfer", "x"))
+    assert ModelCard.load(tmp_path / "out" / CARD).data.base_model == "google/vit-base-patch16-224"

@@ -15,6 +15,7 @@ is not published); `add_card_section` renders the card again from it with one se
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -109,7 +110,9 @@ class ModelCardContent:
             sections[titles.index(section.title)] = section
         else:
             sections.append(section)
-        return dataclasses.replace(self, sections=sections)
+        changed = copy.copy(self)  # not dataclasses.replace: the Hub names were decided when it was made
+        changed.sections = sections
+        return changed
 
     @property
     def load_from(self) -> str:
@@ -250,9 +253,13 @@ def read_card_content(output_dir: str | os.PathLike) -> ModelCardContent | None:
     """The content the card in `output_dir` was rendered from; None when there is none or it cannot be read."""
     path = Path(output_dir) / CARD_DATA
     try:
-        return ModelCardContent(**json.loads(path.read_text(encoding="utf-8")))
+        fields = json.loads(path.read_text(encoding="utf-8"))
+        content = ModelCardContent(**fields)
     except (OSError, ValueError, TypeError):
         return None
+    # Decided when the card was first written: a folder of that name where this process runs changes nothing.
+    content.base_model, content.dataset_name = fields.get("base_model"), fields.get("dataset_name")
+    return content
 
 
 def add_card_section(output_dir: str | os.PathLike, section: CardSection) -> bool:
