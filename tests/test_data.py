@@ -11,7 +11,8 @@ from conftest import digits_dataset, write_digits_folder
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 
 from hf_finetune.config import DataArguments
-from hf_finetune.data.sources import detect_columns, prepare_data
+from hf_finetune.data.labels import detect_columns
+from hf_finetune.data.prepare import prepare_data
 from hf_finetune.errors import UserError
 
 

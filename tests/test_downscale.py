@@ -14,7 +14,7 @@ from PIL import Image as PILImage
 
 from hf_finetune.config import DataArguments
 from hf_finetune.data.images import DecodeSizes, check_image, downscaled_copy, load_rgb
-from hf_finetune.data.sources import find_bad_images
+from hf_finetune.data.scan import find_bad_images
 from hf_finetune.data.transforms import BatchTransform, build_transforms
 
 ORIENTATION = 0x0112
@@ -238,7 +238,7 @@ def test_image_folder_copies_follow_the_files(tmp_path, monkeypatch):
     """Through `prepare_data` on an image folder: copies are made, reused, and remade when a file changes."""
     import os
 
-    from hf_finetune.data.sources import prepare_data
+    from hf_finetune.data.prepare import prepare_data
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     for n, label in enumerate(("cat", "other")):
@@ -283,7 +283,7 @@ def test_error_grid_thumbnails_come_from_the_original_file(tmp_path):
 def test_the_log_counts_the_copies(on_disk_photos, caplog):
     import logging
 
-    with caplog.at_level(logging.INFO, logger="hf_finetune.data.sources"):
+    with caplog.at_level(logging.INFO, logger="hf_finetune.data"):
         find_bad_images({"train": on_disk_photos}, "image", DecodeSizes((227, 227), (73, 73)))
     assert "train 4 of 6 picture(s), covering 227x227" in caplog.text  # 4 large; the small and the bad kept
 
@@ -346,7 +346,7 @@ def test_copies_from_a_csv_of_paths_follow_the_files(tmp_path, monkeypatch):
     """`datasets` fingerprints a CSV by its own bytes; the scan adds the listed files' times and sizes."""
     import os
 
-    from hf_finetune.data.sources import prepare_data
+    from hf_finetune.data.prepare import prepare_data
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     rows = ["image,label"]
@@ -383,7 +383,7 @@ def test_a_run_makes_copies_only_when_it_trains(tmp_path, monkeypatch, caplog, t
         ["--model_name_or_path", str(tiny_vit), "--train_dir", str(tmp_path / "train"),
          "--output_dir", str(tmp_path / "out"), "--train_val_split", "0.34", "--dataloader_num_workers", "0"]
     )  # fmt: skip
-    with caplog.at_level(logging.INFO, logger="hf_finetune.data.sources"):
+    with caplog.at_level(logging.INFO, logger="hf_finetune.data"):
         _, data, _, _ = prepare_trainer(model_args, data_args, training_args, strategy_args, train=train)
     sizes = {image.size for image in data.splits["validation"]["image"]}
     if train:
@@ -425,7 +425,7 @@ def test_splits_with_nothing_to_copy_are_only_checked(tmp_path, caplog):
     )
     small = load_from_disk(str(tmp_path / "ds"))
     before = set(Path(small.cache_files[0]["filename"]).parent.iterdir())
-    with caplog.at_level(logging.INFO, logger="hf_finetune.data.sources"):
+    with caplog.at_level(logging.INFO, logger="hf_finetune.data"):
         splits, bad = find_bad_images({"train": small}, "image", DecodeSizes((64, 64), (32, 32)))
     assert "train needs none" in caplog.text and bad == []
     assert [image.size for image in splits["train"]["image"]] == [(96, 72)] * 4

@@ -148,26 +148,26 @@ def _with_labels(values, dtype):
     ],
 )
 def test_class_ids_map_to_their_own_names(values, dtype, names):
-    from hf_finetune.data.sources import _encode_labels
+    from hf_finetune.data.labels import encode_labels
 
-    encoded = _encode_labels(_with_labels(values, dtype), "label", "test data")["train"]
+    encoded = encode_labels(_with_labels(values, dtype), "label", "test data")["train"]
     feature = encoded.features["label"]
     assert feature.names == names
     assert [feature.int2str(v) for v in encoded["label"]] == [str(v) for v in values]
 
 
 def test_one_class_id_written_two_ways_is_an_error():
-    from hf_finetune.data.sources import _encode_labels
+    from hf_finetune.data.labels import encode_labels
 
     with pytest.raises(UserError, match="same class id"):
-        _encode_labels(_with_labels(["1", "01", "2"], "string"), "label", "test data")
+        encode_labels(_with_labels(["1", "01", "2"], "string"), "label", "test data")
 
 
 def test_max_samples_are_stratified_and_seeded():
     from conftest import digits_dataset
     from datasets import DatasetDict
 
-    from hf_finetune.data.sources import make_splits
+    from hf_finetune.data.splits import make_splits
 
     # Rows sorted by class, as an image folder lists them: the first N rows would hold only the first classes.
     data = DatasetDict(

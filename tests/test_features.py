@@ -12,7 +12,7 @@ from conftest import digits_dataset
 from transformers import AutoModel, BertConfig
 
 from hf_finetune.config import DataArguments, ModelArguments
-from hf_finetune.data.sources import prepare_data
+from hf_finetune.data.prepare import prepare_data
 from hf_finetune.errors import UserError
 from hf_finetune.models.architectures import classifier_input
 from hf_finetune.probe import features as F

@@ -52,7 +52,7 @@ def test_split_emptied_by_unreadable_images_is_a_clear_error(tmp_path, small_dig
     import shutil
 
     from hf_finetune.config import DataArguments
-    from hf_finetune.data.sources import prepare_data
+    from hf_finetune.data.prepare import prepare_data
 
     validation = tmp_path / "validation"
     for cls in ("zero", "one", "two"):

@@ -221,11 +221,11 @@ def test_sub_folders_of_a_class_folder_belong_to_that_class(tmp_path, caplog):
     from collections import Counter
 
     from hf_finetune.config import DataArguments
-    from hf_finetune.data.sources import prepare_data
+    from hf_finetune.data.prepare import prepare_data
 
     train = nested_folder(tmp_path / "train")
     (train / "grass" / "loose.png").write_bytes((train / "grass" / "batch1" / "0.png").read_bytes())
-    with caplog.at_level(logging.INFO, logger="hf_finetune.data.sources"):
+    with caplog.at_level(logging.INFO, logger="hf_finetune.data"):
         data = prepare_data(DataArguments(train_dir=str(train), train_val_split=0.25), seed=0)
     assert data.labels == ["brick", "grass"]  # never batch1 / batch2
     counts = Counter(data.labels[i] for d in data.splits.values() for i in d[data.label_column])
@@ -235,7 +235,7 @@ def test_sub_folders_of_a_class_folder_belong_to_that_class(tmp_path, caplog):
 
 def test_pictures_directly_in_train_dir_are_named(tmp_path):
     from hf_finetune.config import DataArguments
-    from hf_finetune.data.sources import prepare_data
+    from hf_finetune.data.prepare import prepare_data
 
     train = nested_folder(tmp_path / "train")
     digit_pictures(1, 0)[0].save(train / "stray.png")
@@ -262,7 +262,7 @@ def test_an_output_dir_inside_train_dir_is_not_trained_on(tmp_path, tiny_vit, ca
 # --------------------------------------------------------------------------------------------------------
 def test_train_dir_equal_to_test_dir_is_refused(tmp_path):
     from hf_finetune.config import DataArguments
-    from hf_finetune.data.sources import prepare_data
+    from hf_finetune.data.prepare import prepare_data
 
     train = nested_folder(tmp_path / "train")
     with pytest.raises(UserError, match=r"Every picture of the test split \(12\) is also in another split"):
@@ -271,7 +271,7 @@ def test_train_dir_equal_to_test_dir_is_refused(tmp_path):
 
 def test_copies_across_splits_are_counted_and_recorded(tmp_path, caplog):
     from hf_finetune.config import DataArguments
-    from hf_finetune.data.sources import prepare_data
+    from hf_finetune.data.prepare import prepare_data
 
     train = nested_folder(tmp_path / "train")
     test = tmp_path / "test"
@@ -284,7 +284,7 @@ def test_copies_across_splits_are_counted_and_recorded(tmp_path, caplog):
         (test / source.split("/")[0] / f"copy_of_{source.replace('/', '_')}").write_bytes(
             (train / source).read_bytes()
         )
-    with caplog.at_level(logging.WARNING, logger="hf_finetune.data.sources"):
+    with caplog.at_level(logging.WARNING, logger="hf_finetune.data"):
         data = prepare_data(
             DataArguments(train_dir=str(train), test_dir=str(test), train_val_split=0.25), seed=0
         )
@@ -298,7 +298,7 @@ def test_copies_across_splits_are_counted_and_recorded(tmp_path, caplog):
 # --------------------------------------------------------------------------------------------------------
 def test_csv_labels_are_stripped_and_case_collisions_named(tmp_path, caplog):
     from hf_finetune.config import DataArguments
-    from hf_finetune.data.sources import prepare_data
+    from hf_finetune.data.prepare import prepare_data
 
     rows = ["path,label"]
     for cls, names in enumerate((("brick", "Brick"), (" grass", "grass "))):
@@ -306,7 +306,7 @@ def test_csv_labels_are_stripped_and_case_collisions_named(tmp_path, caplog):
             image.save(tmp_path / f"{cls}_{i}.png")
             rows.append(f'{cls}_{i}.png,"{names[i % 2]}"')
     (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
-    with caplog.at_level(logging.INFO, logger="hf_finetune.data.sources"):
+    with caplog.at_level(logging.INFO, logger="hf_finetune.data"):
         data = prepare_data(
             DataArguments(train_file=str(tmp_path / "data.csv"), train_val_split=0.25), seed=0
         )

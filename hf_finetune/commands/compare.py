@@ -317,7 +317,7 @@ def compare(model_args, data_args, strategy_args, probe_args, compare_args, trai
     settings = settings_fingerprint(*shared)
 
     def labels_match() -> bool:
-        from hf_finetune.data.sources import prepare_data
+        from hf_finetune.data.prepare import prepare_data
 
         data = prepare_data(data_args, training_args.seed, dataset=dataset)
         return checkpoint_labels(config) == data.labels

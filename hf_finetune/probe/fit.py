@@ -496,7 +496,7 @@ def fit_probe(
     """Data, features (cached), normalisation, classifier and metrics; writes nothing but the feature cache."""
     import numpy as np
 
-    from hf_finetune.data.sources import prepare_data
+    from hf_finetune.data.prepare import prepare_data
     from hf_finetune.probe.features import (
         Backbone,
         ExtractionReport,

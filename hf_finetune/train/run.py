@@ -125,7 +125,7 @@ def prepare_trainer(model_args, data_args, training_args, strategy_args, dataset
     `train=False` (evaluation only) makes no downscaled copies: each picture is decoded once either way.
     Returns (trainer, prepared data, transformed splits, the checkpoint's load report).
     """
-    from hf_finetune.data.sources import prepare_data
+    from hf_finetune.data.prepare import prepare_data
     from hf_finetune.data.transforms import attach_transforms, collate, decode_sizes
     from hf_finetune.models.loading import load_config, load_image_processor, load_model
     from hf_finetune.strategies.core import prepare_strategy, wrap_for_strategy

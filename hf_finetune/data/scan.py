@@ -1,0 +1,208 @@
+"""The image scan before training: every picture decoded once, the unreadable ones found and dropped (counted,
+never silently), and large pictures stored as small copies in the datasets cache while they are open.
+
+The scan is a `datasets.map`, so its result is cached by fingerprint like any other map: a second run over
+the same data and sizes decodes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+from typing import Any
+
+from hf_finetune.data.images import (
+    DOWNSCALE_MIN_FACTOR,
+    DecodeSizes,
+    check_image,
+    image_location,
+    may_downscale,
+)
+
+logger = logging.getLogger(__name__)
+
+SCAN_PROBLEM_COLUMN = "__image_problem__"
+SCAN_COPY_COLUMN = "__downscaled__"
+# Bumped whenever what the scan stores changes (including anything `images.downscaled_copy` does: `datasets`
+# fingerprints the map function by name, not by what it calls), so that older cached scans are not reused.
+SCAN_VERSION = 4  # 4: 16-bit pictures scaled by bit depth
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# The scan's thread pool, set only while `find_bad_images` runs (not a map argument: it would enter the cache
+# fingerprint, and cannot be hashed); a context variable, so that concurrent scans each see their own.
+_scan_threads: contextvars.ContextVar = contextvars.ContextVar("scan_threads", default=None)
+
+
+@contextlib.contextmanager
+def _scan_pool():
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(16, usable_cores()), thread_name_prefix="image-scan") as pool:
+        token = _scan_threads.set(pool)
+        try:
+            yield
+        finally:
+            _scan_threads.reset(token)
+
+
+def _files_signature(dataset, image_column: str) -> str | None:
+    """A digest of (path, modification time, size) of the files that path-only image values point to.
+
+    `datasets` fingerprints a table of paths (CSV / JSON lines) by the table alone, so without this a picture
+    edited in place would keep its stale downscaled copy and its stale check result. Image folders are covered
+    by `datasets` already; this costs one `stat` per file.
+    """
+    import hashlib
+
+    import pyarrow.compute as pc
+
+    digest, files = hashlib.sha256(), 0
+    for table in dataset.select_columns([image_column]).with_format("arrow").iter(batch_size=4096):
+        column = table.column(image_column)
+        paths = pc.struct_field(column, "path").to_pylist()
+        path_only = pc.is_null(pc.struct_field(column, "bytes")).to_pylist()
+        for path, only in zip(paths, path_only, strict=True):
+            if not (only and path):
+                continue
+            try:
+                stat = os.stat(path)
+                digest.update(f"{path}\0{stat.st_mtime_ns}\0{stat.st_size}\n".encode())
+            except OSError:
+                digest.update(f"{path}\0missing\n".encode())
+            files += 1
+    return digest.hexdigest() if files else None
+
+
+def _scan_batch(
+    batch,
+    image_column: str,
+    cover=None,
+    interpolation: str = "bilinear",
+    lossless: bool = True,
+    exact: bool = False,
+    version: int = 0,
+    files: str | None = None,
+):
+    # `version` and `files` are unused here: as arguments they enter the map's cache fingerprint.
+    # Threads rather than processes: PIL releases the GIL while it decodes, resizes and encodes, which is nearly
+    # all of the work, and threads need neither forking nor the pickling of in-memory data.
+    pool = _scan_threads.get()
+    mapper = pool.map if pool is not None else map
+    checked = list(
+        mapper(lambda value: check_image(value, cover, interpolation, lossless, exact), batch[image_column])
+    )
+    out = {SCAN_PROBLEM_COLUMN: [problem for problem, _ in checked]}
+    if cover is not None:
+        out[image_column] = [value for _, value in checked]
+        out[SCAN_COPY_COLUMN] = [
+            new is not old for (_, new), old in zip(checked, batch[image_column], strict=True)
+        ]
+    return out
+
+
+def _any_may_downscale(dataset, image_column: str, cover, exact: bool) -> bool:
+    """Whether any picture of `dataset` is large enough for a copy, judged from file headers; stops at the first."""
+    for batch in dataset.select_columns([image_column]).iter(batch_size=256):
+        if any(may_downscale(value, cover, exact) for value in batch[image_column]):
+            return True
+    return False
+
+
+def find_bad_images(splits, image_column: str, downscale: DecodeSizes | None = None):
+    """Decode every image once before training; drop the unreadable ones and return them in a list.
+
+    With `downscale`, the same pass stores each picture that is much larger than the transforms need as an
+    upright RGB copy that just covers `downscale.cover(split)`, so that every epoch decodes a small picture
+    instead of the original (a 12-megapixel photo bound for a 224-pixel model: a tenth of the pixels). Copies
+    of evaluation splits are lossless; training copies are quality-95 JPEGs (`images.downscaled_copy`).
+    In-memory datasets get no copies (nothing of theirs is cached). The scan is a `datasets.map`, so for
+    on-disk datasets its result, copies included, is cached by fingerprint (input data, the listed files' times
+    and sizes, sizes, filter, SCAN_VERSION): a second run over the same data decodes nothing, and a run with
+    another checkpoint size or crop scale, or after a picture changed, makes new ones.
+    """
+    from datasets import DatasetDict, Features, Image, Value
+
+    bad: list[dict[str, Any]] = []
+    cleaned = {}
+    for name, dataset in splits.items():
+        # In-memory datasets are not cached: copies would only add to the memory the data already takes.
+        cover = downscale.cover(name) if downscale is not None and dataset.cache_files else None
+        undecoded = dataset.cast_column(image_column, Image(decode=False))
+        if cover is not None and not _any_may_downscale(
+            undecoded, image_column, cover, downscale.exact(name)
+        ):
+            # A scan that stores copies writes the whole image column again; with nothing to copy (pictures
+            # already about the size the model needs), a check that writes only its findings does.
+            logger.info(
+                "Downscaled copies: %s needs none (no picture is more than %gx the %dx%d the transforms need)",
+                name,
+                DOWNSCALE_MIN_FACTOR,
+                *cover,
+            )
+            cover = None
+        if cover is None:
+            undecoded = undecoded.select_columns([image_column])
+        # Typed up front: a first batch of all-readable images would otherwise fix the column as null.
+        if cover is not None:
+            features = undecoded.features.copy()
+            features[SCAN_PROBLEM_COLUMN] = Value("string")
+            features[SCAN_COPY_COLUMN] = Value("bool")
+        else:
+            features = Features({SCAN_PROBLEM_COLUMN: Value("string")})
+        with _scan_pool():
+            scanned = undecoded.map(
+                _scan_batch,
+                batched=True,
+                batch_size=64,
+                fn_kwargs={
+                    "image_column": image_column,
+                    "cover": tuple(cover) if cover is not None else None,
+                    "interpolation": downscale.interpolation if downscale is not None else "bilinear",
+                    # Evaluation sees exactly the pixels it would see without copies; training copies may be lossy.
+                    "lossless": downscale is None or downscale.lossless(name),
+                    "exact": downscale is not None and downscale.exact(name),
+                    "version": SCAN_VERSION,
+                    "files": _files_signature(undecoded, image_column),
+                },
+                features=features,
+                # A check alone writes only its findings, not another copy of the images (for datasets that
+                # embed their image bytes, that would be the whole dataset again).
+                remove_columns=None if cover is not None else [image_column],
+                desc=f"{'Checking and downscaling' if cover else 'Checking'} {name} images",
+            )
+        problems = scanned[SCAN_PROBLEM_COLUMN]
+        bad_rows = [i for i, problem in enumerate(problems) if problem is not None]
+        for i in bad_rows:
+            bad.append(
+                {
+                    "split": name,
+                    "index": i,
+                    "image": image_location(undecoded[i][image_column]),
+                    "problem": problems[i],
+                }
+            )
+        if cover is not None:
+            copies = sum(scanned[SCAN_COPY_COLUMN])
+            logger.info(
+                "Downscaled copies (datasets cache): %s %d of %d picture(s), covering %dx%d%s, %s",
+                name,
+                copies,
+                len(scanned),
+                *cover,
+                " exactly" if downscale.exact(name) else "",
+                "lossless" if downscale.lossless(name) else "JPEG quality 95",
+            )
+            dataset = scanned.remove_columns([SCAN_PROBLEM_COLUMN, SCAN_COPY_COLUMN]).cast_column(
+                image_column, dataset.features[image_column]
+            )
+        if bad_rows:
+            keep = sorted(set(range(len(dataset))) - set(bad_rows))
+            dataset = dataset.select(keep)
+        cleaned[name] = dataset
+    return DatasetDict(cleaned), bad

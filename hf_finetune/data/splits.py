@@ -1,0 +1,191 @@
+"""Splits: train / validation / test from the source's own splits or carved out of train (stratified, seeded),
+`max_*_samples` subsets, and the check for pictures that two splits share. What each split is made of goes
+into the report that becomes data_splits.json."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+from hf_finetune.config import VALIDATION_SPLIT_NAMES, DataArguments
+from hf_finetune.data.scan import usable_cores
+from hf_finetune.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def _pick_split(raw, wanted: str | None, defaults: tuple[str, ...], kind: str) -> str | None:
+    if wanted is not None:
+        if wanted not in raw:
+            raise UserError(
+                f"{kind}_split={wanted!r} is not a split of the dataset; its splits are {list(raw)}. "
+                f"Set `{kind}_split` to one of them."
+            )
+        return wanted
+    return next((name for name in defaults if name in raw), None)
+
+
+def _stratified_holdout(dataset, fraction: float, label_column: str, seed: int, name: str):
+    import numpy as np
+
+    counts = np.bincount(dataset[label_column], minlength=dataset.features[label_column].num_classes)
+    present = counts[counts > 0]
+    n_holdout = round(len(dataset) * fraction)
+    if n_holdout < 1:
+        raise UserError(
+            f"Holding out {fraction:.0%} of {len(dataset)} training images as {name} leaves no {name} images. "
+            f"Raise the fraction, add data, or give a {name} split."
+        )
+    stratify = present.min() >= 2 and n_holdout >= len(present)
+    if not stratify:
+        logger.warning(
+            "The %s split is drawn at random, not stratified: some class has fewer than 2 images or the %s "
+            "split is smaller than the number of classes.",
+            name,
+            name,
+        )
+    parts = dataset.train_test_split(
+        test_size=fraction, seed=seed, stratify_by_column=label_column if stratify else None
+    )
+    return parts["train"], parts["test"], stratify
+
+
+def _subset(dataset, size: int | None, label_column: str, seed: int, name: str, report: dict):
+    """`size` rows of `dataset` (max_*_samples), drawn with `seed`, stratified by class where possible."""
+    if size is None or size >= len(dataset):
+        return dataset
+    if size < 1:
+        raise UserError(f"max_*_samples={size} for the {name} split must be at least 1.")
+    counts = Counter(dataset[label_column])
+    # Stratified needs at least one row per class on each side of the cut, and two rows in every class.
+    stratify = len(counts) <= min(size, len(dataset) - size) and min(counts.values()) >= 2
+    if stratify:
+        kept = dataset.train_test_split(train_size=size, seed=seed, stratify_by_column=label_column)["train"]
+    else:
+        logger.warning(
+            "The %d-image subset of the %s split is drawn at random, not stratified: it is smaller than the "
+            "number of classes, or some class has a single image.",
+            size,
+            name,
+        )
+        kept = dataset.shuffle(seed=seed).select(range(size))
+    report.setdefault(name, {})["subset"] = (
+        f"{size} of {len(dataset)} ({'stratified' if stratify else 'random'})"
+    )
+    return kept
+
+
+def make_splits(raw, args: DataArguments, label_column: str, seed: int):
+    """Return a DatasetDict with train / validation / (test), and a report of how each split was made."""
+    from datasets import DatasetDict
+
+    if args.train_split not in raw:
+        raise UserError(
+            f"train_split={args.train_split!r} is not a split of the dataset; its splits are {list(raw)}. "
+            "Set `train_split` to the one to train on."
+        )
+    validation = _pick_split(raw, args.validation_split, VALIDATION_SPLIT_NAMES, "validation")
+    test = _pick_split(raw, args.test_split, ("test",), "test")
+    train = raw[args.train_split]
+    report: dict[str, Any] = {}
+
+    if test is None and args.train_test_split > 0:
+        train, test_ds, stratified = _stratified_holdout(
+            train, args.train_test_split, label_column, seed, "test"
+        )
+        report["test"] = {"source": f"{args.train_test_split:.0%} of train", "stratified": stratified}
+    else:
+        test_ds = raw[test] if test is not None else None
+        if test is not None:
+            report["test"] = {"source": f"split `{test}`"}
+    if validation is None:
+        if args.train_val_split <= 0:
+            raise UserError(
+                "There is no validation split and train_val_split is 0. Give a validation split "
+                "(validation_split, validation_dir or validation_file) or set train_val_split, e.g. 0.15."
+            )
+        # Both fractions are of the original train split, whichever is carved first.
+        carved_test = "test" in report and report["test"]["source"].endswith("of train")
+        fraction = (
+            args.train_val_split / (1.0 - args.train_test_split) if carved_test else args.train_val_split
+        )
+        train, val_ds, stratified = _stratified_holdout(train, fraction, label_column, seed, "validation")
+        report["validation"] = {"source": f"{args.train_val_split:.0%} of train", "stratified": stratified}
+    else:
+        val_ds = raw[validation]
+        report["validation"] = {"source": f"split `{validation}`"}
+    report["train"] = {"source": f"split `{args.train_split}`"}
+
+    # Subsets are seeded and stratified: image folders list their files class by class, so the first N rows
+    # would hold only the first classes.
+    train = _subset(train, args.max_train_samples, label_column, seed, "train", report)
+    val_ds = _subset(val_ds, args.max_eval_samples, label_column, seed, "validation", report)
+    if test_ds is not None:
+        test_ds = _subset(test_ds, args.max_eval_samples, label_column, seed, "test", report)
+    splits = {"train": train, "validation": val_ds}
+    if test_ds is not None:
+        splits["test"] = test_ds
+    return DatasetDict(splits), report
+
+
+def _picture_digests(dataset, image_column: str) -> list[str | None]:
+    """A content digest of every picture (its bytes, or its file's bytes); None for a missing file."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.compute as pc
+
+    def digest(item):
+        data, path = item
+        try:
+            if data is None:
+                with open(path, "rb") as handle:
+                    data = handle.read()
+            return hashlib.blake2b(data).hexdigest()
+        except (OSError, TypeError):
+            return None
+
+    values = dataset.select_columns([image_column]).with_format("arrow")
+    digests: list[str | None] = []
+    with ThreadPoolExecutor(max_workers=min(16, usable_cores())) as pool:
+        for table in values.iter(batch_size=1024):
+            column = table.column(image_column)
+            data, paths = (pc.struct_field(column, key).to_pylist() for key in ("bytes", "path"))
+            digests.extend(pool.map(digest, zip(data, paths, strict=True)))
+    return digests
+
+
+def check_split_overlap(splits, image_column: str, report: dict[str, Any]) -> None:
+    """Pictures of validation / test that are also in an earlier split (the same file, or identical contents):
+    counted into `report` (data_splits.json) and the log; a split made only of such pictures is an error, since
+    its metrics would measure pictures the model trained on."""
+    from datasets import Image
+
+    seen: dict[str, set[str]] = {}
+    for name, dataset in splits.items():
+        digests = _picture_digests(dataset.cast_column(image_column, Image(decode=False)), image_column)
+        known = [d for d in digests if d is not None]
+        overlap = {earlier: sum(d in keys for d in known) for earlier, keys in seen.items()}
+        if overlap:
+            report.setdefault(name, {})["overlap"] = overlap
+        shared = sum(any(d in keys for keys in seen.values()) for d in known)
+        seen[name] = set(known)
+        if not shared:
+            continue
+        with_which = ", ".join(f"{count} with {earlier}" for earlier, count in overlap.items() if count)
+        if shared == len(digests):
+            raise UserError(
+                f"Every picture of the {name} split ({shared}) is also in another split ({with_which}): the same "
+                f"files or identical contents, e.g. train_dir and {name}_dir pointing at the same folder. Its metrics "
+                f"would measure pictures the model trained on. Give a {name} split with other pictures."
+            )
+        logger.warning(
+            "%d of %d %s picture(s) are also in another split (%s; the same file or identical contents): the %s "
+            "metrics partly measure pictures seen before. Remove the duplicates for a clean measure.",
+            shared,
+            len(digests),
+            name,
+            with_which,
+            name,
+        )
