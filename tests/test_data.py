@@ -45,6 +45,29 @@ def test_string_labels_become_sorted_classlabel_shared_by_splits():
         assert split.features["label"].names == ["apple", "mango", "zebra"]
 
 
+@pytest.mark.parametrize(
+    ("names", "dtype", "labels"),
+    [
+        (["zebra", "apple", "mango"], "string", ["apple", "mango", "zebra"]),
+        ([12, 3, 7], "int64", ["3", "7", "12"]),
+    ],
+)
+def test_a_validation_split_without_a_class_keeps_the_trains_label_ids(names, dtype, labels):
+    """Each split's rows keep their own class even when a split lacks one of the classes (`datasets`'
+    class_encode_column would number the classes of each split on its own: mango as 1 in validation)."""
+
+    def with_labels(ids, offset=0):
+        data = digits_dataset(6, classes=ids, offset=offset).cast_column("label", Value("int64"))
+        data = data.map(lambda e: {"label": names[ids[e["label"]]]}).cast_column("label", Value(dtype))
+        return data
+
+    source = DatasetDict({"train": with_labels((0, 1, 2)), "validation": with_labels((0, 2), offset=6)})
+    prepared = prepare_data(DataArguments(), seed=0, dataset=source)
+    assert prepared.labels == labels
+    validation = prepared.splits["validation"]
+    assert Counter(prepared.labels[i] for i in validation["label"]) == {str(names[0]): 6, str(names[2]): 6}
+
+
 def test_stratified_validation_and_test_splits_are_seeded():
     data = digits_dataset(30, classes=(0, 1, 2, 3))
     args = DataArguments(train_val_split=0.2, train_test_split=0.2)

@@ -63,7 +63,8 @@ def detect_columns(
 
 
 def encode_labels(splits, label_column: str, where: str):
-    """Make the label column a `ClassLabel` shared by all splits (sorted names for strings and ints)."""
+    """Make the label column one `ClassLabel` shared by all splits: class names sorted, integer class ids (or
+    strings of digits) in numeric order."""
     from datasets import ClassLabel, Value
 
     feature = next(iter(splits.values())).features[label_column]
@@ -99,41 +100,36 @@ def encode_labels(splits, label_column: str, where: str):
         )
         values = {v.strip() for v in values}
     if "int" in feature.dtype or all(_INTEGER.fullmatch(v) for v in values):
-        return _encode_class_ids(splits, label_column, values)
-    return splits.class_encode_column(label_column)
+        names = _class_id_names(values, label_column)
+    else:
+        names = sorted(values)
+    # One ClassLabel for every split, cast from the names. Not `DatasetDict.class_encode_column` (datasets 5.2):
+    # it encodes each split on its own, so a validation file without one of the classes would get other ids
+    # for the rest, and it sorts class ids as text ("10" before "2"). Integer ids are cast through their text:
+    # an integer column cast straight to a ClassLabel keeps its values as positions, and ids 1..K, with gaps
+    # or negative, would mislabel every row.
+    if "int" in feature.dtype:
+        splits = splits.cast_column(label_column, Value("string"))
+    return splits.cast_column(label_column, ClassLabel(names=names))
 
 
 _INTEGER = re.compile(r"\s*[+-]?\d+\s*")
 
 
-def _encode_class_ids(splits, label_column: str, values):
-    """Class ids (integers, or strings of digits) as a `ClassLabel` whose names are the ids, sorted by number
-    ("2" before "10", -1 first). The stored values become each id's position among the names: ids 1..K, with
-    gaps or negative are not positions themselves, and casting them unchanged would mislabel every row."""
-    from datasets import ClassLabel, DatasetDict, Features
-
+def _class_id_names(values, label_column: str) -> list[str]:
+    """Class ids (integers, or strings of digits) as class names sorted by number ("2" before "10", -1 first)."""
     ordered = sorted(values, key=lambda v: (int(v), str(v)))
-    names = [str(v).strip() for v in ordered]
     if len({int(v) for v in ordered}) < len(ordered):
         raise UserError(
             f"Label column `{label_column}` writes the same class id in several ways ({sorted(values, key=str)}). "
             "Write each class id one way."
         )
-    position = {v: i for i, v in enumerate(ordered)}
-
-    def encode(batch):
-        return {label_column: [position[v] for v in batch]}
-
-    encoded = {}
-    for split, dataset in splits.items():
-        features = Features({**dataset.features, label_column: ClassLabel(names=names)})
-        encoded[split] = dataset.map(
-            encode, input_columns=label_column, batched=True, features=features, desc="Encoding class ids"
-        )
-    return DatasetDict(encoded)
+    return [str(v).strip() for v in ordered]
 
 
 def check_labels(splits, label_column: str, labels: list[str]) -> None:
+    """Names that differ only by case (a warning); at least two classes in train; no class that only the
+    validation or test split has (the model could not learn it)."""
     import numpy as np
 
     by_case: dict[str, list[str]] = {}
