@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,6 +128,26 @@ def test_csv_relative_paths_and_missing_files(small_digits_folder, tmp_path):
     assert sum(len(d) for d in prepared.splits.values()) == 22
     assert [b["problem"] for b in prepared.bad_images] == ["file not found"]
     assert prepared.bad_images[0]["image"].endswith("pics/missing.png")
+
+
+def test_each_picture_file_is_read_once(tmp_path, monkeypatch):
+    """The image check and the split-overlap check share one read of each file (the scan's)."""
+    import builtins
+
+    train = write_digits_folder(tmp_path / "train", 8, offset=0)
+    test = write_digits_folder(tmp_path / "test", 4, offset=8)
+    (test / "one" / "copy.png").write_bytes((train / "one" / "000.png").read_bytes())
+    opened, real_open = Counter(), builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if str(file).startswith(str(tmp_path)):
+            opened[Path(file).relative_to(tmp_path).as_posix()] += 1
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    prepared = prepare_data(DataArguments(train_dir=str(train), test_dir=str(test)), seed=0)
+    assert len(opened) == 3 * 8 + 3 * 4 + 1 and set(opened.values()) == {1}
+    assert sum(prepared.report["test"]["overlap"].values()) == 1  # the copy, found from that one read
 
 
 def test_bad_images_are_counted_listed_or_stop_the_run(small_digits_folder, tmp_path):

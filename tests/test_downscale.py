@@ -14,7 +14,7 @@ from PIL import Image as PILImage
 
 from hf_finetune.config import DataArguments
 from hf_finetune.data.images import DecodeSizes, check_image, downscaled_copy, load_rgb
-from hf_finetune.data.scan import find_bad_images
+from hf_finetune.data.scan import scan_images
 from hf_finetune.data.transforms import BatchTransform, build_transforms
 
 ORIENTATION = 0x0112
@@ -174,7 +174,7 @@ def _count_decodes(monkeypatch) -> list[int]:
 def test_scan_stores_copies_once_and_reuses_them_by_fingerprint(on_disk_photos, monkeypatch):
     sizes = DecodeSizes(train=(227, 227), eval=(73, 73), interpolation="bilinear")
     decodes = _count_decodes(monkeypatch)
-    splits, bad = find_bad_images({"train": on_disk_photos, "test": on_disk_photos}, "image", sizes)
+    splits, bad, _ = scan_images({"train": on_disk_photos, "test": on_disk_photos}, "image", sizes)
     assert decodes[0] >= 12  # every picture of both splits decoded once
     assert [(b["split"], b["image"]) for b in bad] == [("train", "cut.jpg"), ("test", "cut.jpg")]
     train, test = splits["train"], splits["test"]
@@ -191,13 +191,13 @@ def test_scan_stores_copies_once_and_reuses_them_by_fingerprint(on_disk_photos, 
     assert [v["path"] for v in raw] == ["p0.jpg", "p1.jpg", "p2.jpg", "p3.jpg", "small.jpg"]  # for reports
 
     decodes[0] = 0
-    again, bad_again = find_bad_images({"train": on_disk_photos}, "image", sizes)
+    again, bad_again, _ = scan_images({"train": on_disk_photos}, "image", sizes)
     assert decodes[0] == 0  # same data, same sizes: the cached scan and copies, nothing decoded
     assert len(bad_again) == 1
     assert again["train"].cast_column("image", Image(decode=False))["image"] == raw
 
     other = DecodeSizes(train=(160, 160), eval=(73, 73), interpolation="bilinear")
-    reshaped, _ = find_bad_images({"train": on_disk_photos}, "image", other)
+    reshaped, *_ = scan_images({"train": on_disk_photos}, "image", other)
     assert decodes[0] >= 6  # another checkpoint size: new copies
     assert all(min(image.size) == 160 for image in reshaped["train"]["image"][:4])
 
@@ -207,7 +207,7 @@ def test_without_downscale_the_scan_keeps_the_originals(on_disk_photos):
 
     folder = Path(on_disk_photos.cache_files[0]["filename"]).parent
     before = set(folder.iterdir())
-    splits, bad = find_bad_images({"train": on_disk_photos}, "image", None)
+    splits, bad, _ = scan_images({"train": on_disk_photos}, "image", None)
     assert len(bad) == 1
     assert [image.size for image in splits["train"]["image"][:2]] == [(1600, 1200), (1560, 1200)]
     # The check's cached result holds its findings only, not a second copy of the embedded image bytes.
@@ -284,7 +284,7 @@ def test_the_log_counts_the_copies(on_disk_photos, caplog):
     import logging
 
     with caplog.at_level(logging.INFO, logger="hf_finetune.data"):
-        find_bad_images({"train": on_disk_photos}, "image", DecodeSizes((227, 227), (73, 73)))
+        scan_images({"train": on_disk_photos}, "image", DecodeSizes((227, 227), (73, 73)))
     assert "train 4 of 6 picture(s), covering 227x227" in caplog.text  # 4 large; the small and the bad kept
 
 
@@ -338,7 +338,7 @@ def test_in_memory_datasets_get_no_copies():
     values = [{"bytes": _jpeg(_photo()), "path": f"p{i}.jpg"} for i in range(2)]
     features = Features({"image": Image(), "label": ClassLabel(names=["a", "b"])})
     in_memory = Dataset.from_dict({"image": values, "label": [0, 1]}, features=features)
-    splits, bad = find_bad_images({"train": in_memory}, "image", DecodeSizes((227, 227), (73, 73)))
+    splits, bad, _ = scan_images({"train": in_memory}, "image", DecodeSizes((227, 227), (73, 73)))
     assert bad == [] and [image.size for image in splits["train"]["image"]] == [(1600, 1200)] * 2
 
 
@@ -426,7 +426,7 @@ def test_splits_with_nothing_to_copy_are_only_checked(tmp_path, caplog):
     small = load_from_disk(str(tmp_path / "ds"))
     before = set(Path(small.cache_files[0]["filename"]).parent.iterdir())
     with caplog.at_level(logging.INFO, logger="hf_finetune.data"):
-        splits, bad = find_bad_images({"train": small}, "image", DecodeSizes((64, 64), (32, 32)))
+        splits, bad, _ = scan_images({"train": small}, "image", DecodeSizes((64, 64), (32, 32)))
     assert "train needs none" in caplog.text and bad == []
     assert [image.size for image in splits["train"]["image"]] == [(96, 72)] * 4
     written = set(Path(small.cache_files[0]["filename"]).parent.iterdir()) - before

@@ -57,11 +57,24 @@ def open_image(value: Any):
         return value
     if isinstance(value, dict):
         if value.get("bytes"):
-            return Image.open(io.BytesIO(value["bytes"]))
+            return _open_bytes(value["bytes"], value.get("path"))
         value = value.get("path")
     if not value:
         raise UnusableImage("no image data")
     return Image.open(value)
+
+
+def _open_bytes(data: bytes, path: str | None):
+    """PIL's `Image.open` on bytes, naming the picture's file (not a BytesIO object) when PIL cannot tell the
+    format, as it does when it opens the file itself: reports then name the picture, whichever was read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        if not path:
+            raise
+        raise UnidentifiedImageError(f"cannot identify image file {path!r}") from None
 
 
 # EXIF orientations 5-8 store the picture turned by 90 degrees: width and height swap once it is upright.

@@ -16,7 +16,7 @@ from typing import Any
 from hf_finetune.config import DataArguments
 from hf_finetune.data.images import DecodeSizes, image_location
 from hf_finetune.data.labels import check_labels, detect_columns, encode_labels
-from hf_finetune.data.scan import find_bad_images
+from hf_finetune.data.scan import scan_images
 from hf_finetune.data.sources import load_raw_splits, source_roots
 from hf_finetune.data.splits import check_split_overlap, make_splits
 from hf_finetune.errors import UserError
@@ -62,7 +62,7 @@ def prepare_data(
     """Load, detect columns, encode labels, split and clean: the data a run trains and evaluates on.
 
     `downscale` (the sizes the run's transforms need): store downscaled copies of large pictures while
-    checking them (`find_bad_images`).
+    checking them (`scan.scan_images`).
     """
     from datasets import DatasetDict
 
@@ -78,9 +78,9 @@ def prepare_data(
     raw = DatasetDict({name: d.add_column(SOURCE_ROW_COLUMN, list(range(len(d)))) for name, d in raw.items()})
 
     splits, report = make_splits(raw, args, label_column, seed)
-    check_split_overlap(splits, image_column, report)
     rows = {name: d[SOURCE_ROW_COLUMN] for name, d in splits.items()}
-    splits, bad = find_bad_images(splits, image_column, downscale)
+    splits, bad, digests = scan_images(splits, image_column, downscale)
+    check_split_overlap(digests, report)  # before the unreadable pictures are reported, as they count here
     splits = splits.remove_columns(SOURCE_ROW_COLUMN)
     found = PreparedData(splits, image_column, label_column, labels, bad, report, roots=source_roots(args))
     for entry in bad:

@@ -1,5 +1,6 @@
-"""The image scan before training: every picture decoded once, the unreadable ones found and dropped (counted,
-never silently), and large pictures stored as small copies in the datasets cache while they are open.
+"""The image scan before training: every picture read and decoded once, the unreadable ones found and dropped
+(counted, never silently), a content digest of each (for the split-overlap check), and large pictures stored
+as small copies in the datasets cache while they are open.
 
 The scan is a `datasets.map`, so its result is cached by fingerprint like any other map: a second run over
 the same data and sizes decodes nothing.
@@ -9,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import logging
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 from hf_finetune.data.images import (
     DOWNSCALE_MIN_FACTOR,
@@ -25,16 +27,17 @@ logger = logging.getLogger(__name__)
 
 SCAN_PROBLEM_COLUMN = "__image_problem__"
 SCAN_COPY_COLUMN = "__downscaled__"
+SCAN_DIGEST_COLUMN = "__content_digest__"
 # Bumped whenever what the scan stores changes (including anything `images.downscaled_copy` does: `datasets`
 # fingerprints the map function by name, not by what it calls), so that older cached scans are not reused.
-SCAN_VERSION = 4  # 4: 16-bit pictures scaled by bit depth
+SCAN_VERSION = 5  # 4: 16-bit pictures scaled by bit depth; 5: content digests
 
 
 def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-# The scan's thread pool, set only while `find_bad_images` runs (not a map argument: it would enter the cache
+# The scan's thread pool, set only while `scan_images` runs (not a map argument: it would enter the cache
 # fingerprint, and cannot be hashed); a context variable, so that concurrent scans each see their own.
 _scan_threads: contextvars.ContextVar = contextvars.ContextVar("scan_threads", default=None)
 
@@ -58,8 +61,6 @@ def _files_signature(dataset, image_column: str) -> str | None:
     edited in place would keep its stale downscaled copy and its stale check result. Image folders are covered
     by `datasets` already; this costs one `stat` per file.
     """
-    import hashlib
-
     import pyarrow.compute as pc
 
     digest, files = hashlib.sha256(), 0
@@ -79,6 +80,28 @@ def _files_signature(dataset, image_column: str) -> str | None:
     return digest.hexdigest() if files else None
 
 
+def _read(value: Any) -> tuple[str | None, Any]:
+    """(content digest, value to decode): a picture's bytes are read once, for its digest and its decoding.
+    (None, value) when there is nothing to read (e.g. a missing file): the check reports that."""
+    data, path = value.get("bytes"), value.get("path")
+    if data is None:
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except (OSError, TypeError):
+            return None, value
+        return hashlib.blake2b(data).hexdigest(), {"bytes": data, "path": path}
+    return hashlib.blake2b(data).hexdigest(), value
+
+
+def _check(value: Any, cover, interpolation: str, lossless: bool, exact: bool):
+    """(problem, value, digest) of one picture: `check_image` on the bytes `_read` read, and the original
+    value back unless a copy replaced it (the bytes read are not stored)."""
+    digest, readable = _read(value)
+    problem, result = check_image(readable, cover, interpolation, lossless, exact)
+    return problem, value if result is readable else result, digest
+
+
 def _scan_batch(
     batch,
     image_column: str,
@@ -95,13 +118,16 @@ def _scan_batch(
     pool = _scan_threads.get()
     mapper = pool.map if pool is not None else map
     checked = list(
-        mapper(lambda value: check_image(value, cover, interpolation, lossless, exact), batch[image_column])
+        mapper(lambda value: _check(value, cover, interpolation, lossless, exact), batch[image_column])
     )
-    out = {SCAN_PROBLEM_COLUMN: [problem for problem, _ in checked]}
+    out = {
+        SCAN_PROBLEM_COLUMN: [problem for problem, _, _ in checked],
+        SCAN_DIGEST_COLUMN: [digest for _, _, digest in checked],
+    }
     if cover is not None:
-        out[image_column] = [value for _, value in checked]
+        out[image_column] = [value for _, value, _ in checked]
         out[SCAN_COPY_COLUMN] = [
-            new is not old for (_, new), old in zip(checked, batch[image_column], strict=True)
+            new is not old for (_, new, _), old in zip(checked, batch[image_column], strict=True)
         ]
     return out
 
@@ -114,8 +140,16 @@ def _any_may_downscale(dataset, image_column: str, cover, exact: bool) -> bool:
     return False
 
 
-def find_bad_images(splits, image_column: str, downscale: DecodeSizes | None = None):
-    """Decode every image once before training; drop the unreadable ones and return them in a list.
+class ImageScan(NamedTuple):
+    splits: Any  # datasets.DatasetDict without the unreadable pictures (and with the copies)
+    bad: list[dict[str, Any]]  # {"split", "index", "image", "problem"} of each unreadable picture
+    # Per split, the content digest of every row as given (unreadable ones included; None: nothing to read).
+    digests: dict[str, list[str | None]]
+
+
+def scan_images(splits, image_column: str, downscale: DecodeSizes | None = None) -> ImageScan:
+    """Read and decode every image once before training; drop the unreadable ones and list them, and give the
+    content digest of every picture (for `splits.check_split_overlap`), from the same read.
 
     With `downscale`, the same pass stores each picture that is much larger than the transforms need as an
     upright RGB copy that just covers `downscale.cover(split)`, so that every epoch decodes a small picture
@@ -129,7 +163,7 @@ def find_bad_images(splits, image_column: str, downscale: DecodeSizes | None = N
     from datasets import DatasetDict, Features, Image, Value
 
     bad: list[dict[str, Any]] = []
-    cleaned = {}
+    cleaned, digests = {}, {}
     for name, dataset in splits.items():
         # In-memory datasets are not cached: copies would only add to the memory the data already takes.
         cover = downscale.cover(name) if downscale is not None and dataset.cache_files else None
@@ -155,6 +189,7 @@ def find_bad_images(splits, image_column: str, downscale: DecodeSizes | None = N
             features[SCAN_COPY_COLUMN] = Value("bool")
         else:
             features = Features({SCAN_PROBLEM_COLUMN: Value("string")})
+        features[SCAN_DIGEST_COLUMN] = Value("string")
         with _scan_pool():
             scanned = undecoded.map(
                 _scan_batch,
@@ -177,6 +212,7 @@ def find_bad_images(splits, image_column: str, downscale: DecodeSizes | None = N
                 desc=f"{'Checking and downscaling' if cover else 'Checking'} {name} images",
             )
         problems = scanned[SCAN_PROBLEM_COLUMN]
+        digests[name] = scanned[SCAN_DIGEST_COLUMN]
         bad_rows = [i for i, problem in enumerate(problems) if problem is not None]
         for i in bad_rows:
             bad.append(
@@ -198,11 +234,12 @@ def find_bad_images(splits, image_column: str, downscale: DecodeSizes | None = N
                 " exactly" if downscale.exact(name) else "",
                 "lossless" if downscale.lossless(name) else "JPEG quality 95",
             )
-            dataset = scanned.remove_columns([SCAN_PROBLEM_COLUMN, SCAN_COPY_COLUMN]).cast_column(
+            scan_columns = [SCAN_PROBLEM_COLUMN, SCAN_COPY_COLUMN, SCAN_DIGEST_COLUMN]
+            dataset = scanned.remove_columns(scan_columns).cast_column(
                 image_column, dataset.features[image_column]
             )
         if bad_rows:
             keep = sorted(set(range(len(dataset))) - set(bad_rows))
             dataset = dataset.select(keep)
         cleaned[name] = dataset
-    return DatasetDict(cleaned), bad
+    return ImageScan(DatasetDict(cleaned), bad, digests)

@@ -1,6 +1,6 @@
 """Splits: train / validation / test from the source's own splits or carved out of train (stratified, seeded),
-`max_*_samples` subsets, and the check for pictures that two splits share. What each split is made of goes
-into the report that becomes data_splits.json."""
+`max_*_samples` subsets, and the check for pictures that two splits share (by the content digests the image
+scan computes). What each split is made of goes into the report that becomes data_splits.json."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from collections import Counter
 from typing import Any
 
 from hf_finetune.config import VALIDATION_SPLIT_NAMES, DataArguments
-from hf_finetune.data.scan import usable_cores
 from hf_finetune.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -129,42 +128,16 @@ def make_splits(raw, args: DataArguments, label_column: str, seed: int):
     return DatasetDict(splits), report
 
 
-def _picture_digests(dataset, image_column: str) -> list[str | None]:
-    """A content digest of every picture (its bytes, or its file's bytes); None for a missing file."""
-    import hashlib
-    from concurrent.futures import ThreadPoolExecutor
-
-    import pyarrow.compute as pc
-
-    def digest(item):
-        data, path = item
-        try:
-            if data is None:
-                with open(path, "rb") as handle:
-                    data = handle.read()
-            return hashlib.blake2b(data).hexdigest()
-        except (OSError, TypeError):
-            return None
-
-    values = dataset.select_columns([image_column]).with_format("arrow")
-    digests: list[str | None] = []
-    with ThreadPoolExecutor(max_workers=min(16, usable_cores())) as pool:
-        for table in values.iter(batch_size=1024):
-            column = table.column(image_column)
-            data, paths = (pc.struct_field(column, key).to_pylist() for key in ("bytes", "path"))
-            digests.extend(pool.map(digest, zip(data, paths, strict=True)))
-    return digests
-
-
-def check_split_overlap(splits, image_column: str, report: dict[str, Any]) -> None:
+def check_split_overlap(digests_by_split: dict[str, list[str | None]], report: dict[str, Any]) -> None:
     """Pictures of validation / test that are also in an earlier split (the same file, or identical contents):
     counted into `report` (data_splits.json) and the log; a split made only of such pictures is an error, since
-    its metrics would measure pictures the model trained on."""
-    from datasets import Image
+    its metrics would measure pictures the model trained on.
 
+    `digests_by_split`: the content digest of every picture of each split, in split order (train first), as
+    the image scan gives them (`scan.scan_images`, which reads each file once for both); None for a file
+    that could not be read."""
     seen: dict[str, set[str]] = {}
-    for name, dataset in splits.items():
-        digests = _picture_digests(dataset.cast_column(image_column, Image(decode=False)), image_column)
+    for name, digests in digests_by_split.items():
         known = [d for d in digests if d is not None]
         overlap = {earlier: sum(d in keys for d in known) for earlier, keys in seen.items()}
         if overlap:
