@@ -179,7 +179,7 @@ def test_global_batch_size_is_applied_to_the_run_and_logged():
 
 
 def test_output_dir_placeholders_are_filled_from_the_settings():
-    from hf_finetune.config import expand_output_dir
+    from hf_finetune.config_resolved import expand_output_dir
     from hf_finetune.probe.fit import parse_probe_args
 
     parsed = parse_probe_args(["--model_name_or_path", "x", "--classifier", "knn",

@@ -90,13 +90,8 @@ def parse_train_args(
     probe's settings (`ProbeRunArguments`: classifier, feature cache, ...), which `training.run` routes to the
     frozen-feature path.
     """
-    from hf_finetune.config import (
-        DataArguments,
-        FinetuneTrainingArguments,
-        ModelArguments,
-        parse_args,
-        requested_setting,
-    )
+    from hf_finetune.config import DataArguments, FinetuneTrainingArguments, ModelArguments
+    from hf_finetune.config_loading import parse_args, requested_setting
 
     if requested_setting(argv, "strategy", default_config) == "probe":
         from hf_finetune.probe.fit import parse_probe_args

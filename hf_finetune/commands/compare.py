@@ -97,7 +97,8 @@ def parse_compare_args(
 ):
     """(model, data, strategy, probe, compare, training) arguments from `--config` (else `default_config`)
     + flags."""
-    from hf_finetune.config import DataArguments, FinetuneTrainingArguments, ModelArguments, parse_args
+    from hf_finetune.config import DataArguments, FinetuneTrainingArguments, ModelArguments
+    from hf_finetune.config_loading import parse_args
     from hf_finetune.probe.fit import ProbeArguments
     from hf_finetune.strategies.core import StrategyArguments
 
@@ -300,7 +301,7 @@ def compare(model_args, data_args, strategy_args, probe_args, compare_args, trai
     A method whose folder already holds a finished run is kept and its row reused, unless
     `overwrite_output_dir`; the table keeps the earlier run's other rows. Returns the table's rows.
     """
-    from hf_finetune.config import expand_output_dir
+    from hf_finetune.config_resolved import expand_output_dir
     from hf_finetune.models.loading import checkpoint_labels, load_config
 
     shared = (model_args, data_args, strategy_args, probe_args, training_args)

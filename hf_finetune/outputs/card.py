@@ -121,7 +121,7 @@ class ModelCardContent:
 
 def non_default_settings(arguments) -> dict[str, Any]:
     """A dataclass's settings that differ from its defaults (the card's "Training" list)."""
-    from hf_finetune.config import resolved_config
+    from hf_finetune.config_resolved import resolved_config
 
     return next(iter(resolved_config(arguments).values()), {})
 

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hf_finetune.config import resolved_config
+from hf_finetune.config_resolved import resolved_config
 from hf_finetune.outputs.atomic import write_json, write_text_atomic
 
 RESOLVED_CONFIG = "resolved_config.yaml"

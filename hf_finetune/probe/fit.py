@@ -154,7 +154,7 @@ def parse_probe_args(
     argv: list[str] | None = None, prog: str = "hf-finetune probe", default_config: str | None = None
 ):
     """(model_args, data_args, probe_args, training_args) from `--config` (else `default_config`) + flags."""
-    from hf_finetune.config import parse_args
+    from hf_finetune.config_loading import parse_args
 
     return parse_args(
         (ModelArguments, DataArguments, ProbeRunArguments, FinetuneTrainingArguments),
@@ -777,7 +777,7 @@ def run_probe(
     """Features (cached), classifier, metrics, export: a complete output directory. Returns all metrics."""
     from transformers import set_seed
 
-    from hf_finetune.config import expand_output_dir
+    from hf_finetune.config_resolved import expand_output_dir
     from hf_finetune.train.run import prepare_output_dir, start_output
 
     expand_output_dir(training_args, model_args, data_args, probe_args)  # e.g. outputs/probe/{classifier}

@@ -13,9 +13,9 @@ from hf_finetune.config import (
     FinetuneTrainingArguments,
     ModelArguments,
     apply_global_batch_size,
-    expand_output_dir,
     global_batch_description,
 )
+from hf_finetune.config_resolved import expand_output_dir
 from hf_finetune.outputs import atomic, card, manifest
 from hf_finetune.outputs import files as output
 
