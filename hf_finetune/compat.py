@@ -10,6 +10,25 @@ from __future__ import annotations
 
 # --- argparse ---------------------------------------------------------------------------------------------
 
+
+def option_destinations(parser, argv) -> set[str]:
+    """The `dest` of every option in `argv` that `parser` knows (`--flag value` and `--flag=value`; the
+    `--no_x` flag that `HfArgumentParser` adds for a boolean `x` defaulting to True gives `x`): the settings a
+    command line sets, before it is parsed.
+
+    Private: `ArgumentParser._option_string_actions`, the option string -> action map that argparse itself
+    parses with. argparse has no public lookup of an option string, and `HfArgumentParser` adds its options
+    through the public `add_argument`, so they are all in that map. Checked on Python 3.11.7 with
+    transformers 5.24 (`HfArgumentParser`); `tests/test_compat.py` fails if the map goes or changes shape.
+    """
+    actions = parser._option_string_actions
+    return {
+        action.dest
+        for arg in argv or ()
+        if arg.startswith("--") and (action := actions.get(arg.split("=", 1)[0])) is not None
+    }
+
+
 # --- torch ------------------------------------------------------------------------------------------------
 
 # --- transformers -----------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from hf_finetune.compat import option_destinations
 from hf_finetune.config import VISION_TRAINING_DEFAULTS, schedule_name
 from hf_finetune.config_resolved import portable_path
 from hf_finetune.config_values import check_setting, setting_hints
@@ -210,12 +211,7 @@ def parse_args(
     )
     config = config_path(argv, default_config)
     # What the user set on the command line: the destination of every flag given (`--no_x` included).
-    flags = {
-        action.dest
-        for arg in (argv or [])
-        if arg.startswith("--")
-        and (action := parser._option_string_actions.get(arg.split("=")[0])) is not None
-    }
+    flags = option_destinations(parser, argv)
     user = set(flags)
     hints = setting_hints(dataclass_types)
 

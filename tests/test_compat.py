@@ -4,6 +4,30 @@ from __future__ import annotations
 
 # --- argparse ---------------------------------------------------------------------------------------------
 
+
+def test_option_destinations_reads_argparse_option_map():
+    """`compat.option_destinations` uses argparse's private `_option_string_actions`: this fails once argparse
+    renames it or stops keeping every option string of an HfArgumentParser in it."""
+    from dataclasses import dataclass
+
+    from transformers import HfArgumentParser
+
+    from hf_finetune.compat import option_destinations
+
+    @dataclass
+    class Settings:
+        name: str | None = None
+        count: int = 1
+        flag: bool = True  # HfArgumentParser adds --no_flag for it
+
+    parser = HfArgumentParser([Settings])
+    assert isinstance(parser._option_string_actions, dict)
+    argv = ["--name", "x", "--no_flag", "--count=3", "--other", "1", "value"]
+    assert option_destinations(parser, argv) == {"name", "flag", "count"}
+    assert option_destinations(parser, ["--count", "2"]) == {"count"}
+    assert option_destinations(parser, None) == set()
+
+
 # --- torch ------------------------------------------------------------------------------------------------
 
 # --- transformers -----------------------------------------------------------------------------------------
