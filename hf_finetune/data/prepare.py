@@ -52,6 +52,28 @@ class PreparedData:
         return path.name  # e.g. a file in the datasets cache
 
 
+def _report_bad_images(found: PreparedData, rows: dict[str, list[int]], on_bad_image: str) -> None:
+    """Name each unreadable picture as published files do, with its row in the source split (`rows`); then
+    stop the run (`on_bad_image: error`) or log how many are skipped."""
+    bad = found.bad_images
+    for entry in bad:
+        # Carved validation / test rows are rows of the train source (`report[split]["source"]`).
+        entry["index"] = rows[entry["split"]][entry["index"]]
+        name = found.image_name(entry["image"])  # PIL's message names the file too
+        entry["problem"] = entry["problem"].replace(entry["image"], name)
+        entry["image"] = name
+    if not bad:
+        return
+    listing = "; ".join(f"{b['image']} ({b['split']}): {b['problem']}" for b in bad[:5])
+    if on_bad_image == "error":
+        raise UserError(
+            f"{len(bad)} unreadable image(s) found before training: {listing}"
+            + (" ..." if len(bad) > 5 else "")
+            + ". Fix or remove them, or set on_bad_image=skip to train without them."
+        )
+    logger.warning("Skipping %d unreadable image(s): %s%s", len(bad), listing, " ..." if len(bad) > 5 else "")
+
+
 def prepare_data(
     args: DataArguments,
     seed: int,
@@ -80,26 +102,11 @@ def prepare_data(
     splits, report = make_splits(raw, args, label_column, seed)
     rows = {name: d[SOURCE_ROW_COLUMN] for name, d in splits.items()}
     splits, bad, digests = scan_images(splits, image_column, downscale)
-    check_split_overlap(digests, report)  # before the unreadable pictures are reported, as they count here
+    # Unreadable pictures count here too: a split made only of other splits' pictures stops the run first.
+    check_split_overlap(digests, report)
     splits = splits.remove_columns(SOURCE_ROW_COLUMN)
     found = PreparedData(splits, image_column, label_column, labels, bad, report, roots=source_roots(args))
-    for entry in bad:
-        # Carved validation / test rows are rows of the train source (`report[split]["source"]`).
-        entry["index"] = rows[entry["split"]][entry["index"]]
-        name = found.image_name(entry["image"])  # PIL's message names the file too
-        entry["problem"] = entry["problem"].replace(entry["image"], name)
-        entry["image"] = name
-    if bad:
-        listing = "; ".join(f"{b['image']} ({b['split']}): {b['problem']}" for b in bad[:5])
-        if args.on_bad_image == "error":
-            raise UserError(
-                f"{len(bad)} unreadable image(s) found before training: {listing}"
-                + (" ..." if len(bad) > 5 else "")
-                + ". Fix or remove them, or set on_bad_image=skip to train without them."
-            )
-        logger.warning(
-            "Skipping %d unreadable image(s): %s%s", len(bad), listing, " ..." if len(bad) > 5 else ""
-        )
+    _report_bad_images(found, rows, args.on_bad_image)
     for name, dataset in splits.items():
         if len(dataset) == 0:
             raise UserError(
