@@ -65,7 +65,7 @@ def detect_columns(
 def encode_labels(splits, label_column: str, where: str):
     """Make the label column one `ClassLabel` shared by all splits: class names sorted, integer class ids (or
     strings of digits) in numeric order."""
-    from datasets import ClassLabel, Value
+    from datasets import ClassLabel, DatasetDict, Features, Value
 
     feature = next(iter(splits.values())).features[label_column]
     if isinstance(feature, ClassLabel):
@@ -93,24 +93,33 @@ def encode_labels(splits, label_column: str, where: str):
     if padded:
         # ` grass` and `grass` are one class: spaces around a name in a table are never meant.
         logger.info("Labels stripped of surrounding spaces: %s", ", ".join(map(repr, padded[:10])))
-        splits = splits.map(
-            lambda batch: {label_column: [v.strip() for v in batch[label_column]]},
-            batched=True,
-            desc="Stripping spaces around labels",
-        )
         values = {v.strip() for v in values}
     if "int" in feature.dtype or all(_INTEGER.fullmatch(v) for v in values):
         names = _class_id_names(values, label_column)
     else:
         names = sorted(values)
-    # One ClassLabel for every split, cast from the names. Not `DatasetDict.class_encode_column` (datasets 5.2):
-    # it encodes each split on its own, so a validation file without one of the classes would get other ids
-    # for the rest, and it sorts class ids as text ("10" before "2"). Integer ids are cast through their text:
-    # an integer column cast straight to a ClassLabel keeps its values as positions, and ids 1..K, with gaps
-    # or negative, would mislabel every row.
-    if "int" in feature.dtype:
-        splits = splits.cast_column(label_column, Value("string"))
-    return splits.cast_column(label_column, ClassLabel(names=names))
+    # One pass per split: each label as its text, stripped, which the ClassLabel feature then encodes by name,
+    # so every split gets the same ids. Not `DatasetDict.class_encode_column` (datasets 5.2): it numbers each
+    # split's classes on its own (a validation file without one of the classes would get other ids for the
+    # rest) and sorts class ids as text ("10" before "2"). Nor a cast of integer ids straight to a ClassLabel:
+    # it keeps the ids as positions, and ids 1..K, with gaps or negative, would mislabel every row.
+    target = ClassLabel(names=names)
+
+    def as_names(batch):
+        return {label_column: [str(v).strip() for v in batch]}
+
+    return DatasetDict(
+        {
+            split: dataset.map(
+                as_names,
+                input_columns=label_column,
+                batched=True,
+                features=Features({**dataset.features, label_column: target}),
+                desc="Encoding labels",
+            )
+            for split, dataset in splits.items()
+        }
+    )
 
 
 _INTEGER = re.compile(r"\s*[+-]?\d+\s*")
