@@ -31,9 +31,71 @@ def option_destinations(parser, argv) -> set[str]:
 
 # --- torch ------------------------------------------------------------------------------------------------
 
+
+def remove_ddp_autograd_hooks(ddp) -> None:
+    """Detach a retired DistributedDataParallel's reducer from the parameters it knew.
+
+    Checked on torch 2.14.1. ``gradual`` wraps the model in a new DDP at each unfreeze (DDP fixes its buckets
+    when it wraps); the old wrapper's reducer would otherwise keep firing its autograd hooks on every
+    backward. torch has no public way to retire a wrapper: its hooks go only when the wrapper is garbage
+    collected, which the Trainer's loop (holding it in a local) prevents until the epoch ends.
+    tests/test_compat.py fails once ``DistributedDataParallel._remove_autograd_hooks`` is gone.
+    """
+    ddp._remove_autograd_hooks()
+
+
+def extend_scheduler(scheduler, initial_lr: float, lr: float) -> None:
+    """Make ``scheduler`` drive an optimizer group added after it was built (``optimizer.add_param_group``).
+
+    Checked on torch 2.14.1: a scheduler zips its per-group lists (``base_lrs``, ``_last_lr``, LambdaLR's
+    ``lr_lambdas``, ReduceLROnPlateau's ``min_lrs``) with the optimizer's groups, strictly, so the first
+    ``step()`` after a group was added raises ValueError (older torch silently left the new group at its first
+    learning rate); torch has no public API to extend them. ``_last_lr`` is what ``get_last_lr()`` (and so
+    the Trainer's logged learning rate) returns. tests/test_compat.py fails once a scheduler follows added
+    groups itself or these lists are renamed. The new group shares group 0's schedule (its lambda / floor).
+    """
+    for attr, value in (("base_lrs", initial_lr), ("_last_lr", lr)):
+        if isinstance(getattr(scheduler, attr, None), list):
+            getattr(scheduler, attr).append(value)
+    for attr in ("lr_lambdas", "min_lrs"):
+        if getattr(scheduler, attr, None):
+            getattr(scheduler, attr).append(getattr(scheduler, attr)[0])
+
+
 # --- transformers -----------------------------------------------------------------------------------------
 
+
+def init_module_like_family(model, module) -> None:
+    """Re-initialise ``module`` of a loaded ``model`` with the model family's own scheme (its ``_init_weights``).
+
+    Checked on transformers 5.24. transformers has no public call for one module: ``init_weights()`` walks the
+    whole model, and both it and the ``transformers.initialization`` functions that ``_init_weights`` uses
+    skip every tensor (and module) flagged ``_is_hf_initialized``, which ``from_pretrained`` sets on whatever
+    it loaded. So the flags are cleared first. tests/test_compat.py fails once ``_init_weights`` is renamed
+    or the flag is no longer honoured.
+    """
+    for parameter in module.parameters():
+        if hasattr(parameter, "_is_hf_initialized"):
+            parameter._is_hf_initialized = False
+    module._is_hf_initialized = False
+    model._init_weights(module)
+
+
 # --- accelerate -------------------------------------------------------------------------------------------
+
+
+def replace_prepared_model(accelerator, old, new) -> None:
+    """Put ``new`` in place of ``old`` among the models ``accelerator`` has prepared.
+
+    Checked on accelerate 1.15. After a DDP re-wrap (``gradual``) the accelerator must not keep the retired
+    wrapper: its list of prepared models (``_models``) is what ``save_state`` / ``load_state`` and the FSDP
+    path of ``clip_grad_norm_`` walk, and holding the old wrapper keeps its gradient buckets alive. The
+    public API has no swap: ``prepare_model`` would wrap the model again and patch its forward a second time
+    for mixed precision, and ``free_memory`` forgets the optimizers and dataloaders too.
+    tests/test_compat.py fails once ``Accelerator._models`` stops being that list.
+    """
+    accelerator._models = [new if m is old else m for m in accelerator._models]
+
 
 # --- huggingface_hub --------------------------------------------------------------------------------------
 
@@ -58,3 +120,47 @@ def dataset_in_cache(dataset_name: str, config_name: str | None, cache_dir: str 
     except (ValueError, OSError, KeyError):  # ValueError: "Couldn't find cache for ..."
         return False
     return True
+
+
+# --- timm -------------------------------------------------------------------------------------------------
+
+
+def timm_match_prev_group() -> tuple[int, ...]:
+    """The suffix with which timm's group matchers attach a part (the final norm) to the previous group.
+
+    Checked on timm 1.0.31: ``MATCH_PREV_GROUP`` lives only in the private ``timm.models._manipulate`` (not in
+    ``timm.models``' exports), and ``models.architectures`` needs it to keep the final norm a group of its
+    own. tests/test_compat.py fails once timm exports it (then import it from ``timm.models``) or moves it.
+    """
+    from timm.models._manipulate import MATCH_PREV_GROUP
+
+    return MATCH_PREV_GROUP
+
+
+# --- peft -------------------------------------------------------------------------------------------------
+
+
+def expose_lora_conv_attributes(model) -> None:
+    """Give each LoRA-wrapped convolution of ``model`` its base convolution's geometry attributes.
+
+    Checked on peft 0.21: its LoRA ``Conv2d`` wrapper does not forward ``stride``, ``padding``, ... to the
+    layer it wraps, and modelling code may read them from the module it calls (transformers' MobileNetV2
+    computes TensorFlow "SAME" padding from ``self.convolution.stride``). tests/test_compat.py fails once
+    peft's wrapper has them itself.
+    """
+    from torch import nn
+
+    for module in model.modules():
+        base = module.get_base_layer() if hasattr(module, "lora_A") else None
+        if isinstance(base, nn.Conv2d):
+            for attr in (
+                "in_channels",
+                "out_channels",
+                "kernel_size",
+                "stride",
+                "padding",
+                "dilation",
+                "groups",
+            ):
+                if not hasattr(module, attr):
+                    setattr(module, attr, getattr(base, attr))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 # --- argparse ---------------------------------------------------------------------------------------------
 
 
@@ -30,9 +32,93 @@ def test_option_destinations_reads_argparse_option_map():
 
 # --- torch ------------------------------------------------------------------------------------------------
 
+
+def test_a_retired_ddp_wrapper_still_needs_its_private_hook_removal():
+    """torch 2.14.1: no public call detaches a DDP reducer from its parameters; the private one still exists.
+
+    The re-wrap itself runs in the two-process `gradual` tests (test_strategies.py, slow)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    method = getattr(DistributedDataParallel, "_remove_autograd_hooks", None)
+    assert callable(method) and list(inspect.signature(method).parameters) == ["self"]
+    assert not any(
+        hasattr(DistributedDataParallel, name) for name in ("remove_autograd_hooks", "detach_reducer")
+    )
+
+
+def test_schedulers_fail_on_groups_added_later_so_extend_scheduler_is_needed():
+    """torch 2.14.1: a scheduler's step fails on an optimizer group added after it, unless its lists are extended."""
+    import torch
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from hf_finetune.compat import extend_scheduler
+
+    def rates(extend: bool):
+        first, later = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.SGD([first], lr=1.0)
+        scheduler = LambdaLR(optimizer, lambda step: 0.5**step)
+        assert isinstance(scheduler._last_lr, list) and scheduler.base_lrs == [1.0]
+        optimizer.step()
+        scheduler.step()  # group 0 at 0.5
+        optimizer.add_param_group({"params": [later], "lr": 0.5, "initial_lr": 1.0})
+        if extend:
+            extend_scheduler(scheduler, 1.0, 0.5)
+            assert scheduler.get_last_lr() == [0.5, 0.5]
+        optimizer.step()
+        scheduler.step()
+        return [group["lr"] for group in optimizer.param_groups]
+
+    with pytest.raises(ValueError, match="shorter"):  # upstream: zip(param_groups, rates, strict=True)
+        rates(extend=False)
+    assert rates(extend=True) == [0.25, 0.25]
+
+
 # --- transformers -----------------------------------------------------------------------------------------
 
+
+def test_init_weights_skips_what_from_pretrained_marked_so_the_flags_are_cleared():
+    """transformers 5.24: `_init_weights` leaves tensors flagged `_is_hf_initialized` as they are."""
+    import torch
+    from transformers import AutoModelForImageClassification
+
+    from hf_finetune.compat import init_module_like_family
+    from hf_finetune.testing.tiny import tiny_config
+
+    model = AutoModelForImageClassification.from_config(tiny_config("vit", ["a", "b", "c"]))
+    head = model.classifier
+    with torch.no_grad():
+        head.weight.fill_(1.0)
+        head.bias.fill_(1.0)
+    for tensor in (head, head.weight, head.bias):
+        tensor._is_hf_initialized = True  # as from_pretrained marks what it loaded
+    model._init_weights(head)
+    assert torch.all(head.weight == 1.0) and torch.all(head.bias == 1.0)  # upstream: skipped
+
+    init_module_like_family(model, head)
+    assert torch.all(head.bias == 0.0)
+    std = model.config.initializer_range  # ViT's own scheme: normal(0, initializer_range)
+    assert 0.5 * std < head.weight.std().item() < 2 * std
+
+
 # --- accelerate -------------------------------------------------------------------------------------------
+
+
+def test_the_accelerators_prepared_models_are_still_its_private_list():
+    """accelerate 1.15: prepared models are kept in `Accelerator._models`, which has no public swap."""
+    from accelerate import Accelerator
+    from torch import nn
+
+    from hf_finetune.compat import replace_prepared_model
+
+    accelerator = Accelerator(cpu=True)
+    prepared = accelerator.prepare_model(nn.Linear(2, 2))
+    assert isinstance(accelerator._models, list) and any(m is prepared for m in accelerator._models)
+    new = nn.Linear(2, 2)
+    replace_prepared_model(accelerator, prepared, new)
+    assert accelerator._models[-1] is new and not any(m is prepared for m in accelerator._models)
+
 
 # --- huggingface_hub --------------------------------------------------------------------------------------
 
@@ -59,3 +145,40 @@ def test_datasets_cache_lookup_is_still_the_private_one_load_dataset_uses(tmp_pa
     assert dataset_in_cache("someone/digits", None, str(tmp_path)) is True
     assert dataset_in_cache("someone/digits", "other", str(tmp_path)) is False
     assert dataset_in_cache("someone/other", None, str(tmp_path)) is False
+
+
+# --- timm -------------------------------------------------------------------------------------------------
+
+
+def test_timm_keeps_match_prev_group_private():
+    """timm 1.0.31: MATCH_PREV_GROUP is only in timm.models._manipulate; once exported, import it publicly."""
+    import timm.models
+
+    from hf_finetune.compat import timm_match_prev_group
+
+    assert timm_match_prev_group() == (99999,)
+    assert not hasattr(timm.models, "MATCH_PREV_GROUP")
+
+
+# --- peft -------------------------------------------------------------------------------------------------
+
+
+def test_peft_lora_convolutions_still_hide_their_geometry():
+    """peft 0.21: a LoRA-wrapped Conv2d has no `stride` / `padding` of its own until they are exposed."""
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    from hf_finetune.compat import expose_lora_conv_attributes
+
+    model = nn.Sequential()
+    model.add_module("conv", nn.Conv2d(3, 4, 3, stride=2, padding=1))
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["conv"]))
+    adapted = next(m for m in wrapped.modules() if hasattr(m, "lora_A"))
+    assert not hasattr(adapted, "stride") and not hasattr(adapted, "padding")  # upstream: not forwarded
+    expose_lora_conv_attributes(wrapped)
+    assert (adapted.stride, adapted.padding, adapted.kernel_size, adapted.groups) == (
+        (2, 2),
+        (1, 1),
+        (3, 3),
+        1,
+    )

@@ -133,13 +133,14 @@ _LAYOUTS: dict[str, _Layout] = {
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_LAYOUTS)
 
 
-def _model_type(model: nn.Module) -> str:
+def model_type(model: nn.Module) -> str:
+    """The family name: ``config.model_type`` (``vit``, ``timm_wrapper``...), else the class name."""
     config = getattr(model, "config", None)
     return getattr(config, "model_type", None) or type(model).__name__
 
 
-def _base_prefix(model: nn.Module) -> str:
-    """``"vit."`` for ViTForImageClassification, ``""`` when ``model`` is the base model itself."""
+def base_prefix(model: nn.Module) -> str:
+    """``"vit."`` for ViTForImageClassification, ``""`` when ``model`` is the base model itself (or has none)."""
     from torch import nn
 
     prefix = getattr(model, "base_model_prefix", "")
@@ -148,7 +149,7 @@ def _base_prefix(model: nn.Module) -> str:
 
 
 def _top_level_modules(model: nn.Module) -> list[str]:
-    prefix = _base_prefix(model)
+    prefix = base_prefix(model)
     names = []
     for name, child in model.named_children():
         if prefix and name + "." == prefix:
@@ -182,8 +183,10 @@ def collapse_to_modules(model: nn.Module, names: set[str]) -> list[str]:
     return [p for p in total if p in full and p.rpartition(".")[0] not in full]
 
 
-def is_timm_model(model: nn.Module) -> bool:
-    return _model_type(model) == "timm_wrapper" and hasattr(model, "timm_model")
+def is_timm_model(model_or_config) -> bool:
+    """A timm checkpoint, loaded through transformers' TimmWrapper (a model or its config)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "model_type", None) == "timm_wrapper"
 
 
 # group_with_matcher merges a match spec ending in MATCH_PREV_GROUP (99999: the final norm of most timm models)
@@ -192,12 +195,13 @@ _OWN_GROUP = (99998,)
 
 
 def _separate_final_norm(matcher):
-    from timm.models._manipulate import MATCH_PREV_GROUP
+    from hf_finetune.compat import timm_match_prev_group
 
     if not isinstance(matcher, dict):
         return matcher
+    match_prev_group = timm_match_prev_group()
     return {
-        name: [(regex, _OWN_GROUP if suffix == MATCH_PREV_GROUP else suffix) for regex, suffix in spec]
+        name: [(regex, _OWN_GROUP if suffix == match_prev_group else suffix) for regex, suffix in spec]
         if isinstance(spec, (list, tuple))
         else spec
         for name, spec in matcher.items()
@@ -269,22 +273,22 @@ def block_map(model: nn.Module) -> BlockMap:
     Raises :class:`UserError` for a model type this module does not know, or whose modules do not match
     what it expects (every parameter must fall in exactly one group).
     """
-    model_type = _model_type(model)
+    family = model_type(model)
     if is_timm_model(model):
         mapped = _timm_block_map(model)
-        _check_complete(model, mapped, model_type)
+        _check_complete(model, mapped, family)
         return mapped
-    layout = _LAYOUTS.get(model_type)
+    layout = _LAYOUTS.get(family)
     if layout is None:
         raise _use_regexes_instead(
             model,
-            f"hf-finetune has no block map for model type {model_type!r} (it knows "
+            f"hf-finetune has no block map for model type {family!r} (it knows "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}), so it cannot tell that model's embeddings, blocks and "
             "head apart for strategies that work block by block.",
         )
 
     modules = dict(model.named_modules())
-    prefix = _base_prefix(model)
+    prefix = base_prefix(model)
 
     def present(candidates: tuple[str, ...], base: str) -> tuple[str, ...]:
         return tuple(base + name for name in candidates if base + name in modules)
@@ -293,7 +297,7 @@ def block_map(model: nn.Module) -> BlockMap:
     if not containers:
         raise _use_regexes_instead(
             model,
-            f"The {model_type!r} model has none of the block containers hf-finetune expects "
+            f"The {family!r} model has none of the block containers hf-finetune expects "
             f"({', '.join(prefix + c for c in layout.blocks)}); this transformers version may have renamed them.",
         )
     container = containers[0]
@@ -304,11 +308,11 @@ def block_map(model: nn.Module) -> BlockMap:
         head=present(layout.head, ""),
     )
 
-    _check_complete(model, mapped, model_type)
+    _check_complete(model, mapped, family)
     return mapped
 
 
-def _check_complete(model: nn.Module, mapped: BlockMap, model_type: str) -> None:
+def _check_complete(model: nn.Module, mapped: BlockMap, family: str) -> None:
     """Every parameter in exactly one group, and at least two blocks; else a UserError."""
     unmapped = []
     for name, _ in model.named_parameters():
@@ -324,7 +328,7 @@ def _check_complete(model: nn.Module, mapped: BlockMap, model_type: str) -> None
         )
         raise _use_regexes_instead(
             model,
-            f"The {model_type!r} model does not have the structure hf-finetune expects: {problem}.",
+            f"The {family!r} model does not have the structure hf-finetune expects: {problem}.",
         )
 
 
@@ -332,9 +336,9 @@ def _head_linear(model: nn.Module) -> nn.Linear:
     """The Linear layer whose input is the pooled feature vector: the first one inside the head."""
     from torch import nn
 
-    model_type = _model_type(model)
+    family = model_type(model)
     modules = dict(model.named_modules())
-    layout = _LAYOUTS.get(model_type)
+    layout = _LAYOUTS.get(family)
     if is_timm_model(model):
         classifier = model.timm_model.get_classifier()
         head_names = [name for name, module in modules.items() if module is classifier]
@@ -342,7 +346,7 @@ def _head_linear(model: nn.Module) -> nn.Linear:
         head_names = [name for name in layout.head if name in modules]
     else:
         # Unknown families still get the feature path: the head is whatever sits beside the base model.
-        prefix = _base_prefix(model)
+        prefix = base_prefix(model)
         head_names = [name for name, _ in model.named_children() if name + "." != prefix] if prefix else []
     for name in head_names:
         # ResNet/RegNet heads are Sequential(Flatten, Linear): hooking the Linear sees flat features.
@@ -350,7 +354,7 @@ def _head_linear(model: nn.Module) -> nn.Linear:
             if isinstance(module, nn.Linear):
                 return module
     raise UserError(
-        f"The {model_type!r} model has no identifiable classification head (a Linear layer beside the base "
+        f"The {family!r} model has no identifiable classification head (a Linear layer beside the base "
         "model), so its pooled features cannot be located. Load it with AutoModelForImageClassification "
         "and at least one label."
     )
@@ -415,7 +419,7 @@ def classifier_input(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tens
         features = features.reshape(features.shape[0], -1)
     if features.ndim != 2:
         raise UserError(
-            f"The {_model_type(model)!r} model's head sees features of shape {tuple(features.shape)}, not one "
+            f"The {model_type(model)!r} model's head sees features of shape {tuple(features.shape)}, not one "
             "vector per image, so its pooled features cannot be used for the feature path."
         )
     # Inference tensors cannot be saved for backward; a plain copy lets callers fit heads on them.

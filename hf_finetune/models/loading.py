@@ -16,6 +16,7 @@ from pathlib import Path
 from hf_finetune.config import ModelArguments
 from hf_finetune.errors import UserError
 from hf_finetune.hub import check_hub_repo, offline, warn_if_local_shadows
+from hf_finetune.models.architectures import base_prefix, is_timm_model
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,27 @@ def _load_error(name: str, revision: str, err: Exception) -> UserError:
     )
 
 
+def _from_pretrained(auto_class, model_args: ModelArguments, **kwargs):
+    """``auto_class.from_pretrained`` of the checkpoint at its revision; a failure is one clear UserError."""
+    try:
+        return auto_class.from_pretrained(
+            model_args.model_name_or_path,
+            revision=model_args.model_revision,
+            cache_dir=model_args.cache_dir,
+            trust_remote_code=model_args.trust_remote_code,
+            **kwargs,
+        )
+    except (OSError, ValueError) as err:
+        # Loading weights with safetensors required fails on a folder that holds only pickles: say why.
+        if kwargs.get("use_safetensors") and _has_only_pickle_weights(model_args.model_name_or_path):
+            raise UserError(
+                f"Checkpoint `{model_args.model_name_or_path}` has only pickle-based weights (pytorch_model.bin), "
+                "and reading a pickle can run arbitrary code. Convert it to safetensors, or, if you trust its "
+                "source, set allow_pickle_weights: true."
+            ) from None
+        raise _load_error(model_args.model_name_or_path, model_args.model_revision, err) from None
+
+
 def load_config(model_args: ModelArguments):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
@@ -61,15 +83,7 @@ def load_config(model_args: ModelArguments):
         "point --model_name_or_path at a local folder written by save_pretrained.",
         cache_dir=model_args.cache_dir,
     )
-    try:
-        config = AutoConfig.from_pretrained(
-            model_args.model_name_or_path,
-            revision=model_args.model_revision,
-            cache_dir=model_args.cache_dir,
-            trust_remote_code=model_args.trust_remote_code,
-        )
-    except (OSError, ValueError) as err:
-        raise _load_error(model_args.model_name_or_path, model_args.model_revision, err) from None
+    config = _from_pretrained(AutoConfig, model_args)
     drop_timm_num_classes_arg(config)
     custom = bool(getattr(config, "auto_map", None)) and model_args.trust_remote_code
     if config.model_type not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES and not custom:
@@ -81,12 +95,6 @@ def load_config(model_args: ModelArguments):
     return config
 
 
-def is_timm(model_or_config) -> bool:
-    """A timm checkpoint, loaded through transformers' TimmWrapper (config or model)."""
-    config = getattr(model_or_config, "config", model_or_config)
-    return getattr(config, "model_type", None) == "timm_wrapper"
-
-
 def drop_timm_num_classes_arg(config) -> None:
     """Remove `num_classes` from a timm config's `model_args`; the root `num_classes` (num_labels) stays.
 
@@ -96,7 +104,7 @@ def drop_timm_num_classes_arg(config) -> None:
     multiple values for keyword argument 'num_classes'". Dropping it also keeps the saved output loadable by
     `pipeline()`. tests/test_timm.py tells when transformers no longer needs it.
     """
-    model_args = getattr(config, "model_args", None) if is_timm(config) else None
+    model_args = getattr(config, "model_args", None) if is_timm_model(config) else None
     if model_args and "num_classes" in model_args:
         config.model_args = {k: v for k, v in model_args.items() if k != "num_classes"}
 
@@ -113,15 +121,7 @@ def _has_only_pickle_weights(name: str) -> bool:
 def load_image_processor(model_args: ModelArguments):
     from transformers import AutoImageProcessor
 
-    try:
-        return AutoImageProcessor.from_pretrained(
-            model_args.model_name_or_path,
-            revision=model_args.model_revision,
-            cache_dir=model_args.cache_dir,
-            trust_remote_code=model_args.trust_remote_code,
-        )
-    except (OSError, ValueError) as err:
-        raise _load_error(model_args.model_name_or_path, model_args.model_revision, err) from None
+    return _from_pretrained(AutoImageProcessor, model_args)
 
 
 def checkpoint_labels(config) -> list[str]:
@@ -137,7 +137,7 @@ def head_linears(model, num_labels: int) -> dict[str, object]:
     """
     import torch
 
-    if is_timm(model):
+    if is_timm_model(model):
         classifier = model.timm_model.get_classifier()
         inside = {id(m) for m in classifier.modules()}
         return {
@@ -147,13 +147,13 @@ def head_linears(model, num_labels: int) -> dict[str, object]:
             and isinstance(module, torch.nn.Linear)
             and module.out_features == num_labels
         }
-    prefix = model.base_model_prefix
+    prefix = base_prefix(model)  # "vit." (or "" when the model is a base model: then no Linear is inside it)
     return {
         name: module
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear)
         and module.out_features == num_labels
-        and not (name == prefix or name.startswith(prefix + "."))
+        and not (prefix and (name + "." == prefix or name.startswith(prefix)))
     }
 
 
@@ -168,18 +168,17 @@ def reinitialise_head(model, num_labels: int) -> list[str]:
     """
     import torch
 
+    from hf_finetune.compat import init_module_like_family
+
     names = []
     with torch.no_grad():
         for name, module in head_linears(model, num_labels).items():
             before = module.weight.detach().clone()
-            for parameter in module.parameters():
-                # transformers skips modules it has marked as initialised from the checkpoint.
-                if hasattr(parameter, "_is_hf_initialized"):
-                    parameter._is_hf_initialized = False
-            module._is_hf_initialized = False
-            if not is_timm(model):
-                model._init_weights(module)
-            if is_timm(model) or torch.equal(module.weight, before):  # the family defines nothing for Linear
+            if not is_timm_model(model):
+                init_module_like_family(model, module)
+            if is_timm_model(model) or torch.equal(
+                module.weight, before
+            ):  # the family defines nothing for Linear
                 module.reset_parameters()
             names.append(f"{name}.weight")
             if module.bias is not None:
@@ -196,7 +195,7 @@ def set_labels(config, labels: list[str]) -> None:
     """
     config.id2label = dict(enumerate(labels))
     config.label2id = {label: i for i, label in enumerate(labels)}
-    if is_timm(config):
+    if is_timm_model(config):
         config.label_names = list(labels)
         for key in ("label_descriptions", "label_offset"):
             if hasattr(config, key):
@@ -240,26 +239,15 @@ def load_model(model_args: ModelArguments, labels: list[str], config=None):
     if not same:
         # Set on the config object itself: with `config=` given, from_pretrained does not apply label kwargs.
         set_labels(config, labels)
-    try:
-        model, info = AutoModelForImageClassification.from_pretrained(
-            model_args.model_name_or_path,
-            config=config,
-            revision=model_args.model_revision,
-            cache_dir=model_args.cache_dir,
-            trust_remote_code=model_args.trust_remote_code,
-            dtype=torch.float32,  # master weights stay fp32; mixed precision is the Trainer's business
-            use_safetensors=None if model_args.allow_pickle_weights else True,
-            output_loading_info=True,
-            ignore_mismatched_sizes=not same,
-        )
-    except (OSError, ValueError) as err:
-        if not model_args.allow_pickle_weights and _has_only_pickle_weights(model_args.model_name_or_path):
-            raise UserError(
-                f"Checkpoint `{model_args.model_name_or_path}` has only pickle-based weights (pytorch_model.bin), "
-                "and reading a pickle can run arbitrary code. Convert it to safetensors, or, if you trust its "
-                "source, set allow_pickle_weights: true."
-            ) from None
-        raise _load_error(model_args.model_name_or_path, model_args.model_revision, err) from None
+    model, info = _from_pretrained(
+        AutoModelForImageClassification,
+        model_args,
+        config=config,
+        dtype=torch.float32,  # master weights stay fp32; mixed precision is the Trainer's business
+        use_safetensors=None if model_args.allow_pickle_weights else True,
+        output_loading_info=True,
+        ignore_mismatched_sizes=not same,
+    )
     if same:
         report = LoadReport(kept_head=True, checkpoint_labels=old_labels)
         logger.info(
