@@ -6,7 +6,7 @@
 Target: a `head` step takes at most 0.5 x the time of a `full` step, and its peak memory is lower. Printed
 with PASS/MISS, never asserted.
 
-What is compared: one model per strategy, frozen by `hf_finetune.strategies.core.prepare_strategy` exactly as a
+What is compared: one model per strategy, frozen by `hf_finetune.strategies.plan.prepare_strategy` exactly as a
 run freezes it (requires_grad, BatchNorm hooks) and optimised by AdamW over the strategy's own parameter
 groups (`FreezingPlan.param_groups`, what the Trainer gets). A step is forward + cross-entropy + backward +
 AdamW step + zero_grad on one fixed batch in train mode; data loading is left out, so the figure is the
@@ -62,7 +62,9 @@ def build(config_name: str, strategy: str):
     import torch
     from transformers import AutoModelForImageClassification, Trainer
 
-    from hf_finetune.strategies.core import StrategyArguments, prepare_strategy
+    from hf_finetune.strategies.arguments import StrategyArguments
+    from hf_finetune.strategies.param_groups import GroupSettings, param_groups
+    from hf_finetune.strategies.plan import prepare_strategy
     from hf_finetune.testing.tiny import tiny_config
 
     spec = CONFIGS[config_name]
@@ -79,7 +81,7 @@ def build(config_name: str, strategy: str):
         model, StrategyArguments(strategy=strategy), example_inputs={"pixel_values": pixels}
     )
     decay = Trainer.get_decay_parameter_names(None, model)  # the Trainer's own weight-decay split
-    groups = plan.param_groups(model, plan.trainable_at(0), 1e-3, 0.05, decay)
+    groups = param_groups(plan, model, plan.trainable_at(0), GroupSettings(1e-3, 0.05, frozenset(decay)))
     optimizer = torch.optim.AdamW(groups)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

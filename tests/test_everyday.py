@@ -189,7 +189,7 @@ def test_integer_labels_from_csv_end_to_end_with_probe(tmp_path, small_digits_fo
     """Class ids 1..3 in CSV files (as Flowers-102 numbers its classes), through `training.run` with
     `strategy: probe`: names, per-row labels and per-class support in the report are the files' own."""
     from hf_finetune.config import FinetuneTrainingArguments, ModelArguments
-    from hf_finetune.strategies.core import StrategyArguments
+    from hf_finetune.strategies.arguments import StrategyArguments
     from hf_finetune.train.run import run
 
     ids = {"zero": 1, "one": 2, "two": 3}
@@ -225,7 +225,7 @@ def test_integer_labels_from_csv_end_to_end_with_probe(tmp_path, small_digits_fo
 def test_strategy_probe_parses_in_every_entry_point(tmp_path):
     from hf_finetune.commands.compare import parse_compare_args
     from hf_finetune.probe.fit import ProbeArguments
-    from hf_finetune.strategies.core import StrategyArguments
+    from hf_finetune.strategies.arguments import StrategyArguments
 
     parsed = parse_train_args(["--model_name_or_path", "x", "--strategy", "probe", "--classifier", "knn"])
     assert isinstance(parsed[2], ProbeArguments) and parsed[2].classifier == "knn"

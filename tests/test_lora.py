@@ -26,8 +26,11 @@ from transformers import AutoModelForImageClassification
 from hf_finetune.commands.cli import parse_train_args
 from hf_finetune.errors import UserError
 from hf_finetune.models.architectures import block_map
-from hf_finetune.strategies.core import STRATEGIES, STRATEGY_SUMMARY, StrategyArguments, plan_strategy
-from hf_finetune.strategies.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_lora, is_adapter_parameter
+from hf_finetune.strategies.arguments import StrategyArguments
+from hf_finetune.strategies.lora import apply_lora, is_adapter_parameter
+from hf_finetune.strategies.lora_outputs import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from hf_finetune.strategies.plan import plan_strategy
+from hf_finetune.strategies.registry import STRATEGIES, STRATEGY_SUMMARY
 from hf_finetune.testing.tiny import TINY_ARCHITECTURES, build_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent

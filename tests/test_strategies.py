@@ -24,15 +24,11 @@ from transformers import AutoModelForImageClassification
 from hf_finetune.commands.cli import parse_train_args
 from hf_finetune.errors import UserError
 from hf_finetune.models.architectures import block_map
-from hf_finetune.strategies.core import (
-    STRATEGIES,
-    STRATEGY_SUMMARY,
-    StrategyArguments,
-    gradual_units,
-    llrd_depth,
-    plan_strategy,
-    prepare_strategy,
-)
+from hf_finetune.strategies.arguments import StrategyArguments
+from hf_finetune.strategies.blockwise import gradual_units, llrd_depth
+from hf_finetune.strategies.param_groups import GroupSettings, param_groups
+from hf_finetune.strategies.plan import batchnorm_classes, plan_strategy, prepare_strategy
+from hf_finetune.strategies.registry import STRATEGIES, STRATEGY_SUMMARY
 from hf_finetune.testing.tiny import TINY_ARCHITECTURES, build_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -377,10 +373,26 @@ def test_train_and_freeze_modules_combine_with_strategies(checkpoints):
     ) == {n for n in names if n in ("classifier.weight", "vit.layernorm.weight")}
 
 
+def test_the_plan_knows_every_batchnorm_class_of_torch():
+    """The plan names torch's BatchNorm classes publicly; a new one in torch fails here, not silently."""
+    import torch.nn.modules as torch_modules
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    torch_own = {c for c in subclasses(_BatchNorm) if c.__module__.startswith(torch_modules.__name__)}
+    assert torch_own and all(issubclass(c, batchnorm_classes()) for c in torch_own)
+
+
 def test_head_lr_multiplier_scales_only_the_head(checkpoints):
     model = AutoModelForImageClassification.from_pretrained(checkpoints("convnext"))
     plan = plan_strategy(model, StrategyArguments(strategy="last_n", head_lr_multiplier=10))
-    groups = plan.param_groups(model, plan.trainable_at(0), 1e-3, 0.05, {"classifier.weight"})
+    groups = param_groups(
+        plan, model, plan.trainable_at(0), GroupSettings(1e-3, 0.05, frozenset({"classifier.weight"}))
+    )
     rates = {g["group_name"]: g["lr"] for g in groups}
     assert rates["head/decay"] == pytest.approx(1e-2) and rates["head/no_decay"] == pytest.approx(1e-2)
     assert {r for name, r in rates.items() if not name.startswith("head")} == {1e-3}

@@ -97,7 +97,7 @@ def parse_train_args(
         from hf_finetune.probe.fit import parse_probe_args
 
         return parse_probe_args(argv, prog, default_config=default_config)
-    from hf_finetune.strategies.core import StrategyArguments
+    from hf_finetune.strategies.arguments import StrategyArguments
 
     return parse_args(
         (ModelArguments, DataArguments, StrategyArguments, FinetuneTrainingArguments),

@@ -100,7 +100,7 @@ def parse_compare_args(
     from hf_finetune.config import DataArguments, FinetuneTrainingArguments, ModelArguments
     from hf_finetune.config_loading import parse_args
     from hf_finetune.probe.fit import ProbeArguments
-    from hf_finetune.strategies.core import StrategyArguments
+    from hf_finetune.strategies.arguments import StrategyArguments
 
     types = (ModelArguments, DataArguments, StrategyArguments, ProbeArguments, CompareArguments)
     return parse_args((*types, FinetuneTrainingArguments), argv, prog=prog, default_config=default_config)

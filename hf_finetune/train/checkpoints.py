@@ -97,7 +97,8 @@ class CheckpointLoadingMixin:
         )
 
     def _loads_adapter(self, model, checkpoint_dir) -> bool:
-        from hf_finetune.strategies.lora import has_adapter_checkpoint, is_peft_model
+        from hf_finetune.strategies.lora import is_peft_model
+        from hf_finetune.strategies.lora_outputs import has_adapter_checkpoint
 
         return (
             is_peft_model(model)
@@ -107,7 +108,7 @@ class CheckpointLoadingMixin:
         )
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        from hf_finetune.strategies.lora import load_adapter_checkpoint
+        from hf_finetune.strategies.lora_outputs import load_adapter_checkpoint
 
         wait_for_every_process()
         target = model if model is not None else self.model
@@ -122,7 +123,7 @@ class CheckpointLoadingMixin:
         return None
 
     def _load_best_model(self):
-        from hf_finetune.strategies.lora import load_adapter_checkpoint
+        from hf_finetune.strategies.lora_outputs import load_adapter_checkpoint
 
         wait_for_every_process()  # the best checkpoint may be the one just written
         best = self.state.best_model_checkpoint

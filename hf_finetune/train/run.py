@@ -35,7 +35,7 @@ def build_trainer(
     from transformers import EarlyStoppingCallback, Trainer
 
     from hf_finetune.data.transforms import Collator
-    from hf_finetune.strategies.core import strategy_trainer_class
+    from hf_finetune.strategies.trainer import strategy_trainer_class
     from hf_finetune.train.checkpoints import CheckpointLoadingMixin, CompleteCheckpointCallback
     from hf_finetune.train.metrics import ComputeMetrics
     from hf_finetune.train.resume import AugmentationEpochCallback, StepSeedCallback
@@ -128,7 +128,7 @@ def prepare_trainer(model_args, data_args, training_args, strategy_args, dataset
     from hf_finetune.data.prepare import prepare_data
     from hf_finetune.data.transforms import attach_transforms, collate, decode_sizes
     from hf_finetune.models.loading import load_config, load_image_processor, load_model
-    from hf_finetune.strategies.core import prepare_strategy, wrap_for_strategy
+    from hf_finetune.strategies.plan import prepare_strategy, wrap_for_strategy
     from hf_finetune.train.speed import apply_channels_last, log_input_pipeline
 
     # Checkpoint first: a wrong id fails in seconds, before any data is read.
@@ -190,7 +190,8 @@ def run(
     """
     from transformers import set_seed
 
-    from hf_finetune.strategies.core import FEATURE_STRATEGY, STRATEGY_SUMMARY, StrategyArguments
+    from hf_finetune.strategies.arguments import StrategyArguments
+    from hf_finetune.strategies.registry import FEATURE_STRATEGY, STRATEGY_SUMMARY
     from hf_finetune.train.checkpoints import last_complete_checkpoint
     from hf_finetune.train.resume import ResumeReport
 
@@ -261,7 +262,7 @@ def run(
         # Again after training: the optimizer's real groups and, for gradual, the schedule as it happened.
         atomic.write_json(output_dir / STRATEGY_SUMMARY, trainer.strategy_summary())
     if strategy_args.strategy == "lora":
-        from hf_finetune.strategies.lora import save_lora_outputs
+        from hf_finetune.strategies.lora_outputs import save_lora_outputs
 
         save_lora_outputs(trainer, output_dir, merge=strategy_args.lora_merge)
     else:
@@ -335,7 +336,7 @@ def write_card(
     settings = card.non_default_settings(strategy_args) if strategy_args is not None else {}
     sections = [reports]
     if strategy == "lora":
-        from hf_finetune.strategies.lora import card_section
+        from hf_finetune.strategies.lora_outputs import card_section
 
         lora = card_section(
             output_dir,

@@ -1,0 +1,139 @@
+"""The strategy settings (``StrategyArguments``): which parameters train, when, and at which learning rate.
+
+Importing this module registers every strategy (``blockwise`` and ``lora`` register themselves on import),
+so that the ``strategy`` help and the check of its value know every name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+
+# Imported for their registration; the help below is built from the filled registry.
+import hf_finetune.strategies.blockwise  # noqa: F401
+import hf_finetune.strategies.lora  # noqa: F401
+from hf_finetune.errors import UserError
+from hf_finetune.strategies.registry import FEATURE_STRATEGY, FEATURE_STRATEGY_DESCRIPTION, STRATEGIES
+
+
+@dataclass
+class StrategyArguments:
+    """Which parameters train, when, and at which learning rate (see hf_finetune.strategies.registry)."""
+
+    strategy: str = field(
+        default="full",
+        # Built from the registry, so the help lists every registered strategy.
+        metadata={
+            "help": "What trains. "
+            + "; ".join(f"{s.name}: {s.description}" for s in STRATEGIES.values())
+            + f"; {FEATURE_STRATEGY}: {FEATURE_STRATEGY_DESCRIPTION}"
+        },
+    )
+    unfreeze_last_n: int = field(
+        default=2, metadata={"help": "last_n: how many of the top blocks train (0 = head + final norm)."}
+    )
+    unfreeze_every: int = field(default=1, metadata={"help": "gradual: epochs between two unfreezing steps."})
+    layer_decay: float = field(
+        default=0.75,
+        metadata={"help": "llrd: learning-rate factor per block group from the head down, in (0, 1]."},
+    )
+    head_lr_multiplier: float = field(
+        default=1.0,
+        metadata={
+            "help": "The head's learning rate relative to `learning_rate`, in every strategy (e.g. 10 with "
+            "last_n or gradual to let the new head catch up)."
+        },
+    )
+    freeze_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Regular expressions searched in parameter names: matches never train (wins over "
+            "everything else)."
+        },
+    )
+    train_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Regular expressions searched in parameter names: matches train from the start. Added "
+            "to what head / last_n / gradual train; with full or llrd, only matches train."
+        },
+    )
+    train_bn: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep BatchNorm weight and bias trainable inside frozen parts (fastai's train_bn); their "
+            "running statistics stay frozen either way."
+        },
+    )
+    lora_r: int = field(default=8, metadata={"help": "lora: rank of each adapter's low-rank update."})
+    lora_alpha: int = field(
+        default=16, metadata={"help": "lora: scale of the update, applied as lora_alpha / lora_r."}
+    )
+    lora_dropout: float = field(
+        default=0.1, metadata={"help": "lora: dropout on the adapters' input while training, in [0, 1)."}
+    )
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "lora: module names or name suffixes that get adapters, as in peft's target_modules (e.g. "
+            "['query', 'value']). Default: the attention projections of ViT / DeiT / BEiT / DINOv2 / Swin, "
+            "the pointwise Linear layers of ConvNeXt, the ungrouped convolutions in the blocks of ResNet / "
+            "RegNet / MobileNetV2 / EfficientNet."
+        },
+    )
+    lora_merge: bool = field(
+        default=True,
+        metadata={
+            "help": "lora: write the merged standalone model to output_dir and the adapter to "
+            "output_dir/adapter; false: output_dir holds the adapter only."
+        },
+    )
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES and self.strategy != FEATURE_STRATEGY:
+            names = [*STRATEGIES, FEATURE_STRATEGY]
+            close = difflib.get_close_matches(str(self.strategy), names, n=1, cutoff=0.5)
+            hint = f" Did you mean `{close[0]}`?" if close else ""
+            raise UserError(
+                f"strategy={self.strategy!r} is not a known strategy.{hint} Valid strategies: "
+                + "; ".join(f"`{s.name}` ({s.description})" for s in STRATEGIES.values())
+                + f"; `{FEATURE_STRATEGY}` ({FEATURE_STRATEGY_DESCRIPTION})."
+            )
+        for name, low in (("unfreeze_last_n", 0), ("unfreeze_every", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise UserError(f"{name}={value!r} must be a whole number >= {low}.")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise UserError(f"layer_decay={self.layer_decay} must be in (0, 1], e.g. 0.75 (BEiT, timm).")
+        if not self.head_lr_multiplier > 0:
+            raise UserError(f"head_lr_multiplier={self.head_lr_multiplier} must be > 0, e.g. 1 or 10.")
+        if not isinstance(self.lora_r, int) or self.lora_r < 1:
+            raise UserError(f"lora_r={self.lora_r!r} must be a whole number >= 1, e.g. 8 or 16.")
+        if not self.lora_alpha > 0:
+            raise UserError(f"lora_alpha={self.lora_alpha} must be > 0, e.g. 16 (twice lora_r is common).")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UserError(f"lora_dropout={self.lora_dropout} must be in [0, 1), e.g. 0.1.")
+        if self.lora_target_modules is not None and (
+            not self.lora_target_modules
+            or not all(isinstance(t, str) and t for t in self.lora_target_modules)
+        ):
+            raise UserError(
+                f"lora_target_modules={self.lora_target_modules!r} must be a non-empty list of module names, "
+                "e.g. ['query', 'value'], or left unset for the defaults."
+            )
+        if self.strategy == "lora" and (self.train_modules or self.train_bn):
+            raise UserError(
+                "strategy `lora` trains the adapters and the head, which is what its adapter file holds; "
+                "train_modules / train_bn would train weights the adapter does not save. Add modules to "
+                "lora_target_modules instead, or use another strategy."
+            )
+        for name in ("freeze_modules", "train_modules"):
+            for pattern in getattr(self, name) or []:
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise UserError(
+                        f"{name} entry {pattern!r} is not a valid regular expression ({err}). Escape dots "
+                        "as `\\.`, e.g. `encoder\\.layer\\.11\\.`."
+                    ) from None

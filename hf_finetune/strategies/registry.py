@@ -1,0 +1,83 @@
+"""What trains, at which learning rate, from which epoch: the registry of gradient-path strategies.
+
+A strategy is a name in :data:`STRATEGIES` (the ``strategy`` setting). It decides, for every block group
+of the architecture (``hf_finetune.models.architectures.block_map``: embeddings, blocks, final norm, head), the
+epoch from which that group trains (or never) and its learning-rate factor:
+
+- ``full`` (default): everything trains.
+- ``head``: only the classifier trains.
+- ``last_n``: the top ``unfreeze_last_n`` blocks, the final norm and the head train.
+- ``gradual``: starts as ``head``; every ``unfreeze_every`` epochs one more block group unfreezes, top down
+  (the final norm together with the top block, the embeddings last), as ULMFiT / fastai do.
+- ``llrd``: everything trains at ``learning_rate x layer_decay ** depth``, depth counted from the head
+  (head and final norm 0, top block 1, ..., embeddings ``num_blocks + 1``), as BEiT / timm's
+  ``--layer-decay`` do.
+- ``lora``: the checkpoint is wrapped in peft LoRA adapters (``hf_finetune.strategies.lora``); only the
+  adapters and the head train, every base weight (and BatchNorm statistic) stays as in the checkpoint.
+
+The first five live in ``blockwise.py``, ``lora`` in ``lora.py``; each registers itself here with
+:func:`register_strategy`, and ``arguments.py`` imports them all so that the settings know every name.
+How a strategy becomes a per-parameter plan is ``plan.py``; the optimizer's groups ``param_groups.py``; the
+Trainer side (unfreezing at epoch starts, DDP re-wrap) ``trainer.py``, ``ddp.py`` and ``callbacks.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from hf_finetune.strategies.arguments import StrategyArguments
+
+# What every gradient-path run writes into output_dir: the plan, its groups and what happened to them.
+STRATEGY_SUMMARY = "strategy_summary.json"
+
+# Not a gradient strategy, so not in STRATEGIES: `train.run` hands it to the frozen-feature path (probe/).
+FEATURE_STRATEGY = "probe"
+FEATURE_STRATEGY_DESCRIPTION = (
+    "nothing trains by gradient: frozen features computed once, a classic classifier on them"
+)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One ``strategy`` value: a plan per block group, in input-to-output order.
+
+    ``plan(groups, args)`` returns ``{group: (start_epoch | None, lr_factor)}``; ``None`` means frozen for
+    the whole run. ``trains_everything`` strategies read ``train_modules`` as a restriction (adding to
+    everything would be a no-op); the others add what it matches to what they train.
+    """
+
+    name: str
+    description: str
+    plan: Callable[[list[str], StrategyArguments], dict[str, tuple[int | None, float]]]
+    needs_block_map: bool = True
+    trains_everything: bool = False
+    # Optional hooks. wrap_model: the model the strategy trains, built from the checkpoint's (lora: wrapped in
+    # adapters). trains_parameter: only parameters it accepts train. details: an extra summary section.
+    wrap_model: Callable[[nn.Module, StrategyArguments], nn.Module] | None = None
+    trains_parameter: Callable[[str], bool] | None = None
+    details: Callable[[nn.Module, StrategyArguments], dict[str, Any]] | None = None
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register_strategy(
+    name: str, description: str, needs_block_map: bool = True, trains_everything=False, **hooks
+):
+    """Decorator adding a plan function to :data:`STRATEGIES` under ``name`` (``hooks``: see :class:`Strategy`)."""
+
+    def add(plan):
+        STRATEGIES[name] = Strategy(name, description, plan, needs_block_map, trains_everything, **hooks)
+        return plan
+
+    return add
+
+
+def head_factor(group: str, args: StrategyArguments) -> float:
+    """The learning-rate factor ``head_lr_multiplier`` gives ``group`` (1 for every group but the head)."""
+    return args.head_lr_multiplier if group == "head" else 1.0
