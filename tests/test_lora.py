@@ -172,6 +172,7 @@ def test_default_targets_per_architecture_and_only_adapters_and_head_train(arch,
             for n, m in modules.items()
             if isinstance(m, nn.Conv2d) and m.groups == 1 and _inside(n, mapped.blocks)
         }
+    head_parameters = [n for n, _ in plain.named_parameters() if _inside(n, mapped.head)]
     args = StrategyArguments(strategy="lora")
     wrapped = apply_lora(plain, args)
     inner = wrapped.get_base_model()
@@ -182,11 +183,51 @@ def test_default_targets_per_architecture_and_only_adapters_and_head_train(arch,
 
     plan = plan_strategy(wrapped, args, {"pixel_values": torch.randn(2, 3, 32, 32)})
     trainable = plan.trainable_at(0)
-    assert trainable == {n for n, _ in wrapped.named_parameters() if is_adapter_parameter(n)}
+    # Exactly the LoRA pair of every expected target and the trainable copy of each head parameter.
+    copies = {
+        f"base_model.model.{h}.modules_to_save.default{n[len(h) :]}"
+        for n in head_parameters
+        for h in mapped.head
+        if _inside(n, [h])
+    }
+    assert len(copies) == len(head_parameters)
+    assert (
+        trainable
+        == {f"base_model.model.{m}.lora_{ab}.default.weight" for m in expected for ab in "AB"} | copies
+    )
     assert any(".lora_A." in n for n in trainable) and any(".modules_to_save." in n for n in trainable)
     # Every BatchNorm keeps its statistics: it belongs to the frozen base model.
     assert all(start is None for start in plan.batchnorms.values())
     assert bool(plan.batchnorms) == (arch in CONVOLUTIONAL)
+
+
+def test_what_trains_in_a_tiny_vit_and_a_timm_vit_by_name(checkpoints):
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    args = StrategyArguments(strategy="lora")
+    vit = apply_lora(AutoModelForImageClassification.from_pretrained(checkpoints("vit")), args)
+    assert plan_strategy(vit, args).trainable_at(0) == {
+        f"base_model.model.vit.layers.{layer}.attention.{projection}.lora_{ab}.default.weight"
+        for layer in (0, 1)
+        for projection in ("q_proj", "k_proj", "v_proj", "o_proj")
+        for ab in "AB"
+    } | {
+        "base_model.model.classifier.modules_to_save.default.weight",
+        "base_model.model.classifier.modules_to_save.default.bias",
+    }
+
+    # timm's test_vit (6 blocks): its fused qkv and proj, and its head.
+    timm_vit = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="test_vit", num_labels=3))
+    timm_vit = apply_lora(timm_vit, args)
+    assert plan_strategy(timm_vit, args).trainable_at(0) == {
+        f"base_model.model.timm_model.blocks.{block}.attn.{projection}.lora_{ab}.default.weight"
+        for block in range(6)
+        for projection in ("qkv", "proj")
+        for ab in "AB"
+    } | {
+        "base_model.model.timm_model.head.modules_to_save.default.weight",
+        "base_model.model.timm_model.head.modules_to_save.default.bias",
+    }
 
 
 class _MysteryNet(nn.Module):
