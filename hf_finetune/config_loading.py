@@ -202,7 +202,9 @@ def parse_args(
 
     dataclass_types = list(dataclass_types)
     known = _field_names(dataclass_types)
-    parser = HfArgumentParser(dataclass_types, prog=prog)
+    # No abbreviations: argparse would take `--learning_rat` for `--learning_rate` without it being counted as
+    # set by the user (so project defaults would not give way to it); a shortened name gets the closest-key hint.
+    parser = HfArgumentParser(dataclass_types, prog=prog, allow_abbrev=False)
     parser.add_argument(
         "--config",
         default=None,

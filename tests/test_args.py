@@ -54,6 +54,13 @@ def test_unknown_cli_flag_names_it_and_the_closest_key():
     assert "train_dri" in str(err.value) and "train_dir" in str(err.value)
 
 
+def test_a_shortened_flag_is_not_taken_for_the_setting():
+    """argparse would read `--learning_rat` as `--learning_rate` (its prefix matching)."""
+    with pytest.raises(UserError) as err:
+        parse_train_args(["--model_name_or_path", "x", "--learning_rat", "0.1"])
+    assert "learning_rat" in str(err.value) and "learning_rate" in str(err.value)
+
+
 def test_missing_checkpoint_and_bad_values_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="model_name_or_path"):
         parse_train_args(["--train_dir", "pics"])
