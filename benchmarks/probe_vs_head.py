@@ -21,7 +21,7 @@ way to run it; both sides end with validation + test evaluation and a saved outp
 
 Each run is a fresh subprocess (interpreter start and imports included: "end to end") with a fresh datasets
 cache and the machine's default dataloader worker count. Backbone forward passes are counted inside each
-subprocess by `hf_finetune.probe.features.count_backbone_forwards` (a global hook on every transformers base model,
+subprocess by `hf_finetune.testing.counters.count_backbone_forwards` (a global hook on every transformers base model,
 independent of the probe's own counter).
 """
 
@@ -48,7 +48,7 @@ TARGET_SPEEDUP = 5.0
 def _side(kind: str, argv: list[str]) -> None:
     import time
 
-    from hf_finetune.probe.features import count_backbone_forwards
+    from hf_finetune.testing.counters import count_backbone_forwards
 
     output_dir = Path(argv[argv.index("--output_dir") + 1])
     if kind == "_head":

@@ -12,7 +12,6 @@ from conftest import digits_dataset
 from hf_finetune.errors import UserError
 from hf_finetune.outputs.reports import CONFUSION_MATRIX, report_file
 from hf_finetune.probe.export import FORMAT_PROBE, FORMAT_TRANSFORMERS
-from hf_finetune.probe.features import count_backbone_forwards
 from hf_finetune.probe.fit import (
     CLASSIFIERS,
     FitInputs,
@@ -24,6 +23,7 @@ from hf_finetune.probe.fit import (
 )
 from hf_finetune.probe.load import load_probe
 from hf_finetune.probe.predictors import Normaliser, Predictor
+from hf_finetune.testing.counters import count_backbone_forwards
 from hf_finetune.testing.tiny import build_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent

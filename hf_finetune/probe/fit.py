@@ -497,14 +497,8 @@ def fit_probe(
     import numpy as np
 
     from hf_finetune.data.prepare import prepare_data
-    from hf_finetune.probe.features import (
-        Backbone,
-        ExtractionReport,
-        FeatureCache,
-        extract_features,
-        forward_passes,
-        split_checkpoints,
-    )
+    from hf_finetune.probe.cache import FeatureCache
+    from hf_finetune.probe.features import Backbone, ExtractionReport, extract_features, split_checkpoints
     from hf_finetune.probe.predictors import Normaliser
     from hf_finetune.train.metrics import classification_metrics
 
@@ -539,7 +533,6 @@ def fit_probe(
     ######################################
     cache = FeatureCache(probe_args.feature_cache_dir)
     device = training_args.device
-    passes_before = forward_passes()
     report = ExtractionReport()
     features = [
         extract_features(
@@ -595,7 +588,7 @@ def fit_probe(
             results[f"{prefix}_samples"] = len(y[split])
     results.update(
         {
-            "backbone_forward_passes": forward_passes() - passes_before,
+            "backbone_forward_passes": sum(f[split].forward_passes for f in features for split in f),
             "feature_cache_hits": sum(e["cache"] == "hit" for e in report.entries),
             "feature_cache_misses": sum(e["cache"] == "miss" for e in report.entries),
             "probe_feature_seconds": round(feature_seconds, 3),
