@@ -49,7 +49,8 @@ TOLERANCE_MIB = 8.0
 # Part 1: forward passes per run
 # --------------------------------------------------------------------------------------------------------
 def forward_passes_per_run() -> list[bool]:
-    from hf_finetune.probe.fit import parse_probe_args, run_probe
+    from hf_finetune.probe.arguments import parse_probe_args
+    from hf_finetune.probe.run import run_probe
     from hf_finetune.testing.counters import count_backbone_forwards
     from hf_finetune.testing.quickstart import build_stand_in_checkpoint, export_digits
 

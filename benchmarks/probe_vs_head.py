@@ -1,4 +1,4 @@
-"""10 epochs of a linear head on cached features (`hf_finetune.probe.fit`, classifier `linear`) against
+"""10 epochs of a linear head on cached features (`hf_finetune.probe.run`, classifier `linear`) against
 `strategy: head` (the same linear head trained through the frozen backbone by the Trainer), same data, same
 checkpoint, same epochs / batch size / learning rate / seed, measured in one invocation.
 
@@ -54,7 +54,8 @@ def _side(kind: str, argv: list[str]) -> None:
     if kind == "_head":
         from hf_finetune.commands.cli import train as side
     else:
-        from hf_finetune.probe.fit import parse_probe_args, run_probe
+        from hf_finetune.probe.arguments import parse_probe_args
+        from hf_finetune.probe.run import run_probe
 
         def side(argv):
             return run_probe(*parse_probe_args(argv, prog="probe_vs_head.py _probe"))
