@@ -12,7 +12,7 @@ Targets (printed with PASS/MISS, never asserted):
   plus that of the input data (its memory-mapped Arrow files, read as in any approach) plus a few MiB.
 
 Part 1 runs the probe in this process on the quickstart digits with the tiny stand-in ViT (and a tiny ResNet
-for fusion), counting backbone forward passes with `hf_finetune.probe.features.count_backbone_forwards` (a global
+for fusion), counting backbone forward passes with `hf_finetune.testing.counters.count_backbone_forwards` (a global
 hook on every transformers base model, independent of the probe's own counter).
 
 Part 2 computes the features of N synthetic 32 px pictures (digits with random shifts and noise, an Arrow
@@ -49,8 +49,9 @@ TOLERANCE_MIB = 8.0
 # Part 1: forward passes per run
 # --------------------------------------------------------------------------------------------------------
 def forward_passes_per_run() -> list[bool]:
-    from hf_finetune.probe.features import count_backbone_forwards
-    from hf_finetune.probe.fit import parse_probe_args, run_probe
+    from hf_finetune.probe.arguments import parse_probe_args
+    from hf_finetune.probe.run import run_probe
+    from hf_finetune.testing.counters import count_backbone_forwards
     from hf_finetune.testing.quickstart import build_stand_in_checkpoint, export_digits
 
     digits = export_digits(_common.BENCH_OUT / "digits", outside_material_dir=True)
@@ -176,7 +177,8 @@ def _measure(argv: list[str]) -> None:
     from datasets import load_from_disk
 
     from hf_finetune.config import ModelArguments
-    from hf_finetune.probe.features import Backbone, FeatureCache, embed_batch, extract_features
+    from hf_finetune.probe.cache import FeatureCache
+    from hf_finetune.probe.features import Backbone, embed_batch, extract_features
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", required=True)

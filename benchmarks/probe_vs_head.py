@@ -1,4 +1,4 @@
-"""10 epochs of a linear head on cached features (`hf_finetune.probe.fit`, classifier `linear`) against
+"""10 epochs of a linear head on cached features (`hf_finetune.probe.run`, classifier `linear`) against
 `strategy: head` (the same linear head trained through the frozen backbone by the Trainer), same data, same
 checkpoint, same epochs / batch size / learning rate / seed, measured in one invocation.
 
@@ -21,7 +21,7 @@ way to run it; both sides end with validation + test evaluation and a saved outp
 
 Each run is a fresh subprocess (interpreter start and imports included: "end to end") with a fresh datasets
 cache and the machine's default dataloader worker count. Backbone forward passes are counted inside each
-subprocess by `hf_finetune.probe.features.count_backbone_forwards` (a global hook on every transformers base model,
+subprocess by `hf_finetune.testing.counters.count_backbone_forwards` (a global hook on every transformers base model,
 independent of the probe's own counter).
 """
 
@@ -48,13 +48,14 @@ TARGET_SPEEDUP = 5.0
 def _side(kind: str, argv: list[str]) -> None:
     import time
 
-    from hf_finetune.probe.features import count_backbone_forwards
+    from hf_finetune.testing.counters import count_backbone_forwards
 
     output_dir = Path(argv[argv.index("--output_dir") + 1])
     if kind == "_head":
         from hf_finetune.commands.cli import train as side
     else:
-        from hf_finetune.probe.fit import parse_probe_args, run_probe
+        from hf_finetune.probe.arguments import parse_probe_args
+        from hf_finetune.probe.run import run_probe
 
         def side(argv):
             return run_probe(*parse_probe_args(argv, prog="probe_vs_head.py _probe"))

@@ -122,6 +122,17 @@ def dataset_in_cache(dataset_name: str, config_name: str | None, cache_dir: str 
     return True
 
 
+def dataset_fingerprint(dataset) -> str:
+    """The fingerprint `datasets` keeps for a Dataset: a hash of how it was made (source files, every
+    transform, select and shuffle since), updated by `datasets` itself at each step, so it changes whenever
+    the rows could. The feature cache keys entries by it (`probe/cache.py`).
+
+    Private: `Dataset._fingerprint` has no public accessor (checked on datasets 5.2.0); hashing the rows
+    ourselves would read every image. `test_dataset_fingerprint` fails once a public `fingerprint` appears.
+    """
+    return dataset._fingerprint
+
+
 # --- timm -------------------------------------------------------------------------------------------------
 
 

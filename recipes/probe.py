@@ -32,7 +32,8 @@ probes that Hub checkpoint, `--train_dir pictures/train` your pictures.
 import sys
 
 from hf_finetune.commands.cli import recipe_config, report_user_errors
-from hf_finetune.probe.fit import parse_probe_args, run_probe
+from hf_finetune.probe.arguments import parse_probe_args
+from hf_finetune.probe.run import run_probe
 from hf_finetune.testing.quickstart import prepare_material
 
 

@@ -110,7 +110,7 @@ def parser_for(values: dict):
 
         return parse_compare_args
     if values.get("strategy") == "probe":
-        from hf_finetune.probe.fit import parse_probe_args
+        from hf_finetune.probe.arguments import parse_probe_args
 
         return parse_probe_args
     return parse_train_args
@@ -187,7 +187,7 @@ def test_global_batch_size_is_applied_to_the_run_and_logged():
 
 def test_output_dir_placeholders_are_filled_from_the_settings():
     from hf_finetune.config_resolved import expand_output_dir
-    from hf_finetune.probe.fit import parse_probe_args
+    from hf_finetune.probe.arguments import parse_probe_args
 
     parsed = parse_probe_args(["--model_name_or_path", "x", "--classifier", "knn",
                                "--output_dir", "outputs/probe/{classifier}"])  # fmt: skip

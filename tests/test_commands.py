@@ -328,7 +328,7 @@ def test_every_documented_command_parses_as_written(workdir, monkeypatch):
     recipe's own YAML when it has no --config), as the command would parse them."""
     from hf_finetune.commands.cli import parse_train_args, recipe_config
     from hf_finetune.commands.compare import parse_compare_args
-    from hf_finetune.probe.fit import parse_probe_args
+    from hf_finetune.probe.arguments import parse_probe_args
 
     monkeypatch.chdir(workdir)
     parsers = {"train": parse_train_args, "probe": parse_probe_args, "compare": parse_compare_args}

@@ -147,6 +147,28 @@ def test_datasets_cache_lookup_is_still_the_private_one_load_dataset_uses(tmp_pa
     assert dataset_in_cache("someone/other", None, str(tmp_path)) is False
 
 
+def test_dataset_fingerprint():
+    import datasets
+
+    from hf_finetune.compat import dataset_fingerprint
+
+    # Still private: when a public accessor appears, use it in compat.dataset_fingerprint instead.
+    assert not hasattr(datasets.Dataset, "fingerprint")
+    table = {"x": list(range(10)), "label": [i % 2 for i in range(10)]}
+    one, same = datasets.Dataset.from_dict(table), datasets.Dataset.from_dict(table)
+    assert isinstance(dataset_fingerprint(one), str) and dataset_fingerprint(one) == dataset_fingerprint(same)
+    # Every step that can change the rows changes it; repeating the same step gives the same value.
+    fingerprints = {
+        dataset_fingerprint(one),
+        dataset_fingerprint(one.select(range(5))),
+        dataset_fingerprint(one.shuffle(seed=0)),
+        dataset_fingerprint(one.shuffle(seed=1)),
+        dataset_fingerprint(datasets.Dataset.from_dict({**table, "x": list(range(1, 11))})),
+    }
+    assert len(fingerprints) == 5
+    assert dataset_fingerprint(one.shuffle(seed=0)) == dataset_fingerprint(same.shuffle(seed=0))
+
+
 # --- timm -------------------------------------------------------------------------------------------------
 
 

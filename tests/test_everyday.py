@@ -51,7 +51,7 @@ def _parser_of(name: str):
 
         return lambda argv, **kw: parse_compare_args([*argv, "--bf16", "false"], **kw)
     if name == "probe":
-        from hf_finetune.probe.fit import parse_probe_args
+        from hf_finetune.probe.arguments import parse_probe_args
 
         return parse_probe_args
     # flowers.yaml asks for bf16, a GPU setting: the rest must parse on a CPU
@@ -224,7 +224,7 @@ def test_integer_labels_from_csv_end_to_end_with_probe(tmp_path, small_digits_fo
 # ---------------------------------------------------------------------------------------------------------
 def test_strategy_probe_parses_in_every_entry_point(tmp_path):
     from hf_finetune.commands.compare import parse_compare_args
-    from hf_finetune.probe.fit import ProbeArguments
+    from hf_finetune.probe.arguments import ProbeArguments
     from hf_finetune.strategies.arguments import StrategyArguments
 
     parsed = parse_train_args(["--model_name_or_path", "x", "--strategy", "probe", "--classifier", "knn"])

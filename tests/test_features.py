@@ -11,11 +11,14 @@ import torch
 from conftest import digits_dataset
 from transformers import AutoModel, BertConfig
 
+from hf_finetune.compat import dataset_fingerprint
 from hf_finetune.config import DataArguments, ModelArguments
 from hf_finetune.data.prepare import prepare_data
 from hf_finetune.errors import UserError
 from hf_finetune.models.architectures import classifier_input
+from hf_finetune.probe import cache as C
 from hf_finetune.probe import features as F
+from hf_finetune.testing.counters import count_backbone_forwards
 from hf_finetune.testing.tiny import build_tiny_checkpoint, tiny_config
 
 LABELS = ["digit_0", "digit_1", "digit_2"]
@@ -49,18 +52,21 @@ def _extract(folder, data, cache, **kwargs):
 
 
 def test_miss_then_hit_with_no_forward_pass(checkpoint, data, tmp_path):
-    cache = F.FeatureCache(tmp_path / "cache")
-    before = F.forward_passes()
-    backbone, cold, report = _extract(checkpoint, data, cache, batch_size=5)
+    cache = C.FeatureCache(tmp_path / "cache")
+    with count_backbone_forwards() as passes:
+        backbone, cold, report = _extract(checkpoint, data, cache, batch_size=5)
     rows = {name: len(split) for name, split in data.splits.items()}
-    # Written batch by batch: one counted forward pass per batch of 5.
-    assert F.forward_passes() - before == sum(-(-n // 5) for n in rows.values())
+    # Written batch by batch: one forward pass per batch of 5, and each split says how many it took.
+    assert passes.batches == sum(-(-n // 5) for n in rows.values())
+    assert {name: split.forward_passes for name, split in cold.items()} == {
+        name: -(-n // 5) for name, n in rows.items()
+    }
     assert [e["cache"] for e in report.entries] == ["miss", "miss"]
     for name, split in cold.items():
         assert split.features.shape == (rows[name], 32) and split.features.dtype == np.float32
-        assert (split.path / F.FEATURES_FILE).is_file() and (split.path / F.META_FILE).is_file()
-        meta = json.loads((split.path / F.META_FILE).read_text())
-        assert meta["split"] == name and meta["fingerprint"] == data.splits[name]._fingerprint
+        assert (split.path / C.FEATURES_FILE).is_file() and (split.path / C.META_FILE).is_file()
+        meta = json.loads((split.path / C.META_FILE).read_text())
+        assert meta["split"] == name and meta["fingerprint"] == dataset_fingerprint(data.splits[name])
     assert cold["train"].path != cold["validation"].path  # the split name is part of the key
 
     # The rows are the pooled features of the images in dataset order.
@@ -70,9 +76,9 @@ def test_miss_then_hit_with_no_forward_pass(checkpoint, data, tmp_path):
     )
     np.testing.assert_allclose(cold["train"].features[:3], classifier_input(model, pixels).numpy(), atol=1e-5)
 
-    before = F.forward_passes()
-    warm_backbone, warm, report = _extract(checkpoint, data, cache)
-    assert F.forward_passes() == before
+    with count_backbone_forwards() as passes:
+        warm_backbone, warm, report = _extract(checkpoint, data, cache)
+    assert passes.batches == 0 and all(split.forward_passes == 0 for split in warm.values())
     assert [e["cache"] for e in report.entries] == ["hit", "hit"] and report.forward_free
     assert warm_backbone._model is None, "a warm cache must not even load the weights"
     for name in rows:
@@ -86,7 +92,7 @@ def _entries(cache):
 
 
 def test_changed_checkpoint_processor_or_data_invalidates(checkpoint, data, tmp_path):
-    cache = F.FeatureCache(tmp_path / "cache")
+    cache = C.FeatureCache(tmp_path / "cache")
     _extract(checkpoint, data, cache)
     assert len(_entries(cache)) == 2
 
@@ -128,7 +134,7 @@ def test_image_folder_fingerprint_changes_with_a_file(tmp_path, checkpoint):
                 tmp_path / "imgs" / cls / f"{i}.png"
             )
     args = DataArguments(train_dir=str(tmp_path / "imgs"), train_val_split=0.34)
-    cache = F.FeatureCache(tmp_path / "cache")
+    cache = C.FeatureCache(tmp_path / "cache")
     first = prepare_data(args, seed=0, cache_dir=str(tmp_path / "hf"))
     assert [e["cache"] for e in _extract(checkpoint, first, cache)[2].entries] == ["miss", "miss"]
     again = prepare_data(args, seed=0, cache_dir=str(tmp_path / "hf"))
@@ -139,24 +145,24 @@ def test_image_folder_fingerprint_changes_with_a_file(tmp_path, checkpoint):
 
 
 def test_recompute_and_damaged_entries(checkpoint, data, tmp_path):
-    cache = F.FeatureCache(tmp_path / "cache")
+    cache = C.FeatureCache(tmp_path / "cache")
     _, cold, _ = _extract(checkpoint, data, cache)
     assert [e["cache"] for e in _extract(checkpoint, data, cache, recompute=True)[2].entries] == [
         "miss",
         "miss",
     ]
     # Labels that no longer line up with the rows: the entry is not trusted.
-    np.save(cold["train"].path / F.LABELS_FILE, np.zeros(len(data.splits["train"]), dtype=np.int64))
+    np.save(cold["train"].path / C.LABELS_FILE, np.zeros(len(data.splits["train"]), dtype=np.int64))
     assert [e["cache"] for e in _extract(checkpoint, data, cache)[2].entries] == ["miss", "hit"]
     # No meta.json (an entry that was never completed): not found.
-    (cold["validation"].path / F.META_FILE).unlink()
+    (cold["validation"].path / C.META_FILE).unlink()
     assert [e["cache"] for e in _extract(checkpoint, data, cache)[2].entries] == ["hit", "miss"]
 
 
 def test_interrupted_write_leaves_no_entry(checkpoint, data, tmp_path):
-    cache = F.FeatureCache(tmp_path / "cache")
+    cache = C.FeatureCache(tmp_path / "cache")
     backbone = F.Backbone(ModelArguments(model_name_or_path=str(checkpoint)))
-    key = backbone.key(data.splits["train"]._fingerprint, "train")
+    key = backbone.key(dataset_fingerprint(data.splits["train"]), "train")
 
     def fail(matrix):
         matrix[:2] = 1.0
@@ -176,24 +182,24 @@ def test_hub_identity_uses_the_cached_commit(tmp_path):
     (repo / "snapshots" / sha).mkdir(parents=True)
     (repo / "snapshots" / sha / "config.json").write_text("{}")
     args = ModelArguments(model_name_or_path="org/model", cache_dir=str(tmp_path / "hub"))
-    assert F.checkpoint_identity(args) == {"kind": "hub", "repo": "org/model", "commit": sha}
+    assert C.checkpoint_identity(args) == {"kind": "hub", "repo": "org/model", "commit": sha}
     # A pinned commit is its own identity; an unknown one falls back to the revision name.
     pinned = ModelArguments(
         model_name_or_path="org/other", model_revision="f" * 40, cache_dir=str(tmp_path / "hub")
     )
-    assert F.checkpoint_identity(pinned)["commit"] == "f" * 40
+    assert C.checkpoint_identity(pinned)["commit"] == "f" * 40
     unknown = ModelArguments(
         model_name_or_path="org/other", model_revision="v2", cache_dir=str(tmp_path / "hub")
     )
-    assert F.checkpoint_identity(unknown) == {"kind": "hub", "repo": "org/other", "revision": "v2"}
+    assert C.checkpoint_identity(unknown) == {"kind": "hub", "repo": "org/other", "revision": "v2"}
 
 
 def test_identity_ignores_labels_but_not_weights(tmp_path):
     a = build_tiny_checkpoint("resnet", tmp_path / "a", labels=["x", "y"])
     b = build_tiny_checkpoint("resnet", tmp_path / "b", labels=["p", "q", "r"])  # same seed, other head
     c = build_tiny_checkpoint("resnet", tmp_path / "c", labels=["x", "y"], seed=3)
-    ids = [F.checkpoint_identity(ModelArguments(model_name_or_path=str(p))) for p in (a, b, c)]
-    assert ids[0] == F.checkpoint_identity(
+    ids = [C.checkpoint_identity(ModelArguments(model_name_or_path=str(p))) for p in (a, b, c)]
+    assert ids[0] == C.checkpoint_identity(
         ModelArguments(model_name_or_path=str(shutil.copytree(a, tmp_path / "copy")))
     )
     assert ids[0] != ids[2]
@@ -226,15 +232,15 @@ def test_checkpoint_without_pooled_output_is_named(checkpoint, data, tmp_path):
     backbone._model, backbone._labels = AutoModel.from_config(tiny_config("vit", LABELS)), data.labels
     with pytest.raises(UserError, match=f"Checkpoint `{checkpoint}` has no pooled output"):
         F.extract_features(
-            backbone, data.splits, data.image_column, data.label_column, data.labels, F.FeatureCache(tmp_path)
+            backbone, data.splits, data.image_column, data.label_column, data.labels, C.FeatureCache(tmp_path)
         )
     with pytest.raises(UserError, match="`headless` has no pooled output"):
         F.embed_batch(backbone._model, torch.zeros(1, 3, 32, 32), "headless")
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
-    monkeypatch.delenv(F.CACHE_ENV, raising=False)
+    monkeypatch.delenv(C.CACHE_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert F.default_cache_dir() == tmp_path / "hf_finetune" / "features"
-    monkeypatch.setenv(F.CACHE_ENV, str(tmp_path / "elsewhere"))
-    assert F.FeatureCache().root == tmp_path / "elsewhere"
+    assert C.default_cache_dir() == tmp_path / "hf_finetune" / "features"
+    monkeypatch.setenv(C.CACHE_ENV, str(tmp_path / "elsewhere"))
+    assert C.FeatureCache().root == tmp_path / "elsewhere"

@@ -89,7 +89,8 @@ def test_a_failing_overwrite_leaves_a_finished_run_exactly_as_it_was(
 def test_the_probe_replaces_its_previous_run_only_once_it_starts(
     tmp_path, small_digits_folder, tiny_vit, caplog
 ):
-    from hf_finetune.probe.fit import parse_probe_args, run_probe
+    from hf_finetune.probe.arguments import parse_probe_args
+    from hf_finetune.probe.run import run_probe
 
     out = tmp_path / "probe"
 

@@ -11,19 +11,14 @@ from conftest import digits_dataset
 
 from hf_finetune.errors import UserError
 from hf_finetune.outputs.reports import CONFUSION_MATRIX, report_file
+from hf_finetune.probe.arguments import ProbeArguments, parse_probe_args
+from hf_finetune.probe.classifiers import CLASSIFIERS
 from hf_finetune.probe.export import FORMAT_PROBE, FORMAT_TRANSFORMERS
-from hf_finetune.probe.features import count_backbone_forwards
-from hf_finetune.probe.fit import (
-    CLASSIFIERS,
-    FitInputs,
-    ProbeArguments,
-    fit_probe,
-    parse_probe_args,
-    run_probe,
-    save_probe,
-)
 from hf_finetune.probe.load import load_probe
 from hf_finetune.probe.predictors import Normaliser, Predictor
+from hf_finetune.probe.run import fit_probe, run_probe, save_probe
+from hf_finetune.probe.search import FitInputs, refit
+from hf_finetune.testing.counters import count_backbone_forwards
 from hf_finetune.testing.tiny import build_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -156,6 +151,32 @@ def test_sklearn_agreement_for_classic_classifiers():
         fitted = CLASSIFIERS[name].fit(inputs, ProbeArguments(classifier=name, **grids))
         expected = reference.fit(inputs.x_train, inputs.y_train).predict(inputs.x_val)
         assert _agreement(fitted.predictor.scores(inputs.x_val).argmax(axis=1), expected) == 1.0, name
+
+
+def test_ties_go_to_the_first_value_listed():
+    inputs = _blobs()
+    # Well-separated blobs: tiny smoothings all score the same, so the order given decides.
+    smoothings = [1e-9, 1e-8, 1e-7]
+    for order in (smoothings, smoothings[::-1]):
+        fitted = CLASSIFIERS["gaussian_nb"].fit(inputs, ProbeArguments(nb_var_smoothing=order))
+        assert len({g["validation_accuracy"] for g in fitted.grid}) == 1
+        assert fitted.chosen == {"var_smoothing": order[0]}
+        assert [g["var_smoothing"] for g in fitted.grid] == order
+
+
+def test_a_solver_stopped_by_max_iter_is_recorded_and_warned(caplog):
+    inputs = _blobs(seed=1)
+    with caplog.at_level("WARNING", logger="hf_finetune"):
+        stopped = CLASSIFIERS["logistic_regression"].fit(
+            inputs, ProbeArguments(c_values=[0.1, 10.0], max_iter=1)
+        )
+    assert [g["converged"] for g in stopped.grid] == [False, False]
+    assert "did not fully converge at C=" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_finetune"):
+        converged = CLASSIFIERS["logistic_regression"].fit(inputs, ProbeArguments(c_values=[0.1, 10.0]))
+    assert [g["converged"] for g in converged.grid] == [True, True]
+    assert "converge" not in caplog.text
 
 
 def test_normaliser_folds_into_a_linear_layer_and_weights_backbones_equally():
@@ -381,8 +402,6 @@ def test_refit_on_validation_saves_the_classifier_fitted_on_train_and_validation
 ):
     """GridSearchCV's refit: C chosen on validation as before, then the saved classifier is fitted again with it
     on train + validation. Validation metrics stay those of the train-only fit; test metrics are the saved one's."""
-    from hf_finetune.probe.fit import refit
-
     kept, _ = _fit_and_save(checkpoints["vit"], tmp_path / "kept", feature_cache, dataset)
     refitted, _ = _fit_and_save(
         checkpoints["vit"], tmp_path / "refit", feature_cache, dataset, refit_on_validation="true"

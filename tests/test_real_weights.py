@@ -206,7 +206,8 @@ def test_each_strategy_runs_on_the_real_checkpoint(strategy, lite0_32px, three_d
             "--per_device_train_batch_size", "16", "--num_train_epochs", "1", "--use_cpu", "true",
             "--dataloader_num_workers", "0", *STRATEGY_FLAGS[strategy]]  # fmt: skip
     if strategy == "probe":
-        from hf_finetune.probe.fit import parse_probe_args, run_probe
+        from hf_finetune.probe.arguments import parse_probe_args
+        from hf_finetune.probe.run import run_probe
 
         argv += ["--feature_cache_dir", str(tmp_path / "features")]
         results = run_probe(*parse_probe_args(argv), dataset=three_digits)
@@ -236,7 +237,8 @@ def test_probe_and_head_on_real_weights_beat_scratch_by_20_points(tmp_path_facto
     from conftest import digits_dataset, run_training
     from datasets import DatasetDict
 
-    from hf_finetune.probe.fit import parse_probe_args, run_probe
+    from hf_finetune.probe.arguments import parse_probe_args
+    from hf_finetune.probe.run import run_probe
     from hf_finetune.testing.real_weights import convert_efficientnet_lite
 
     root = tmp_path_factory.mktemp("beats_scratch")

@@ -174,7 +174,7 @@ def test_two_process_accelerate_launch_keeps_the_global_batch(tmp_path):
 def test_quickstart_yaml_serves_the_probe_and_every_gradient_strategy():
     """`strategy: probe` in the YAML, and `--strategy head` (or any other) on the same YAML trains instead."""
     from hf_finetune.commands.cli import parse_train_args
-    from hf_finetune.probe.fit import parse_probe_args
+    from hf_finetune.probe.arguments import parse_probe_args
 
     config = ["--config", "recipes/quickstart.yaml"]
     assert parse_probe_args(config)[2].strategy == "probe"

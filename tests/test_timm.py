@@ -214,7 +214,8 @@ def test_each_strategy_trains_the_timm_checkpoint(strategy, timm_checkpoint, dat
 def test_probe_on_the_timm_checkpoint_is_written_into_its_head(timm_checkpoint, data, tmp_path):
     from transformers import pipeline
 
-    from hf_finetune.probe.fit import parse_probe_args, run_probe
+    from hf_finetune.probe.arguments import parse_probe_args
+    from hf_finetune.probe.run import run_probe
 
     args = parse_probe_args(
         ["--model_name_or_path", str(timm_checkpoint), "--output_dir", str(tmp_path / "probe"),

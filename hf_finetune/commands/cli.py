@@ -94,7 +94,7 @@ def parse_train_args(
     from hf_finetune.config_loading import parse_args, requested_setting
 
     if requested_setting(argv, "strategy", default_config) == "probe":
-        from hf_finetune.probe.fit import parse_probe_args
+        from hf_finetune.probe.arguments import parse_probe_args
 
         return parse_probe_args(argv, prog, default_config=default_config)
     from hf_finetune.strategies.arguments import StrategyArguments
@@ -117,7 +117,8 @@ def train(argv: list[str] | None = None, prog: str = "hf-finetune train"):
 
 @report_user_errors
 def probe(argv: list[str] | None = None, prog: str = "hf-finetune probe"):
-    from hf_finetune.probe.fit import parse_probe_args, run_probe
+    from hf_finetune.probe.arguments import parse_probe_args
+    from hf_finetune.probe.run import run_probe
 
     return run_probe(*parse_probe_args(argv, prog))
 

@@ -99,7 +99,7 @@ def parse_compare_args(
     + flags."""
     from hf_finetune.config import DataArguments, FinetuneTrainingArguments, ModelArguments
     from hf_finetune.config_loading import parse_args
-    from hf_finetune.probe.fit import ProbeArguments
+    from hf_finetune.probe.arguments import ProbeArguments
     from hf_finetune.strategies.arguments import StrategyArguments
 
     types = (ModelArguments, DataArguments, StrategyArguments, ProbeArguments, CompareArguments)
@@ -197,7 +197,7 @@ def run_method(method: Method, args: tuple, out: Path, dataset=None) -> dict[str
 
     model_args, data_args, strategy_args, probe_args, training_args = args
     if method.kind in ("probe", "fusion"):
-        from hf_finetune.probe.fit import run_probe
+        from hf_finetune.probe.run import run_probe
 
         models, probe, train_args = _method_arguments(
             method, model_args, strategy_args, probe_args, training_args, out

@@ -160,9 +160,9 @@ def export_linear(
 
 
 def _backbone_folder(index: int, name: str) -> str:
-    from hf_finetune.probe.features import slug
+    from hf_finetune.probe.cache import checkpoint_slug
 
-    return f"{BACKBONES_DIR}/{index}-{slug(name)}"
+    return f"{BACKBONES_DIR}/{index}-{checkpoint_slug(name)}"
 
 
 def export_probe_directory(

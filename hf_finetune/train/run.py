@@ -198,7 +198,8 @@ def run(
     strategy_args = strategy_args or StrategyArguments()
     if strategy_args.strategy == FEATURE_STRATEGY:
         # The one strategy switch: `probe` is the frozen-feature path (features once, a classic classifier).
-        from hf_finetune.probe.fit import ProbeArguments, ProbeRunArguments, run_probe
+        from hf_finetune.probe.arguments import ProbeArguments, ProbeRunArguments
+        from hf_finetune.probe.run import run_probe
 
         probe_args = strategy_args if isinstance(strategy_args, ProbeArguments) else ProbeRunArguments()
         return run_probe(model_args, data_args, probe_args, training_args, dataset=dataset)
