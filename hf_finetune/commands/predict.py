@@ -26,8 +26,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from hf_finetune.commands.cli import report_user_errors
-from hf_finetune.errors import UserError
+from hf_finetune.errors import UserError, report_user_errors
 
 logger = logging.getLogger("hf_finetune.commands.predict")  # not __name__: `python -m` makes that __main__
 
@@ -356,7 +355,7 @@ def build_parser(prog: str = "hf-finetune predict") -> argparse.ArgumentParser:
 def _setup_logging() -> None:
     import transformers
 
-    from hf_finetune.commands.cli import configure_logging
+    from hf_finetune.errors import configure_logging
 
     configure_logging(sys.stderr)  # stdout is the prediction table
     transformers.utils.logging.disable_progress_bar()  # a weight-loading bar per call is noise here
