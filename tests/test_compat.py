@@ -102,6 +102,49 @@ def test_init_weights_skips_what_from_pretrained_marked_so_the_flags_are_cleared
     assert 0.5 * std < head.weight.std().item() < 2 * std
 
 
+def test_trainer_still_reloads_through_the_two_private_methods_the_hooks_replace():
+    """`TrainerReloadHooks` overrides these names: if upstream renames them, our reload is silently skipped."""
+    import inspect
+
+    from transformers import Trainer
+
+    source = inspect.getsource(Trainer)
+    assert "self._load_from_checkpoint(resume_from_checkpoint" in source
+    assert "self._load_best_model()" in source
+    assert list(inspect.signature(Trainer._load_from_checkpoint).parameters) == [
+        "self",
+        "resume_from_checkpoint",
+        "model",
+    ]
+    assert list(inspect.signature(Trainer._load_best_model).parameters) == ["self"]
+
+
+def test_trainer_reload_still_misses_renamed_weights_and_ours_loads_them_all(tmp_path):
+    """Fails once the Trainer's own reload applies transformers 5's key mapping (then the hooks can go)."""
+    import torch
+    from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
+
+    from hf_finetune.testing.tiny import build_tiny_checkpoint
+    from hf_finetune.train.checkpoints import CheckpointLoadingMixin
+
+    checkpoint = str(build_tiny_checkpoint("vit", tmp_path / "vit", labels=["a", "b"]))
+    saved = AutoModelForImageClassification.from_pretrained(checkpoint).state_dict()
+    args = TrainingArguments(str(tmp_path / "out"), use_cpu=True, report_to=[])
+
+    def reloaded(trainer_cls) -> dict:
+        torch.manual_seed(1)
+        model = AutoModelForImageClassification.from_config(
+            AutoModelForImageClassification.from_pretrained(checkpoint).config
+        )
+        trainer_cls(model=model, args=args)._load_from_checkpoint(checkpoint)
+        return model.state_dict()
+
+    upstream = reloaded(Trainer)
+    assert [k for k in saved if not torch.equal(saved[k], upstream[k])], "upstream now reloads every tensor"
+    ours = reloaded(type("Reloading", (CheckpointLoadingMixin, Trainer), {}))
+    assert all(torch.equal(saved[k], ours[k]) for k in saved)
+
+
 # --- accelerate -------------------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ Two problems with the Trainer's own handling:
   under the serialised (legacy) parameter names, which transformers 5 maps to renamed modules only inside
   `from_pretrained`; for ViT the plain reload silently loads nothing. Loading through `from_pretrained`
   applies the mapping, and `strict=True` makes any other mismatch an error instead of a warning.
+  (The Trainer's private reload methods are reached through `hf_finetune.compat.TrainerReloadHooks`.)
   A PEFT model (strategy `lora`) checkpoints its adapter; it is reloaded with peft and then checked tensor by
   tensor, since peft does not report head (`modules_to_save`) tensors that fail to load.
 - Under several processes, each writes its own part of a checkpoint (the main process the weights, every
@@ -24,6 +25,8 @@ import re
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+from hf_finetune.compat import TrainerReloadHooks
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +87,9 @@ def load_weights_from_checkpoint(model, checkpoint_dir: str) -> None:
         model.load_state_dict(reference.state_dict(), strict=True)
 
 
-class CheckpointLoadingMixin:
-    """Trainer mixin: resume and best-model reloads go through `load_weights_from_checkpoint`."""
+class CheckpointLoadingMixin(TrainerReloadHooks):
+    """Trainer mixin: resume and best-model reloads go through `load_weights_from_checkpoint` (or peft's adapter
+    reload); the Trainer's own reload only for DeepSpeed, FSDP and checkpoints without a config."""
 
     def _loads_plain_model(self, model) -> bool:
         from transformers import PreTrainedModel
@@ -107,22 +111,22 @@ class CheckpointLoadingMixin:
             and not getattr(self, "is_fsdp_enabled", False)
         )
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+    def load_checkpoint_weights(self, checkpoint_dir, model=None):
         from hf_finetune.strategies.lora_outputs import load_adapter_checkpoint
 
         wait_for_every_process()
         target = model if model is not None else self.model
-        if self._loads_adapter(target, resume_from_checkpoint):
-            load_adapter_checkpoint(target, resume_from_checkpoint)
+        if self._loads_adapter(target, checkpoint_dir):
+            load_adapter_checkpoint(target, checkpoint_dir)
             return None
         if not self._loads_plain_model(target) or not os.path.isfile(
-            os.path.join(resume_from_checkpoint, "config.json")
+            os.path.join(checkpoint_dir, "config.json")
         ):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_weights_from_checkpoint(target, resume_from_checkpoint)
+            return super().load_checkpoint_weights(checkpoint_dir, model)
+        load_weights_from_checkpoint(target, checkpoint_dir)
         return None
 
-    def _load_best_model(self):
+    def load_best_checkpoint_weights(self):
         from hf_finetune.strategies.lora_outputs import load_adapter_checkpoint
 
         wait_for_every_process()  # the best checkpoint may be the one just written
@@ -132,7 +136,7 @@ class CheckpointLoadingMixin:
             load_adapter_checkpoint(self.model, best)
             return None
         if best is None or not self._loads_plain_model(self.model):
-            return super()._load_best_model()
+            return super().load_best_checkpoint_weights()
         logger.info("Loading best model from %s (score: %s).", best, self.state.best_metric)
         load_weights_from_checkpoint(self.model, best)
         return None
