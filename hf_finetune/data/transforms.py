@@ -375,20 +375,20 @@ def decode_sizes(image_processor, data_args) -> DecodeSizes:
 
 
 def attach_transforms(
-    splits, image_processor, data_args, image_column: str, label_column: str, seed: int = 0
+    splits, image_processor, data_args, image_column: str, label_column: str, seed: int = 0, sizes=None
 ) -> dict:
     """Attach the lazy train / eval transforms to each split; returns {split: dataset}.
 
     The image column is switched to undecoded so that `BatchTransform` can decode training JPEGs at reduced
     size. With augmentation, train becomes a `SeededTrainSet` (augmentation drawn from `seed`, the epoch and
-    the index).
+    the index). `sizes`: the run's `decode_sizes`, when it has worked them out already.
     """
     from datasets import Image
 
     train_tf, eval_tf = build_transforms(
         image_processor, data_args.augment, data_args.random_resized_crop_scale, data_args.horizontal_flip
     )
-    sizes = decode_sizes(image_processor, data_args)
+    sizes = sizes or decode_sizes(image_processor, data_args)
     logger.info("JPEG decode size (at least): train %s; eval decodes in full", sizes.train)
     attached = {}
     for name, dataset in splits.items():

@@ -1,10 +1,20 @@
-"""One training run: data + checkpoint -> Trainer -> metrics -> a complete, publishable output directory."""
+"""One training run, as a list of stages each entered once, data flowing one way:
+
+    config -> data -> model -> strategy -> Trainer -> evaluation -> outputs
+
+`run` reads as that list; each stage is one small function below that takes what the earlier stages produced
+(`RunSettings`, `Checkpoint`, `RunData`, the model and its plan, the Trainer, `Evaluation`) and hands its own
+result on. The output folder is checked in the config stage (before any work) and opened once the Trainer
+exists (the run is then known to start, and the Trainer writes its checkpoints into it); the outputs stage
+finishes it. The Trainer itself is assembled in `hf_finetune.train.trainer`.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,57 +22,13 @@ from hf_finetune.config import (
     DataArguments,
     FinetuneTrainingArguments,
     ModelArguments,
-    apply_global_batch_size,
-    global_batch_description,
 )
 from hf_finetune.config_resolved import expand_output_dir
 from hf_finetune.outputs import atomic, card, manifest
 from hf_finetune.outputs import files as output
+from hf_finetune.train.trainer import assemble_trainer
 
 logger = logging.getLogger(__name__)
-
-
-def build_trainer(
-    model,
-    training_args,
-    splits,
-    image_processor,
-    num_labels: int,
-    callbacks=None,
-    plan=None,
-    channels_last=False,
-):
-    from transformers import EarlyStoppingCallback, Trainer
-
-    from hf_finetune.data.transforms import Collator
-    from hf_finetune.strategies.trainer import strategy_trainer_class
-    from hf_finetune.train.checkpoints import CheckpointLoadingMixin, CompleteCheckpointCallback
-    from hf_finetune.train.metrics import ComputeMetrics
-    from hf_finetune.train.resume import AugmentationEpochCallback, StepSeedCallback
-
-    callbacks = list(callbacks or [])
-    if getattr(training_args, "early_stopping_patience", None):
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
-    # With a freezing plan, the Trainer builds its optimizer groups and unfreezing schedule from it.
-    base_cls, extra = (strategy_trainer_class(), {"plan": plan}) if plan is not None else (Trainer, {})
-    trainer_cls = type("FinetuneTrainer", (CheckpointLoadingMixin, base_cls), {})
-    callbacks.append(CompleteCheckpointCallback())
-    # Exact resume (hf_finetune.train.resume): each step's random stream and each picture's augmentation are derived
-    # from the seed, so a resumed run draws what the uninterrupted one drew.
-    callbacks.append(StepSeedCallback(training_args.seed))
-    if hasattr(splits["train"], "set_epoch"):
-        callbacks.append(AugmentationEpochCallback(splits["train"]))
-    return trainer_cls(
-        model=model,
-        args=training_args,
-        train_dataset=splits["train"],
-        eval_dataset=splits["validation"],
-        data_collator=Collator(channels_last),
-        compute_metrics=ComputeMetrics(num_labels),
-        processing_class=image_processor,
-        callbacks=callbacks,
-        **extra,
-    )
 
 
 def prepare_output_dir(training_args) -> None:
@@ -119,55 +85,258 @@ def start_output(training_args) -> manifest.RunOutput | None:
     return record
 
 
-def prepare_trainer(model_args, data_args, training_args, strategy_args, dataset=None, train: bool = True):
-    """Checkpoint, data, strategy and the Trainer built from them, exactly as a run uses them (nothing trains).
+# --------------------------------------------------------------------------------------------------------
+# The stages of a run, in order. Each takes what the stages before it produced and hands its own result on.
+# --------------------------------------------------------------------------------------------------------
+@dataclass
+class RunSettings:
+    """The config stage's result: what the later stages need besides the argument dataclasses."""
+
+    output_dir: Path
+    strategy_args: Any
+    # Every argument dataclass besides model / data / training, the strategy's first: the resolved config and
+    # the {setting} placeholders of output_dir are written from them.
+    extra_args: tuple
+    publish: bool
+    hub_token: str | None
+
+
+@dataclass
+class Checkpoint:
+    """The checkpoint's own settings, read before any data: a wrong id fails in seconds."""
+
+    config: Any
+    image_processor: Any
+
+
+@dataclass
+class RunData:
+    """The data stage's result: what the data is (labels, columns, skipped pictures, split report) and the
+    splits as the Trainer reads them (lazy transforms attached)."""
+
+    prepared: Any  # hf_finetune.data.sources.PreparedData
+    splits: dict
+
+
+@dataclass
+class Evaluation:
+    """The evaluation stage's result: metrics by section (train, eval, test) and the report split's predictions."""
+
+    sections: list
+    results: dict[str, Any]  # every section's metrics in one dict: what `run` returns
+    predictions: Any
+    report_split: str
+
+
+def configure(model_args, data_args, training_args, strategy_args, extra_args=()) -> RunSettings:
+    """Config: the seed, the output folder (its placeholders filled, checked writable, never a finished run
+    replaced silently) and the Hub token held back."""
+    from transformers import set_seed
+
+    from hf_finetune.strategies.arguments import StrategyArguments
+
+    extra_args = (strategy_args, *(a for a in extra_args if not isinstance(a, StrategyArguments)))
+    set_seed(training_args.seed)
+    output_dir = Path(expand_output_dir(training_args, model_args, data_args, *extra_args))
+    prepare_output_dir(training_args)
+    # Publishing is done once, at the end, from the finished output directory (with our model card), instead of
+    # the Trainer's push at every save. The token leaves TrainingArguments before the Trainer pickles them
+    # into training_args.bin or logs them.
+    publish, hub_token = training_args.push_to_hub, training_args.hub_token
+    training_args.push_to_hub, training_args.hub_token = False, None
+    return RunSettings(output_dir, strategy_args, extra_args, publish, hub_token)
+
+
+def open_checkpoint(model_args) -> Checkpoint:
+    """Config: the checkpoint's config and image processor, before any data is read."""
+    from hf_finetune.models.loading import load_config, load_image_processor
+
+    return Checkpoint(load_config(model_args), load_image_processor(model_args))
+
+
+def prepare_run_data(
+    data_args, training_args, image_processor, cache_dir=None, dataset=None, train=True
+) -> RunData:
+    """Data: load, check and split, then attach the checkpoint's transforms.
 
     `train=False` (evaluation only) makes no downscaled copies: each picture is decoded once either way.
-    Returns (trainer, prepared data, transformed splits, the checkpoint's load report).
     """
     from hf_finetune.data.prepare import prepare_data
-    from hf_finetune.data.transforms import attach_transforms, collate, decode_sizes
-    from hf_finetune.models.loading import load_config, load_image_processor, load_model
-    from hf_finetune.strategies.plan import prepare_strategy, wrap_for_strategy
-    from hf_finetune.train.speed import apply_channels_last, log_input_pipeline
+    from hf_finetune.data.transforms import attach_transforms, decode_sizes
 
-    # Checkpoint first: a wrong id fails in seconds, before any data is read.
-    config = load_config(model_args)
-    image_processor = load_image_processor(model_args)
+    # Worked out once: the downscaled copies and the transforms that read them use the same sizes.
+    sizes = decode_sizes(image_processor, data_args)
     # The main process scans and caches the data first; the others then read its cache.
-    downscale = decode_sizes(image_processor, data_args) if data_args.downscale_images and train else None
     with training_args.main_process_first(desc="dataset preparation"):
-        data = prepare_data(
+        prepared = prepare_data(
             data_args,
             training_args.seed,
-            cache_dir=model_args.cache_dir,
+            cache_dir=cache_dir,
             dataset=dataset,
-            downscale=downscale,
+            downscale=sizes if data_args.downscale_images and train else None,
         )
-    model, load_report = load_model(model_args, data.labels, config)
-    model = wrap_for_strategy(model, strategy_args)  # lora: the checkpoint in peft adapters
     splits = attach_transforms(
-        data.splits, image_processor, data_args, data.image_column, data.label_column, training_args.seed
+        prepared.splits,
+        image_processor,
+        data_args,
+        prepared.image_column,
+        prepared.label_column,
+        training_args.seed,
+        sizes=sizes,
     )
+    return RunData(prepared, splits)
+
+
+def load_run_model(model_args, labels: list[str], checkpoint: Checkpoint, as_is: bool = False):
+    """Model: the checkpoint for the data's labels; (model, load report). `as_is` (evaluation only) requires
+    the checkpoint's own labels to be the data's."""
+    from hf_finetune.errors import UserError
+    from hf_finetune.models.loading import load_model
+
+    model, load_report = load_model(model_args, labels, checkpoint.config)
+    if as_is and not load_report.kept_head:
+        raise UserError(
+            f"The checkpoint `{model_args.model_name_or_path}` cannot be used as it is: its labels "
+            f"{load_report.checkpoint_labels[:10]} are not the data's {labels[:10]}. Train it instead."
+        )
+    return model, load_report
+
+
+def apply_strategy(model, strategy_args, training_args, train_split):
+    """Strategy: what trains. Returns (the model that trains, its freezing plan)."""
+    from hf_finetune.data.transforms import collate
+    from hf_finetune.strategies.plan import prepare_strategy, wrap_for_strategy
+
+    model = wrap_for_strategy(model, strategy_args)  # lora: the checkpoint in peft adapters
     # Freeze before the Trainer exists: it reads ddp_find_unused_parameters when it builds the accelerator.
     # Two real training images let the plan find parameters the forward pass never uses.
-    example = collate([splits["train"][i] for i in range(min(2, len(splits["train"])))])
-    plan = prepare_strategy(model, strategy_args, training_args, example_inputs=example)
-    channels_last = apply_channels_last(model, training_args)
-    log_input_pipeline(training_args, channels_last)
-    # Before the Trainer: it sizes its accumulation (and the steps per epoch) from these arguments.
-    apply_global_batch_size(training_args)
-    logger.info(global_batch_description(training_args))
-    trainer = build_trainer(
-        model,
-        training_args,
-        splits,
-        image_processor,
-        len(data.labels),
-        plan=plan,
-        channels_last=channels_last,
+    example = collate([train_split[i] for i in range(min(2, len(train_split)))])
+    return model, prepare_strategy(model, strategy_args, training_args, example_inputs=example)
+
+
+def prepare_trainer(model_args, data_args, training_args, strategy_args, dataset=None, train: bool = True):
+    """Checkpoint, data, model, strategy and the Trainer built from them, exactly as `run` does (nothing trains).
+
+    Returns (trainer, prepared data, transformed splits, the checkpoint's load report).
+    """
+    checkpoint = open_checkpoint(model_args)
+    data = prepare_run_data(
+        data_args, training_args, checkpoint.image_processor, model_args.cache_dir, dataset, train
     )
-    return trainer, data, splits, load_report
+    model, load_report = load_run_model(model_args, data.prepared.labels, checkpoint)
+    model, plan = apply_strategy(model, strategy_args, training_args, data.splits["train"])
+    trainer = assemble_trainer(
+        model, plan, training_args, data.splits, checkpoint.image_processor, len(data.prepared.labels)
+    )
+    return trainer, data.prepared, data.splits, load_report
+
+
+def open_output_dir(trainer, settings: RunSettings, model_args, data_args, training_args, data, load_report):
+    """Trainer (the run now starts, and the Trainer writes its checkpoints into the output folder): replace the
+    previous run's files (with `overwrite_output_dir`), then write this run's settings, splits and summary."""
+    from hf_finetune.strategies.registry import STRATEGY_SUMMARY
+
+    record = start_output(training_args)
+    output_dir = settings.output_dir
+    if trainer.is_world_process_zero():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        output.write_resolved_config(output_dir, model_args, data_args, *settings.extra_args, training_args)
+        output.write_bad_images(output_dir, data.bad_images)
+        atomic.write_json(output_dir / output.DATA_SPLITS, {"labels": data.labels, "splits": data.report})
+        atomic.write_json(
+            output_dir / output.RUN_SUMMARY,
+            {
+                "checkpoint_head": "kept (labels identical)" if load_report.kept_head else "re-initialised",
+                "reinitialised_tensors": load_report.reinitialised,
+                "checkpoint_labels": load_report.checkpoint_labels[:50],
+                "bad_images_skipped": len(data.bad_images),
+                "strategy": settings.strategy_args.strategy,
+            },
+        )
+        atomic.write_json(output_dir / STRATEGY_SUMMARY, trainer.strategy_summary())
+    return record
+
+
+def train_and_save(trainer, settings: RunSettings, training_args, train_split, train: bool = True) -> dict:
+    """Trainer: train (resuming from the newest complete checkpoint), then save the weights and the state.
+    Returns the training metrics (none when `train` is false)."""
+    from hf_finetune.strategies.registry import STRATEGY_SUMMARY
+    from hf_finetune.train.checkpoints import last_complete_checkpoint
+    from hf_finetune.train.resume import ResumeReport
+
+    output_dir, strategy_args = settings.output_dir, settings.strategy_args
+    # overwrite_output_dir starts from scratch: never resume from a checkpoint left in the folder.
+    resume = training_args.resume_from_checkpoint or (
+        None if training_args.overwrite_output_dir else last_complete_checkpoint(output_dir)
+    )
+    trainer.add_callback(ResumeReport(resume))  # logs where it resumes from and what it restored
+    metrics = {}
+    if train:
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        metrics = {**train_result.metrics, "train_samples": len(train_split)}
+    if trainer.is_world_process_zero():
+        # Again after training: the optimizer's real groups and, for gradual, the schedule as it happened.
+        atomic.write_json(output_dir / STRATEGY_SUMMARY, trainer.strategy_summary())
+    if strategy_args.strategy == "lora":
+        from hf_finetune.strategies.lora_outputs import save_lora_outputs
+
+        save_lora_outputs(trainer, output_dir, merge=strategy_args.lora_merge)
+    else:
+        trainer.save_model()
+    trainer.save_state()
+    return metrics
+
+
+def evaluate_splits(trainer, splits, train_metrics: dict, train: bool = True) -> Evaluation:
+    """Evaluation: validation metrics, and the test split's (or, without one, validation's) predictions."""
+    eval_metrics = trainer.evaluate(eval_dataset=splits["validation"], metric_key_prefix="eval")
+    eval_metrics["eval_samples"] = len(splits["validation"])
+    # Reports are drawn on the test split, or on validation when there is no test split.
+    report_split = "test" if "test" in splits else "validation"
+    predictions = trainer.predict(splits[report_split], metric_key_prefix=report_split)
+    sections = ([("train", train_metrics)] if train else []) + [("eval", eval_metrics)]
+    if report_split == "test":
+        sections.append(("test", {**predictions.metrics, "test_samples": len(splits["test"])}))
+    results = {key: value for _, part in sections for key, value in part.items()}
+    for name, part in sections:
+        trainer.log_metrics(name, part)
+    return Evaluation(sections, results, predictions, report_split)
+
+
+def finish_outputs(
+    trainer, settings: RunSettings, record, evaluation: Evaluation, data, model_args, data_args, training_args
+) -> None:
+    """Outputs: reports, the model card, the metrics (last: they mark a finished run), then publishing."""
+    if not trainer.is_world_process_zero():
+        return
+    from hf_finetune.outputs.reports import report_section, write_reports
+
+    output_dir, predictions = settings.output_dir, evaluation.predictions
+    report_files = write_reports(
+        output_dir,
+        logits=predictions.predictions,
+        labels=predictions.label_ids,
+        label_names=data.labels,
+        images=undecoded_images(data.splits[evaluation.report_split], data.image_column),
+        log_history=trainer.state.log_history,
+        split=evaluation.report_split,
+        locate=data.image_name,
+    )
+    output.relativize_trainer_state(output_dir)
+    write_card(
+        output_dir, model_args, data_args, training_args, data.labels, evaluation.results, settings.extra_args,
+        reports=report_section(report_files),
+    )  # fmt: skip
+    # Metrics last: all_results.json marks a finished run (see prepare_output_dir).
+    for name, part in evaluation.sections:
+        trainer.save_metrics(name, part)
+    if record is not None:
+        record.finish()
+    if settings.publish:
+        from hf_finetune.outputs.publish import publish as publish_dir
+
+        repo_id = training_args.hub_model_id or output_dir.name
+        publish_dir(output_dir, repo_id, private=training_args.hub_private_repo, token=settings.hub_token)
 
 
 def run(
@@ -181,6 +350,9 @@ def run(
 ) -> dict[str, Any]:
     """Train, evaluate on validation and test, and write the output directory. Returns all metrics.
 
+    One pass through the stages, each entered once: config -> data -> model -> strategy -> Trainer ->
+    evaluation -> outputs.
+
     `strategy_args.strategy == "probe"` runs the frozen-feature path instead (`probe.run_probe`), with the
     probe settings of `strategy_args` when it is a `ProbeArguments` (as `parse_train_args` gives), else the
     probe's defaults.
@@ -188,12 +360,8 @@ def run(
     `train=False` evaluates and writes the checkpoint as it is (its labels must already be the data's): the
     "use the checkpoint as it is" way to transfer.
     """
-    from transformers import set_seed
-
     from hf_finetune.strategies.arguments import StrategyArguments
-    from hf_finetune.strategies.registry import FEATURE_STRATEGY, STRATEGY_SUMMARY
-    from hf_finetune.train.checkpoints import last_complete_checkpoint
-    from hf_finetune.train.resume import ResumeReport
+    from hf_finetune.strategies.registry import FEATURE_STRATEGY
 
     strategy_args = strategy_args or StrategyArguments()
     if strategy_args.strategy == FEATURE_STRATEGY:
@@ -203,122 +371,24 @@ def run(
 
         probe_args = strategy_args if isinstance(strategy_args, ProbeArguments) else ProbeRunArguments()
         return run_probe(model_args, data_args, probe_args, training_args, dataset=dataset)
-    extra_args = (strategy_args, *(a for a in extra_args if not isinstance(a, StrategyArguments)))
 
-    set_seed(training_args.seed)
-    output_dir = Path(expand_output_dir(training_args, model_args, data_args, *extra_args))
-    prepare_output_dir(training_args)
-    # Publishing is done once, at the end, from the finished output directory (with our model card), instead of
-    # the Trainer's push at every save. The token leaves TrainingArguments before the Trainer pickles them
-    # into training_args.bin or logs them.
-    publish, hub_token = training_args.push_to_hub, training_args.hub_token
-    training_args.push_to_hub, training_args.hub_token = False, None
-
-    ##############################
-    # Checkpoint, data, strategy #
-    ##############################
-    trainer, data, splits, load_report = prepare_trainer(
-        model_args, data_args, training_args, strategy_args, dataset=dataset, train=train
+    settings = configure(model_args, data_args, training_args, strategy_args, extra_args)
+    checkpoint = open_checkpoint(model_args)
+    data = prepare_run_data(
+        data_args, training_args, checkpoint.image_processor, model_args.cache_dir, dataset, train
     )
-    if not train and not load_report.kept_head:
-        from hf_finetune.errors import UserError
-
-        raise UserError(
-            f"The checkpoint `{model_args.model_name_or_path}` cannot be used as it is: its labels "
-            f"{load_report.checkpoint_labels[:10]} are not the data's {data.labels[:10]}. Train it instead."
-        )
-    record = start_output(training_args)
-    # overwrite_output_dir starts from scratch: never resume from a checkpoint left in the folder.
-    resume = training_args.resume_from_checkpoint or (
-        None if training_args.overwrite_output_dir else last_complete_checkpoint(output_dir)
+    model, load_report = load_run_model(model_args, data.prepared.labels, checkpoint, as_is=not train)
+    model, plan = apply_strategy(model, strategy_args, training_args, data.splits["train"])
+    trainer = assemble_trainer(
+        model, plan, training_args, data.splits, checkpoint.image_processor, len(data.prepared.labels)
     )
-    trainer.add_callback(ResumeReport(resume))  # logs where it resumes from and what it restored
-
-    if trainer.is_world_process_zero():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        output.write_resolved_config(output_dir, model_args, data_args, *extra_args, training_args)
-        output.write_bad_images(output_dir, data.bad_images)
-        atomic.write_json(output_dir / output.DATA_SPLITS, {"labels": data.labels, "splits": data.report})
-        atomic.write_json(
-            output_dir / output.RUN_SUMMARY,
-            {
-                "checkpoint_head": "kept (labels identical)" if load_report.kept_head else "re-initialised",
-                "reinitialised_tensors": load_report.reinitialised,
-                "checkpoint_labels": load_report.checkpoint_labels[:50],
-                "bad_images_skipped": len(data.bad_images),
-                "strategy": strategy_args.strategy,
-            },
-        )
-        atomic.write_json(output_dir / STRATEGY_SUMMARY, trainer.strategy_summary())
-
-    ############
-    # Training #
-    ############
-    if train:
-        train_result = trainer.train(resume_from_checkpoint=resume)
-        metrics = {**train_result.metrics, "train_samples": len(splits["train"])}
-    else:
-        metrics = {}
-    if trainer.is_world_process_zero():
-        # Again after training: the optimizer's real groups and, for gradual, the schedule as it happened.
-        atomic.write_json(output_dir / STRATEGY_SUMMARY, trainer.strategy_summary())
-    if strategy_args.strategy == "lora":
-        from hf_finetune.strategies.lora_outputs import save_lora_outputs
-
-        save_lora_outputs(trainer, output_dir, merge=strategy_args.lora_merge)
-    else:
-        trainer.save_model()
-    trainer.save_state()
-
-    ##############
-    # Evaluation #
-    ##############
-    eval_metrics = trainer.evaluate(eval_dataset=splits["validation"], metric_key_prefix="eval")
-    eval_metrics["eval_samples"] = len(splits["validation"])
-    # Reports are drawn on the test split, or on validation when there is no test split.
-    report_split = "test" if "test" in splits else "validation"
-    predictions = trainer.predict(splits[report_split], metric_key_prefix=report_split)
-    sections = ([("train", metrics)] if train else []) + [("eval", eval_metrics)]
-    if report_split == "test":
-        test_metrics = {**predictions.metrics, "test_samples": len(splits["test"])}
-        sections.append(("test", test_metrics))
-    results = {key: value for _, part in sections for key, value in part.items()}
-    for name, part in sections:
-        trainer.log_metrics(name, part)
-
-    ##########################################
-    # Output directory: metrics, reports,    #
-    # model card; then publish               #
-    ##########################################
-    if trainer.is_world_process_zero():
-        from hf_finetune.outputs.reports import report_section, write_reports
-
-        report_files = write_reports(
-            output_dir,
-            logits=predictions.predictions,
-            labels=predictions.label_ids,
-            label_names=data.labels,
-            images=undecoded_images(data.splits[report_split], data.image_column),
-            log_history=trainer.state.log_history,
-            split="test" if report_split == "test" else "validation",
-            locate=data.image_name,
-        )
-        output.relativize_trainer_state(output_dir)
-        write_card(
-            output_dir, model_args, data_args, training_args, data.labels, results, extra_args,
-            reports=report_section(report_files),
-        )  # fmt: skip
-        # Metrics last: all_results.json marks a finished run (see prepare_output_dir).
-        for name, part in sections:
-            trainer.save_metrics(name, part)
-        if record is not None:
-            record.finish()
-        if publish:
-            from hf_finetune.outputs.publish import publish as publish_dir
-
-            repo_id = training_args.hub_model_id or output_dir.name
-            publish_dir(output_dir, repo_id, private=training_args.hub_private_repo, token=hub_token)
-    return results
+    record = open_output_dir(
+        trainer, settings, model_args, data_args, training_args, data.prepared, load_report
+    )
+    train_metrics = train_and_save(trainer, settings, training_args, data.splits["train"], train)
+    evaluation = evaluate_splits(trainer, data.splits, train_metrics, train)
+    finish_outputs(trainer, settings, record, evaluation, data.prepared, model_args, data_args, training_args)
+    return evaluation.results
 
 
 def undecoded_images(dataset, image_column: str):

@@ -1,0 +1,73 @@
+"""The Trainer a run trains with: our checkpoint reloads, exact-resume callbacks, metrics and collator, the
+strategy's optimizer groups, and the speed and batch settings it is sized from."""
+
+from __future__ import annotations
+
+import logging
+
+from hf_finetune.config import apply_global_batch_size, global_batch_description
+
+logger = logging.getLogger(__name__)
+
+
+def build_trainer(
+    model,
+    training_args,
+    splits,
+    image_processor,
+    num_labels: int,
+    callbacks=None,
+    plan=None,
+    channels_last=False,
+):
+    from transformers import EarlyStoppingCallback, Trainer
+
+    from hf_finetune.data.transforms import Collator
+    from hf_finetune.strategies.trainer import strategy_trainer_class
+    from hf_finetune.train.checkpoints import CheckpointLoadingMixin, CompleteCheckpointCallback
+    from hf_finetune.train.metrics import ComputeMetrics
+    from hf_finetune.train.resume import AugmentationEpochCallback, StepSeedCallback
+
+    callbacks = list(callbacks or [])
+    if getattr(training_args, "early_stopping_patience", None):
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
+    # With a freezing plan, the Trainer builds its optimizer groups and unfreezing schedule from it.
+    base_cls, extra = (strategy_trainer_class(), {"plan": plan}) if plan is not None else (Trainer, {})
+    trainer_cls = type("FinetuneTrainer", (CheckpointLoadingMixin, base_cls), {})
+    callbacks.append(CompleteCheckpointCallback())
+    # Exact resume (hf_finetune.train.resume): each step's random stream and each picture's augmentation are derived
+    # from the seed, so a resumed run draws what the uninterrupted one drew.
+    callbacks.append(StepSeedCallback(training_args.seed))
+    if hasattr(splits["train"], "set_epoch"):
+        callbacks.append(AugmentationEpochCallback(splits["train"]))
+    return trainer_cls(
+        model=model,
+        args=training_args,
+        train_dataset=splits["train"],
+        eval_dataset=splits["validation"],
+        data_collator=Collator(channels_last),
+        compute_metrics=ComputeMetrics(num_labels),
+        processing_class=image_processor,
+        callbacks=callbacks,
+        **extra,
+    )
+
+
+def assemble_trainer(model, plan, training_args, splits, image_processor, num_labels: int):
+    """Trainer: speed settings, the global batch size, and the Trainer with our callbacks."""
+    from hf_finetune.train.speed import apply_channels_last, log_input_pipeline
+
+    channels_last = apply_channels_last(model, training_args)
+    log_input_pipeline(training_args, channels_last)
+    # Before the Trainer: it sizes its accumulation (and the steps per epoch) from these arguments.
+    apply_global_batch_size(training_args)
+    logger.info(global_batch_description(training_args))
+    return build_trainer(
+        model,
+        training_args,
+        splits,
+        image_processor,
+        num_labels,
+        plan=plan,
+        channels_last=channels_last,
+    )
