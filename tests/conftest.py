@@ -1,12 +1,17 @@
-"""Shared fixtures: tiny checkpoints built from configs and small real-picture datasets, all offline."""
+"""Shared fixtures and helpers: tiny checkpoints built from configs, small real-picture datasets, tiny
+in-process runs, and a model of an unknown family; all offline."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from collections import OrderedDict
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -92,6 +97,26 @@ def tiny_vit(tmp_path_factory) -> Path:
     )
 
 
+# Not the test data's labels: a tiny checkpoint's head is re-initialised on load, as with a real Hub checkpoint.
+CHECKPOINT_LABELS = ["cat", "dog", "bird", "fish"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """`checkpoints(arch)`: a tiny checkpoint of that architecture with `CHECKPOINT_LABELS`, built once per module."""
+    from hf_finetune.testing.tiny import build_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    built: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            built[arch] = build_tiny_checkpoint(arch, root / arch, CHECKPOINT_LABELS)
+        return built[arch]
+
+    return get
+
+
 def run_training(argv: list[str], dataset=None) -> dict:
     """Parse argv exactly like the CLI does and run training in-process; returns all metrics."""
     from hf_finetune.commands.cli import parse_train_args
@@ -106,3 +131,42 @@ def run_training(argv: list[str], dataset=None) -> dict:
         dataset=dataset,
         **extra,
     )
+
+
+# What keeps a tiny in-process run fast: no worker processes, and no saves, evaluations or logs while training.
+FAST_RUN = ["--use_cpu", "true", "--dataloader_num_workers", "0", "--eval_strategy", "no", "--save_strategy", "no",
+            "--load_best_model_at_end", "false", "--logging_strategy", "no", "--disable_tqdm", "true"]  # fmt: skip
+
+
+def tiny_run(checkpoint, output_dir, data, *flags, epochs: int = 1) -> dict:
+    """One fast in-process run of `checkpoint` on `data` (batch 8, learning rate 0.01, `FAST_RUN`; `flags` win),
+    parsed exactly like the CLI; returns all metrics."""
+    argv = ["--model_name_or_path", str(checkpoint), "--output_dir", str(output_dir),
+            "--num_train_epochs", str(epochs), "--per_device_train_batch_size", "8", "--learning_rate", "0.01",
+            *FAST_RUN, "--log_level", "warning", *flags]  # fmt: skip
+    return run_training(argv, dataset=data)
+
+
+def tiny_run_summary(checkpoint, output_dir, data, *flags, epochs: int = 1) -> dict:
+    """`tiny_run`, returning the run's strategy_summary.json."""
+    from hf_finetune.strategies.core import STRATEGY_SUMMARY
+
+    tiny_run(checkpoint, output_dir, data, *flags, epochs=epochs)
+    return json.loads((Path(output_dir) / STRATEGY_SUMMARY).read_text())
+
+
+class MysteryNet(nn.Module):
+    """Stands in for a transformers family that hf-finetune knows nothing of (no block map, no LoRA defaults)."""
+
+    base_model_prefix = "backbone"
+
+    def __init__(self):
+        super().__init__()
+        self.config = SimpleNamespace(model_type="mystery_net", num_labels=2)
+        self.backbone = nn.Sequential(
+            OrderedDict(stem=nn.Conv2d(3, 4, 3), body=nn.Conv2d(4, 4, 3), pool=nn.AdaptiveAvgPool2d(1))
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+
+    def forward(self, pixel_values):
+        return self.classifier(self.backbone(pixel_values))

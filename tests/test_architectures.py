@@ -1,10 +1,8 @@
 """Tiny checkpoints and the block map, over every supported architecture (offline, a few seconds)."""
 
-from collections import OrderedDict
-from types import SimpleNamespace
-
 import pytest
 import torch
+from conftest import MysteryNet
 from PIL import Image
 from torch import nn
 from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification
@@ -118,25 +116,8 @@ def test_conv_architectures_keep_their_batchnorm(arch):
     assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-class _MysteryNet(nn.Module):
-    """Stands in for a transformers family the block map does not know."""
-
-    base_model_prefix = "backbone"
-
-    def __init__(self):
-        super().__init__()
-        self.config = SimpleNamespace(model_type="mystery_net")
-        self.backbone = nn.Sequential(
-            OrderedDict(stem=nn.Conv2d(3, 4, 3), body=nn.Conv2d(4, 4, 3), pool=nn.AdaptiveAvgPool2d(1))
-        )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
-
-    def forward(self, pixel_values):
-        return self.classifier(self.backbone(pixel_values))
-
-
 def test_unknown_model_type_lists_modules_and_points_to_regexes(pixels):
-    model = _MysteryNet()
+    model = MysteryNet()
     with pytest.raises(UserError) as raised:
         block_map(model)
     message = str(raised.value)

@@ -309,6 +309,7 @@ def _hub_cache_with(cache: Path, repo_id: str, folder: Path, commit: str = "0" *
 
 def test_hub_preflight_loads_what_is_cached_and_refuses_what_is_not(tmp_path, tiny_vit, monkeypatch):
     from huggingface_hub import constants
+    from transformers import AutoImageProcessor
 
     from hf_finetune import hub
     from hf_finetune.config import ModelArguments
@@ -320,7 +321,9 @@ def test_hub_preflight_loads_what_is_cached_and_refuses_what_is_not(tmp_path, ti
     assert hub.offline("model")
     model_args = ModelArguments(model_name_or_path="someone/tiny-vit", cache_dir=str(cache))
     assert load_config(model_args).model_type == "vit"
-    assert load_image_processor(model_args) is not None
+    assert (
+        load_image_processor(model_args).to_dict() == AutoImageProcessor.from_pretrained(tiny_vit).to_dict()
+    )
     # Not in this cache dir (nor in the default one): the one-paragraph message, before any library call.
     with pytest.raises(UserError, match="not in the local cache") as err:
         load_config(ModelArguments(model_name_or_path="someone/other-vit", cache_dir=str(cache)))

@@ -12,13 +12,12 @@ import os
 import re
 import subprocess
 import sys
-from collections import OrderedDict
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import digits_dataset
+from conftest import MysteryNet, digits_dataset
+from conftest import tiny_run_summary as train
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForImageClassification
@@ -31,10 +30,9 @@ from hf_finetune.strategies.lora import apply_lora, is_adapter_parameter
 from hf_finetune.strategies.lora_outputs import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from hf_finetune.strategies.plan import plan_strategy
 from hf_finetune.strategies.registry import STRATEGIES, STRATEGY_SUMMARY
-from hf_finetune.testing.tiny import TINY_ARCHITECTURES, build_tiny_checkpoint
+from hf_finetune.testing.tiny import TINY_ARCHITECTURES
 
 REPO = Path(__file__).resolve().parent.parent
-CHECKPOINT_LABELS = ["cat", "dog", "bird", "fish"]  # not the data's: the head is re-initialised on load
 DATA_LABELS = ["zero", "one", "two"]
 TRANSFORMERS = ("vit", "deit", "beit", "dinov2", "swin")
 CONVOLUTIONAL = ("resnet", "regnet", "mobilenet_v2", "efficientnet")
@@ -50,46 +48,6 @@ def data():
     return DatasetDict(
         train=digits_dataset(8, names=DATA_LABELS), validation=digits_dataset(2, names=DATA_LABELS, offset=20)
     )
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("checkpoints")
-    built: dict[str, Path] = {}
-
-    def get(arch: str) -> Path:
-        if arch not in built:
-            built[arch] = build_tiny_checkpoint(arch, root / arch, CHECKPOINT_LABELS)
-        return built[arch]
-
-    return get
-
-
-def train(folder, output_dir, data, *flags, epochs: int = 1) -> dict:
-    """One in-process `lora` run parsed exactly like the CLI; returns strategy_summary.json."""
-    from hf_finetune.train.run import run
-
-    model_args, data_args, strategy_args, training_args = parse_train_args(
-        [
-            "--model_name_or_path", str(folder),
-            "--output_dir", str(output_dir),
-            "--strategy", "lora",
-            "--num_train_epochs", str(epochs),
-            "--per_device_train_batch_size", "8",
-            "--learning_rate", "0.01",
-            "--use_cpu", "true",
-            "--dataloader_num_workers", "0",
-            "--eval_strategy", "no",
-            "--save_strategy", "no",
-            "--load_best_model_at_end", "false",
-            "--logging_strategy", "no",
-            "--disable_tqdm", "true",
-            "--log_level", "warning",
-            *flags,
-        ]
-    )  # fmt: skip
-    run(model_args, data_args, training_args, dataset=data, strategy_args=strategy_args)
-    return json.loads((Path(output_dir) / STRATEGY_SUMMARY).read_text())
 
 
 def base_with_data_labels(folder) -> nn.Module:
@@ -230,34 +188,17 @@ def test_what_trains_in_a_tiny_vit_and_a_timm_vit_by_name(checkpoints):
     }
 
 
-class _MysteryNet(nn.Module):
-    """Stands in for a transformers family hf-finetune has no defaults for."""
-
-    base_model_prefix = "backbone"
-
-    def __init__(self):
-        super().__init__()
-        self.config = SimpleNamespace(model_type="mystery_net", num_labels=2)
-        self.backbone = nn.Sequential(
-            OrderedDict(stem=nn.Conv2d(3, 4, 3), body=nn.Conv2d(4, 4, 3), pool=nn.AdaptiveAvgPool2d(1))
-        )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
-
-    def forward(self, pixel_values):
-        return self.classifier(self.backbone(pixel_values))
-
-
 def test_unknown_architecture_needs_lora_target_modules_and_is_told_the_candidates():
     with pytest.raises(UserError) as raised:
-        apply_lora(_MysteryNet(), StrategyArguments(strategy="lora"))
+        apply_lora(MysteryNet(), StrategyArguments(strategy="lora"))
     message = str(raised.value)
     assert "mystery_net" in message and "lora_target_modules" in message
     assert "`backbone.stem` (1 Conv2d)" in message and "`backbone.body` (1 Conv2d)" in message
 
     with pytest.raises(UserError, match="`backbone.body`"):
-        apply_lora(_MysteryNet(), StrategyArguments(strategy="lora", lora_target_modules=["trunk"]))
+        apply_lora(MysteryNet(), StrategyArguments(strategy="lora", lora_target_modules=["trunk"]))
 
-    wrapped = apply_lora(_MysteryNet(), StrategyArguments(strategy="lora", lora_target_modules=["body"]))
+    wrapped = apply_lora(MysteryNet(), StrategyArguments(strategy="lora", lora_target_modules=["body"]))
     plan = plan_strategy(wrapped, StrategyArguments(strategy="lora"))
     assert {n.replace("base_model.model.", "") for n in plan.trainable_at(0)} == {
         "backbone.body.lora_A.default.weight",

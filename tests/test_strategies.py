@@ -12,12 +12,13 @@ import json
 import os
 import subprocess
 import sys
-from collections import OrderedDict
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import MysteryNet, digits_dataset
+from conftest import tiny_run_summary as train
 from torch import nn
 from transformers import AutoModelForImageClassification
 
@@ -34,6 +35,7 @@ from hf_finetune.testing.tiny import TINY_ARCHITECTURES, build_tiny_checkpoint
 REPO = Path(__file__).resolve().parent.parent
 # Not the data's labels: the head is re-initialised on load, as with a real Hub checkpoint.
 CHECKPOINT_LABELS = ["cat", "dog", "bird", "fish"]
+DATA_LABELS = ["zero", "one", "two"]
 BATCHNORM_ARCHITECTURES = ("resnet", "regnet", "mobilenet_v2", "efficientnet")
 BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -41,67 +43,13 @@ BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _digits(per_class: int, offset: int):
-    import numpy as np
-    from datasets import ClassLabel, Dataset, Features, Image
-    from PIL import Image as PILImage
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images, labels = [], []
-    for cls in range(3):
-        for index in np.flatnonzero(digits.target == cls)[offset : offset + per_class]:
-            pixels = (255 - digits.images[index] / 16 * 255).astype(np.uint8)
-            images.append(PILImage.fromarray(pixels).resize((32, 32)).convert("RGB"))
-            labels.append(cls)
-    features = Features({"image": Image(), "label": ClassLabel(names=["zero", "one", "two"])})
-    return Dataset.from_dict({"image": images, "label": labels}, features=features)
-
-
 @pytest.fixture(scope="module")
 def data():
     from datasets import DatasetDict
 
-    return DatasetDict(train=_digits(8, 0), validation=_digits(2, 20))
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("checkpoints")
-    built: dict[str, Path] = {}
-
-    def get(arch: str) -> Path:
-        if arch not in built:
-            built[arch] = build_tiny_checkpoint(arch, root / arch, CHECKPOINT_LABELS)
-        return built[arch]
-
-    return get
-
-
-def train(folder, output_dir, data, *flags, epochs: int = 1) -> dict:
-    """One in-process run parsed exactly like the CLI; returns strategy_summary.json."""
-    from hf_finetune.train.run import run
-
-    model_args, data_args, strategy_args, training_args = parse_train_args(
-        [
-            "--model_name_or_path", str(folder),
-            "--output_dir", str(output_dir),
-            "--num_train_epochs", str(epochs),
-            "--per_device_train_batch_size", "8",
-            "--learning_rate", "0.01",
-            "--use_cpu", "true",
-            "--dataloader_num_workers", "0",
-            "--eval_strategy", "no",
-            "--save_strategy", "no",
-            "--load_best_model_at_end", "false",
-            "--logging_strategy", "no",
-            "--disable_tqdm", "true",
-            "--log_level", "warning",
-            *flags,
-        ]
-    )  # fmt: skip
-    run(model_args, data_args, training_args, dataset=data, strategy_args=strategy_args)
-    return json.loads((Path(output_dir) / STRATEGY_SUMMARY).read_text())
+    return DatasetDict(
+        train=digits_dataset(8, names=DATA_LABELS), validation=digits_dataset(2, names=DATA_LABELS, offset=20)
+    )
 
 
 def load_state(folder) -> tuple[dict[str, torch.Tensor], nn.Module]:
@@ -424,25 +372,8 @@ def test_frozen_batchnorm_stays_in_eval_mode_whatever_model_train_says(checkpoin
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("classifier"))
 
 
-class _MysteryNet(nn.Module):
-    """Stands in for a transformers family the block map does not know."""
-
-    base_model_prefix = "backbone"
-
-    def __init__(self):
-        super().__init__()
-        self.config = SimpleNamespace(model_type="mystery_net")
-        self.backbone = nn.Sequential(
-            OrderedDict(stem=nn.Conv2d(3, 4, 3), body=nn.Conv2d(4, 4, 3), pool=nn.AdaptiveAvgPool2d(1))
-        )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
-
-    def forward(self, pixel_values):
-        return self.classifier(self.backbone(pixel_values))
-
-
 def test_unknown_architecture_works_without_the_block_map_and_errors_clearly_with_it():
-    model = _MysteryNet()
+    model = MysteryNet()
     example = {"pixel_values": torch.randn(2, 3, 16, 16)}
     plan = prepare_strategy(model, StrategyArguments(head_lr_multiplier=5), example_inputs=example)
     assert set(plan.groups) == {"body", "head"} and len(plan.trainable_at(0)) == 6

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import digits_dataset, run_training
+from conftest import digits_dataset, run_training, tiny_run
 from datasets import DatasetDict
 
 from hf_finetune.config import ModelArguments
@@ -157,15 +157,8 @@ def _weights(path):
     return load_file(str(path))
 
 
-# What keeps a tiny run fast (as in test_strategies): no worker processes, no per-epoch saves or logs.
-FAST = ["--use_cpu", "true", "--dataloader_num_workers", "0", "--save_strategy", "no", "--eval_strategy", "no",
-        "--load_best_model_at_end", "false", "--logging_strategy", "no", "--disable_tqdm", "true"]  # fmt: skip
-
-
 def _train(checkpoint, data, output_dir, strategy, *extra):
-    argv = ["--model_name_or_path", str(checkpoint), "--output_dir", str(output_dir), "--strategy", strategy]
-    argv += ["--num_train_epochs", "2", "--learning_rate", "0.01", "--per_device_train_batch_size", "8"]
-    return run_training(argv + FAST + list(extra), dataset=data)
+    return tiny_run(checkpoint, output_dir, data, "--strategy", strategy, *extra, epochs=2)
 
 
 def _changed(before, after) -> set[str]:
@@ -174,7 +167,7 @@ def _changed(before, after) -> set[str]:
 
 @pytest.mark.parametrize("strategy", ["full", "head", "last_n", "gradual", "llrd", "lora"])
 def test_each_strategy_trains_the_timm_checkpoint(strategy, timm_checkpoint, data, tmp_path):
-    # The last epoch's weights (FAST: no best-model reload): what each strategy trained by then is checked.
+    # The last epoch's weights (tiny_run: no best-model reload): what each strategy trained by then is checked.
     results = _train(timm_checkpoint, data, tmp_path, strategy)
     assert 0.0 <= results["test_accuracy"] <= 1.0
     before, after = _weights(timm_checkpoint / "model.safetensors"), _weights(tmp_path / "model.safetensors")
