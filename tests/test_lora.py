@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MysteryNet, digits_dataset
-from conftest import tiny_run_summary as train
+from conftest import MysteryNet, digits_dataset, tiny_run_summary
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForImageClassification
@@ -48,6 +47,11 @@ def data():
     return DatasetDict(
         train=digits_dataset(8, names=DATA_LABELS), validation=digits_dataset(2, names=DATA_LABELS, offset=20)
     )
+
+
+def train(folder, output_dir, data, *flags, epochs: int = 1) -> dict:
+    """One tiny in-process `lora` run (`tiny_run`); returns strategy_summary.json."""
+    return tiny_run_summary(folder, output_dir, data, "--strategy", "lora", *flags, epochs=epochs)
 
 
 def base_with_data_labels(folder) -> nn.Module:
