@@ -123,8 +123,7 @@ def explains_its_length(path: Path) -> bool:
 
 @pytest.mark.xfail(
     strict=False,
-    reason="modules of other parts of the layout work (config, data, strategies, probe, compare) are still being "
-    "split on their branches; strict after the merge",
+    reason="the probe and strategies modules are still being split on their branches; strict after the merge",
 )
 def test_every_module_is_short_or_says_why():
     offenders = []
@@ -173,8 +172,8 @@ def test_private_name_uses_counts_code_not_prose():
 
 @pytest.mark.xfail(
     strict=False,
-    reason="the strategies, models, config and hub modules move their private names into compat.py on their "
-    "branches; strict after the merge",
+    reason="the strategies and models modules move their private names into compat.py on their branches; strict "
+    "after the merge",
 )
 def test_private_upstream_names_only_in_compat():
     offenders = [
