@@ -149,7 +149,7 @@ def tiny_run(checkpoint, output_dir, data, *flags, epochs: int = 1) -> dict:
 
 def tiny_run_summary(checkpoint, output_dir, data, *flags, epochs: int = 1) -> dict:
     """`tiny_run`, returning the run's strategy_summary.json."""
-    from hf_finetune.strategies.core import STRATEGY_SUMMARY
+    from hf_finetune.strategies.registry import STRATEGY_SUMMARY
 
     tiny_run(checkpoint, output_dir, data, *flags, epochs=epochs)
     return json.loads((Path(output_dir) / STRATEGY_SUMMARY).read_text())
