@@ -9,8 +9,6 @@ import io
 import tokenize
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parent.parent / "hf_finetune"
 MAX_LINES = 450
 # Private names of torch / transformers / accelerate / timm / datasets / argparse that hf-finetune is known to need.
@@ -121,10 +119,6 @@ def explains_its_length(path: Path) -> bool:
     return "lines" in first and any(word in first for word in ("because", "since", "why", ":"))
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="the probe and strategies modules are still being split on their branches; strict after the merge",
-)
 def test_every_module_is_short_or_says_why():
     offenders = []
     for path in modules().values():
@@ -170,11 +164,6 @@ def test_private_name_uses_counts_code_not_prose():
     assert private_name_uses(source) == [(3, "_load_best_model"), (4, "_models")]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="the strategies and models modules move their private names into compat.py on their branches; strict "
-    "after the merge",
-)
 def test_private_upstream_names_only_in_compat():
     offenders = [
         f"{path.relative_to(PACKAGE.parent)}:{line} {name}"
