@@ -16,7 +16,8 @@ The YAML's `strategy: probe` computes the frozen features once and fits a logist
 other strategy trains through the Trainer instead. Both the digits and the converted checkpoint are made in
 data/quickstart/ only; a --train_dir or --model_name_or_path of yours is used as given, never written to.
 global_batch_size in the YAML keeps 64 pictures per optimizer step with one process or two.
-Expect 74 s of CPU time (under 2 minutes on 2 free cores) and a test accuracy around 0.96.
+Expect 74 s of CPU time (under 2 minutes on 2 free cores) and a test accuracy around 0.95 (0.959, 0.948 and
+0.944 with --seed 42, 0 and 1: each seed draws another stratified split).
 """
 
 import sys

@@ -190,9 +190,13 @@ def build_stand_in_checkpoint(
     return folder
 
 
-# The quickstart's copy of Lite0 takes the 32-px digits at 96 px, whole (a centre crop would cut their edges):
-# frozen-feature logistic regression measured 0.96 test accuracy there, as at 128 and 160 px (0.956 each), at
-# a third of the compute of 160 px; the Hub repo's 224 px with crop 0.875 costs 5x as much.
+# The quickstart's copy of Lite0 takes the 32-px digits at 96 px, whole (a centre crop would cut their edges).
+# Frozen-feature logistic regression (C on validation) on seven stratified 70/15/15 splits drawn with sklearn
+# (seeds 42, 0-5) measured a mean test accuracy of 0.954 at 96 px, 0.952 at 128, 0.958 at 160 and 0.941 at
+# 192: larger inputs buy no accuracy beyond the split-to-split spread (about +-0.01), and 160 px costs 2.8x
+# the compute of 96 (the Hub repo's 224 px with crop 0.875, 5x). Fusing Lite0 at 160 and 96 px reached a
+# mean of 0.968 (0.967 / 0.959 / 0.981 on splits 42 / 0 / 1) for 3.8x the compute; full fine-tuning at 64 px
+# with frozen BatchNorm (AdamW 3e-4, head 30x, 3 epochs) gave 0.956 for 311 s of CPU time. Neither is kept.
 QUICKSTART_IMAGE_SIZE = 96
 QUICKSTART_CROP_PCT = 1.0
 # recipes/compare.yaml trains six networks and fuses Lite0 with Lite2 within a few CPU minutes: 64 px costs less
