@@ -1,5 +1,5 @@
 """The package's layout rules, checked on the source tree so that they stay true: no import cycle between the
-modules of `hf_finetune` (module-level imports), modules of readable length (or a written reason), sub-package
+modules of `hf_finetune` (module-level imports, and imports inside functions too), modules of readable length (or a written reason), sub-package
 `__init__.py` files that hold only a docstring, and private upstream names only in `hf_finetune/compat.py`."""
 
 from __future__ import annotations
@@ -110,6 +110,41 @@ def test_no_module_level_import_cycle():
     graph = {name: module_level_imports(path, known) - {name} for name, path in known.items()}
     cycles = find_cycles(graph)
     assert not cycles, "module-level import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def all_imports(path: Path, known: dict[str, Path]) -> set[str]:
+    """The package modules that `path` imports anywhere, inside functions too (not under `if TYPE_CHECKING:`)."""
+    tree = ast.parse(path.read_text())
+    type_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for inner in ast.walk(node)
+    }
+    targets = set()
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
+        if isinstance(node, ast.Import):
+            targets |= {alias.name for alias in node.names if alias.name.split(".")[0] == "hf_finetune"}
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and (node.module or "").startswith("hf_finetune")
+        ):
+            for alias in node.names:
+                submodule = f"{node.module}.{alias.name}"
+                targets.add(submodule if submodule in known else node.module)
+    return {t for t in targets if t in known and t != "hf_finetune"}
+
+
+def test_no_import_cycle_even_through_imports_inside_functions():
+    """Layers import downwards only: a function-level import back up (deferred to keep --help fast) would hide
+    a cycle that the module-level check cannot see."""
+    known = modules()
+    graph = {name: all_imports(path, known) - {name} for name, path in known.items()}
+    cycles = find_cycles(graph)
+    assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
 
 
 def explains_its_length(path: Path) -> bool:

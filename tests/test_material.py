@@ -120,12 +120,8 @@ def test_recipe_with_a_hub_id_offline_creates_nothing_and_stops(name, tmp_path, 
 # The helpers, called from user code
 # --------------------------------------------------------------------------------------------------------
 def test_helpers_build_only_in_the_material_folder(tmp_path, monkeypatch):
-    from hf_finetune.testing.quickstart import (
-        MATERIAL_DIR,
-        build_stand_in_checkpoint,
-        export_digits,
-        material_name,
-    )
+    from hf_finetune.testing.material import MATERIAL_DIR, material_name
+    from hf_finetune.testing.quickstart import build_stand_in_checkpoint, export_digits
 
     monkeypatch.chdir(tmp_path)
     mine = tmp_path / "pictures"

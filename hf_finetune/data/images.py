@@ -321,3 +321,10 @@ def image_location(value: Any) -> str:
     if isinstance(value, str):
         return value
     return "<in-memory image>"
+
+
+def undecoded_images(dataset, image_column: str):
+    """The image column as {"bytes", "path"} values, without decoding every picture up front."""
+    from datasets import Image
+
+    return dataset.cast_column(image_column, Image(decode=False))[image_column]

@@ -71,7 +71,7 @@ def load_config(model_args: ModelArguments):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
-    from hf_finetune.testing.quickstart import check_built
+    from hf_finetune.testing.material import check_built
 
     check_built(model_args.model_name_or_path, "model_name_or_path")
     warn_if_local_shadows(model_args.model_name_or_path, "model_name_or_path")

@@ -198,7 +198,7 @@ def save_probe(
 
     `started` (a `time.perf_counter()` value) adds `total_seconds`, end to end, to the results. With
     `training_args.push_to_hub`, the finished folder is published with `hub_token` (or the login's token).
-    `record` (from `train.run.start_output`) is told what was written, before anything is published.
+    `record` (from `outputs.run_folder.start_output`) is told what was written, before anything is published.
     """
     from hf_finetune.probe.export import (
         FORMAT_PROBE,
@@ -262,8 +262,8 @@ def save_probe(
     ###########################################################
     # Config, summary, reports, card and metrics, like `train` #
     ###########################################################
+    from hf_finetune.data.images import undecoded_images
     from hf_finetune.outputs.reports import report_section, write_reports
-    from hf_finetune.train.run import undecoded_images
 
     results = result.results
     output.write_resolved_config(output_dir, model_args, data_args, probe_args, training_args)
@@ -319,7 +319,7 @@ def save_probe(
         sections=[report_section(report_files)],
     )
     write_probe_card(output_dir, fmt, content)
-    # Metrics last: all_results.json marks a finished run (see `train.run.prepare_output_dir`).
+    # Metrics last: all_results.json marks a finished run (see `outputs.run_folder.prepare_output_dir`).
     if started is not None:
         results["total_seconds"] = round(time.perf_counter() - started, 3)
     for prefix in ("eval", "test"):
@@ -357,7 +357,7 @@ def run_probe(
     from transformers import set_seed
 
     from hf_finetune.config_resolved import expand_output_dir
-    from hf_finetune.train.run import prepare_output_dir, start_output
+    from hf_finetune.outputs.run_folder import prepare_output_dir, start_output
 
     expand_output_dir(training_args, model_args, data_args, probe_args)  # e.g. outputs/probe/{classifier}
     set_seed(training_args.seed)

@@ -32,11 +32,17 @@ from pathlib import Path
 
 from hf_finetune.errors import UserError
 from hf_finetune.hub import looks_like_hub_id
+from hf_finetune.testing.material import (
+    COMPARE_IMAGE_SIZE,
+    MATERIAL_DIR,
+    MATERIAL_NAMES,
+    material_name,
+    material_names_text,
+)
 from hf_finetune.testing.tiny import TINY_ARCHITECTURES
 
 logger = logging.getLogger(__name__)
 
-MATERIAL_DIR = Path("data") / "quickstart"  # relative: the working directory's demo material folder
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # The stand-in "pretraining" label set: deliberately not the digits, so the head must be replaced.
@@ -59,24 +65,6 @@ _DIGITS_MARKER = ".complete"  # written last by export_digits: the folder is fin
 # --------------------------------------------------------------------------------------------------------
 # The material folder rule
 # --------------------------------------------------------------------------------------------------------
-def material_name(path: str | os.PathLike) -> str | None:
-    """The kind of material `path` names (`digits`, `stand-in-vit`, ...), or None when it is not material.
-
-    Material is exactly a known name directly inside `MATERIAL_DIR`; every other path belongs to the user.
-    """
-    path = Path(path).expanduser()
-    if path.name not in MATERIAL_BUILDERS:
-        return None
-    return path.name if path.resolve().parent == MATERIAL_DIR.resolve() else None
-
-
-def _material_names() -> str:
-    kinds = {
-        "stand-in-<architecture>" if name.startswith("stand-in-") else name for name in MATERIAL_BUILDERS
-    }
-    return ", ".join(f"{MATERIAL_DIR}/{kind}" for kind in sorted(kinds))
-
-
 def _check_target(folder: str | os.PathLike, kind: str, outside_material_dir: bool) -> None:
     """Refuse to build where the result could be mistaken for a Hub id, or outside the material folder.
 
@@ -91,7 +79,7 @@ def _check_target(folder: str | os.PathLike, kind: str, outside_material_dir: bo
     if not outside_material_dir and material_name(folder) is None:
         raise UserError(
             f"Not building {kind} at `{folder}`: demo material is only written into the material folder "
-            f"{MATERIAL_DIR}/ ({_material_names()}), so that no folder of yours is ever written to. Pass "
+            f"{MATERIAL_DIR}/ ({material_names_text()}), so that no folder of yours is ever written to. Pass "
             "outside_material_dir=True to build it in a folder you created for it."
         )
 
@@ -199,9 +187,6 @@ def build_stand_in_checkpoint(
 # with frozen BatchNorm (AdamW 3e-4, head 30x, 3 epochs) gave 0.956 for 311 s of CPU time. Neither is kept.
 QUICKSTART_IMAGE_SIZE = 96
 QUICKSTART_CROP_PCT = 1.0
-# recipes/compare.yaml trains six networks and fuses Lite0 with Lite2 within a few CPU minutes: 64 px costs less
-# than half of 96 px per picture (frozen-feature logistic regression measured 0.948 there, fusion 0.963).
-COMPARE_IMAGE_SIZE = 64
 
 
 def build_real_checkpoint(
@@ -244,6 +229,8 @@ MATERIAL_BUILDERS: dict[str, Callable[[Path], Path]] = {
     },
     **{f"stand-in-{arch}": partial(build_stand_in_checkpoint, arch=arch) for arch in TINY_ARCHITECTURES},
 }
+if set(MATERIAL_BUILDERS) != set(MATERIAL_NAMES):  # the names the loaders recognise are the ones built here
+    raise RuntimeError("testing.material.MATERIAL_NAMES and MATERIAL_BUILDERS disagree")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -276,14 +263,3 @@ def prepare_material(model_args, data_args, training_args=None) -> list[Path]:
         for path in wanted:
             MATERIAL_BUILDERS[path.name](path)
     return wanted
-
-
-def check_built(path: str | os.PathLike, setting: str) -> None:
-    """A setting that names demo material not built yet gets an error saying what builds it (loaders call
-    this; they never build material themselves)."""
-    if material_name(path) and not Path(path).exists():
-        raise UserError(
-            f"{setting}={path} does not exist yet: it is demo material, which the demo recipes build in "
-            f"{MATERIAL_DIR}/ on their first run (python recipes/quickstart.py, recipes/probe.py or "
-            "recipes/compare.py, from this working directory). Or point it at your own checkpoint or pictures."
-        )
