@@ -55,17 +55,20 @@ def module_level_imports(path: Path, known: dict[str, Path]) -> set[str]:
 
     targets = set()
     for node in statements(ast.parse(path.read_text()).body):
-        if isinstance(node, ast.Import):
-            targets |= {alias.name for alias in node.names if alias.name.split(".")[0] == "hf_finetune"}
-        elif (
-            isinstance(node, ast.ImportFrom)
-            and node.level == 0
-            and (node.module or "").startswith("hf_finetune")
-        ):
-            for alias in node.names:  # `from package import module` imports that module
-                submodule = f"{node.module}.{alias.name}"
-                targets.add(submodule if submodule in known else node.module)
+        targets |= imported_modules(node, known)
     return {t for t in targets if t in known}
+
+
+def imported_modules(node, known: dict[str, Path]) -> set[str]:
+    """The package modules one import statement names (`from package import module` names that module)."""
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names if alias.name.split(".")[0] == "hf_finetune"}
+    if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("hf_finetune"):
+        return {
+            f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in known else node.module
+            for alias in node.names
+        }
+    return set()
 
 
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -123,18 +126,8 @@ def all_imports(path: Path, known: dict[str, Path]) -> set[str]:
     }
     targets = set()
     for node in ast.walk(tree):
-        if id(node) in type_only:
-            continue
-        if isinstance(node, ast.Import):
-            targets |= {alias.name for alias in node.names if alias.name.split(".")[0] == "hf_finetune"}
-        elif (
-            isinstance(node, ast.ImportFrom)
-            and node.level == 0
-            and (node.module or "").startswith("hf_finetune")
-        ):
-            for alias in node.names:
-                submodule = f"{node.module}.{alias.name}"
-                targets.add(submodule if submodule in known else node.module)
+        if id(node) not in type_only:
+            targets |= imported_modules(node, known)
     return {t for t in targets if t in known and t != "hf_finetune"}
 
 
