@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repo_id", required=True, help="user/name of the model repository")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--dry_run", action="store_true", help="list the files that would be uploaded")
-    args = parser.parse_args(argv)  # logging: configured by the command layer (cli.report_user_errors)
+    args = parser.parse_args(argv)  # logging: configured by the command layer (errors.report_user_errors)
     result = publish(args.output_dir, args.repo_id, private=args.private or None, dry_run=args.dry_run)
     header = "Would upload" if result.dry_run else f"Uploaded to {result.url}:"
     sys.stdout.write(f"{header} {len(result.files)} file(s)\n" + "".join(f"  {f}\n" for f in result.files))
