@@ -20,6 +20,7 @@ commands:
   probe        frozen features (cached) + logistic regression / SVM / naive Bayes / kNN / small heads;
                several comma-separated checkpoints are fused (also: train --strategy probe)
   compare      every way to transfer on the same split: one table, two plots, one folder per method
+  inspect      know your data: leakage and duplicates across splits, likely label errors, picture statistics
   predict      top-k labels for image files or folders with any output directory or Hub model
   push         upload a finished output directory to a Hub model repository (--dry_run lists the files)
 
@@ -90,6 +91,13 @@ def predict(argv: list[str] | None = None, prog: str = "hf-finetune predict"):
 
 
 @report_user_errors
+def inspect(argv: list[str] | None = None, prog: str = "hf-finetune inspect"):
+    from hf_finetune.commands.inspect import main as inspect_main
+
+    return inspect_main(argv, prog=prog)
+
+
+@report_user_errors
 def push(argv: list[str] | None = None, prog: str = "hf-finetune push"):
     from hf_finetune.outputs.publish import main as push_main
 
@@ -97,6 +105,7 @@ def push(argv: list[str] | None = None, prog: str = "hf-finetune push"):
 
 
 COMMANDS = {"train": train, "probe": probe, "compare": compare, "predict": predict, "push": push}
+COMMANDS["inspect"] = inspect
 
 
 def main(argv: list[str] | None = None) -> None:
