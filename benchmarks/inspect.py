@@ -177,7 +177,8 @@ def main() -> None:
     from hf_finetune.commands.inspect import parse_inspect_args
     from hf_finetune.inspection.report import write_report
     from hf_finetune.inspection.run import inspect_data, run_inspect
-    from hf_finetune.probe.fit import fit_probe, parse_probe_args, run_probe
+    from hf_finetune.probe.arguments import parse_probe_args
+    from hf_finetune.probe.run import fit_probe, run_probe
     from hf_finetune.testing.real_weights import convert_efficientnet_lite
 
     model = convert_efficientnet_lite(

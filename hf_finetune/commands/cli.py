@@ -35,13 +35,16 @@ def recipe_config(script: str | os.PathLike) -> str:
 
 
 def parse_train_args(
-    argv: list[str] | None = None, prog: str = "hf-finetune train", default_config: str | None = None
+    argv: list[str] | None = None,
+    prog: str = "hf-finetune train",
+    default_config: str | None = None,
+    extra_types: tuple = (),
 ):
     """(model_args, data_args, strategy_args, training_args) from `--config` (else `default_config`) + flags.
 
     The one strategy switch of every training entry point: with `strategy: probe` the third item holds the
     probe's settings (`ProbeRunArguments`: classifier, feature cache, ...), which `training.run` routes to the
-    frozen-feature path.
+    frozen-feature path. `extra_types`: more argument dataclasses, returned after these.
     """
     from hf_finetune.config import DataArguments, FinetuneTrainingArguments, ModelArguments
     from hf_finetune.config_loading import parse_args, requested_setting
@@ -49,11 +52,11 @@ def parse_train_args(
     if requested_setting(argv, "strategy", default_config) == "probe":
         from hf_finetune.probe.arguments import parse_probe_args
 
-        return parse_probe_args(argv, prog, default_config=default_config)
+        return parse_probe_args(argv, prog, default_config=default_config, extra_types=extra_types)
     from hf_finetune.strategies.arguments import StrategyArguments
 
     return parse_args(
-        (ModelArguments, DataArguments, StrategyArguments, FinetuneTrainingArguments),
+        (ModelArguments, DataArguments, StrategyArguments, FinetuneTrainingArguments, *extra_types),
         argv,
         prog=prog,
         default_config=default_config,
@@ -62,10 +65,12 @@ def parse_train_args(
 
 @report_user_errors
 def train(argv: list[str] | None = None, prog: str = "hf-finetune train"):
+    from hf_finetune.inspection.settings import InspectArguments
     from hf_finetune.train.run import run
 
-    model_args, data_args, strategy_args, training_args = parse_train_args(argv, prog)
-    return run(model_args, data_args, training_args, strategy_args=strategy_args)
+    *args, inspect_args = parse_train_args(argv, prog, extra_types=(InspectArguments,))  # inspect, exclude
+    model_args, data_args, strategy_args, training_args = args
+    return run(model_args, data_args, training_args, strategy_args=strategy_args, extra_args=(inspect_args,))
 
 
 @report_user_errors

@@ -11,15 +11,10 @@ def parse_inspect_args(argv: list[str] | None = None, prog: str = "hf-finetune i
     Any training YAML parses: its strategy settings are accepted (and unused), and the probe's settings
     (`classifier`, `feature_cache_dir`, `c_values`, ...) say how the label-error classifier is fitted.
     """
-    from hf_finetune.config import (
-        DataArguments,
-        FinetuneTrainingArguments,
-        ModelArguments,
-        parse_args,
-        requested_setting,
-    )
+    from hf_finetune.config import DataArguments, FinetuneTrainingArguments, ModelArguments
+    from hf_finetune.config_loading import parse_args, requested_setting
     from hf_finetune.inspection.settings import InspectArguments
-    from hf_finetune.probe.fit import ProbeArguments, ProbeRunArguments
+    from hf_finetune.probe.arguments import ProbeArguments, ProbeRunArguments
 
     if requested_setting(argv, "strategy", default_config) == "probe":
         types = (
@@ -33,7 +28,7 @@ def parse_inspect_args(argv: list[str] | None = None, prog: str = "hf-finetune i
             types, argv, prog=prog, default_config=default_config
         )
     else:
-        from hf_finetune.strategies.core import StrategyArguments
+        from hf_finetune.strategies.arguments import StrategyArguments
 
         types = (
             ModelArguments,
@@ -50,7 +45,7 @@ def parse_inspect_args(argv: list[str] | None = None, prog: str = "hf-finetune i
 
 
 def main(argv: list[str] | None = None, prog: str = "hf-finetune inspect"):
-    from hf_finetune.config import expand_output_dir
+    from hf_finetune.config_resolved import expand_output_dir
     from hf_finetune.inspection.run import run_inspect
 
     model_args, data_args, probe_args, inspect_args, training_args = parse_inspect_args(argv, prog)

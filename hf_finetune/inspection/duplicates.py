@@ -46,7 +46,8 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
 
 def comparison_space(features: dict[str, np.ndarray], seed: int = 0) -> dict[str, np.ndarray]:
     """The features as near-duplicates are compared: PCA-whitened on train (at most `WHITENED_DIMS` components,
-    and no more than a quarter of the training rows, so that each one is well estimated).
+    and no more than half as many as training rows: with nearly as many components as rows, whitening makes every
+    training picture equally far from every other, and a copy no closer than a stranger).
 
     Whitening is what image retrieval does with CNN descriptors (Jégou and Chum, ECCV 2012): in the raw pooled
     features a few strong directions, shared by every picture of a kind, dominate the cosine, so that two
@@ -57,7 +58,7 @@ def comparison_space(features: dict[str, np.ndarray], seed: int = 0) -> dict[str
     from sklearn.decomposition import PCA
 
     train = features["train"]
-    dims = int(min(WHITENED_DIMS, train.shape[1], max(2, len(train) // 4)))
+    dims = int(min(WHITENED_DIMS, train.shape[1], max(2, len(train) // 2)))
     pca = PCA(n_components=dims, whiten=True, random_state=seed).fit(train)
     return {split: pca.transform(x).astype("float32") for split, x in features.items()}
 

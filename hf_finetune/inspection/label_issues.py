@@ -9,7 +9,6 @@ ranked by self-confidence: the lowest predicted probability of the given label f
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,17 +35,18 @@ def out_of_fold_probabilities(
     spec, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, num_labels: int, probe_args,
     chosen: dict[str, Any], folds: int, seed: int,
 ) -> tuple[np.ndarray, list[float]]:  # fmt: skip
-    """Probabilities for every row of `x`, each from `spec` fitted on the other folds with the value `chosen`."""
+    """Probabilities for every row of `x`, each from `spec` fitted on the other folds with the value `chosen`
+    (the probe's own estimator and saved predictor, as `probe.search.refit` builds them)."""
     import time
+    import warnings
 
     import numpy as np
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.model_selection import StratifiedKFold
     from tqdm.auto import tqdm
 
-    from hf_finetune.probe.fit import _GRID_SETTING, FitInputs
+    from hf_finetune.probe.search import FitInputs
 
-    # The hyperparameter the probe chose on validation, as a one-value grid: each fold fits once.
-    one_value = dataclasses.replace(probe_args, **{_GRID_SETTING[k]: [v] for k, v in chosen.items()})
     out = np.zeros((len(y), num_labels), dtype=np.float64)
     seconds = []
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
@@ -54,8 +54,14 @@ def out_of_fold_probabilities(
         splitter.split(x, y), total=folds, desc="Label issues: cross-validation", unit="fold", disable=None
     ):
         start = time.perf_counter()
-        inputs = FitInputs(x[fit_rows], y[fit_rows], x_val, y_val, num_labels, seed, log_choice=False)
-        out[held_rows] = spec.fit(inputs, one_value).predictor.probabilities(x[held_rows])
+        inputs = FitInputs(x[fit_rows], y[fit_rows], x_val, y_val, num_labels, seed)
+        estimator = spec.estimator(inputs, probe_args).set_params(**chosen)
+        with warnings.catch_warnings():
+            warnings.simplefilter(
+                "ignore", ConvergenceWarning
+            )  # the value's convergence was reported on train
+            estimator.fit(inputs.x_train, inputs.y_train)
+        out[held_rows] = spec.predictor(estimator, inputs).probabilities(x[held_rows])
         seconds.append(round(time.perf_counter() - start, 3))
     return out, seconds
 

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hf_finetune.outputs import files as output
+from hf_finetune.outputs import atomic
 
 if TYPE_CHECKING:
     from hf_finetune.inspection.run import Inspection
@@ -130,7 +130,7 @@ def report_markdown(report: dict[str, Any], grids: dict[str, str]) -> str:
         "# Data report",
         "",
         f"Checkpoint(s): {', '.join(f'`{c}`' for c in report['checkpoints'])}; pictures: {sizes}. Near-duplicates: "
-        f"cosine similarity of standardised backbone features >= {threshold}; exact: identical file contents.",
+        f"cosine similarity of PCA-whitened backbone features >= {threshold}; exact: identical file contents.",
         "",
     ]
     lines += _pairs_section(
@@ -204,7 +204,7 @@ def _pictures_section(pictures: dict[str, dict[str, Any]]) -> list[str]:
 
 
 TILE = 112  # pixels per thumbnail in a grid
-CAPTION = 44  # pixels of caption under each thumbnail
+CAPTION = 34  # pixels of caption under each thumbnail
 
 
 def _grid(path: Path, cells: list[list[tuple[Any, str]]], title: str) -> None:
@@ -285,9 +285,9 @@ def write_report(output_dir: str | Path, inspection: Inspection, max_shown: int 
     report = report_dict(inspection)
     grids = write_grids(output_dir, inspection, report, max_shown)
     if inspection.excluded is not None:
-        output.write_json(output_dir / EXCLUDED, inspection.excluded)
-    output.write_json(output_dir / REPORT_JSON, report)
-    output.write_text_atomic(output_dir / REPORT_MARKDOWN, report_markdown(report, grids))
+        atomic.write_json(output_dir / EXCLUDED, inspection.excluded)
+    atomic.write_json(output_dir / REPORT_JSON, report)
+    atomic.write_text_atomic(output_dir / REPORT_MARKDOWN, report_markdown(report, grids))
     logger.info(
         "Data report: %d leakage pair(s), %d duplicate pair(s) within splits, %d likely label error(s); written to "
         "%s (%s).",

@@ -1,6 +1,6 @@
 """One inspection: the probe's data and cached features, then duplicates, label issues and picture statistics.
 
-    data + features (probe.fit.fit_probe: prepare_data, the feature cache, the classifier chosen on validation)
+    data + features (probe.run.fit_probe: prepare_data, the feature cache, the classifier chosen on validation)
         ──▶ exact duplicates (content hash) + near-duplicates (cosine of the standardised features)
         ──▶ out-of-fold probabilities on train ──▶ cleanlab's label issues
         ──▶ picture statistics (file headers) ──▶ data_report.md / .json / PNG grids
@@ -41,6 +41,7 @@ class Inspection:
     chosen: dict[str, Any]
     excluded: list[dict[str, Any]] | None  # training pictures `exclude` drops (None: exclude not set)
     seconds: dict[str, float]
+    max_shown: int = 24  # pictures per PNG grid
 
     def excluded_rows(self) -> list[int]:
         return [entry["row"] for entry in self.excluded or []]
@@ -74,13 +75,15 @@ def inspect_data(
     model_args, data_args, probe_args, inspect_args: InspectArguments, training_args, dataset=None
 ):
     """Everything the report says, computed (nothing written but the feature cache). Returns an `Inspection`."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from datasets import Image
 
-    from hf_finetune.data.sources import _picture_digests
+    from hf_finetune.data.scan import _read, usable_cores
     from hf_finetune.inspection.duplicates import comparison_space, find_pairs
     from hf_finetune.inspection.label_issues import find_label_issues
     from hf_finetune.inspection.stats import scan_pictures, split_stats
-    from hf_finetune.probe.fit import fit_probe
+    from hf_finetune.probe.run import fit_probe
 
     start = time.perf_counter()
     # The probe as `hf-finetune probe` fits it (data, cached features, the value chosen on validation); the
@@ -96,7 +99,9 @@ def inspect_data(
     }
     values = {split: ds[data.image_column] for split, ds in undecoded.items()}
     names = {split: picture_names(data, split, v) for split, v in values.items()}
-    digests = {split: _picture_digests(ds, data.image_column) for split, ds in undecoded.items()}
+    # Content digests as the image scan takes them (its own `_read`), for the rows the splits now hold.
+    with ThreadPoolExecutor(max_workers=min(16, usable_cores())) as pool:
+        digests = {split: list(pool.map(lambda value: _read(value)[0], v)) for split, v in values.items()}
     # The backbone's own features (the probe's standardisation undone; it is affine), whitened on train.
     raw = {split: x * probe.normaliser.scale + probe.normaliser.mean for split, x in probe.x.items()}
     space = comparison_space(raw, seed=training_args.seed)
@@ -141,6 +146,7 @@ def inspect_data(
         chosen=probe.fitted.chosen,
         excluded=excluded,
         seconds={k: round(v, 3) for k, v in seconds.items()},
+        max_shown=inspect_args.max_shown,
     )
 
 
@@ -154,7 +160,7 @@ def run_inspect(
 
     set_seed(training_args.seed)
     inspection = inspect_data(model_args, data_args, probe_args, inspect_args, training_args, dataset=dataset)
-    write_report(training_args.output_dir, inspection, inspect_args.max_shown)
+    write_report(training_args.output_dir, inspection, inspection.max_shown)
     if inspection.excluded is not None:
         logger.info(
             "exclude=%s: a training run with these settings drops %d training picture(s), listed in %s/%s.",
@@ -166,10 +172,10 @@ def run_inspect(
     return inspection
 
 
-def drop_excluded(data, inspection: Inspection):
+def drop_excluded(data, inspection: Inspection | None):
     """`data` with the training pictures `exclude` listed removed (the same rows, in the same order, as the
     inspection saw: both come from `prepare_data` with the same settings). Logged with its count."""
-    rows = set(inspection.excluded_rows())
+    rows = set(inspection.excluded_rows()) if inspection is not None else set()
     if not rows:
         return data
     train = data.splits["train"]
@@ -193,3 +199,52 @@ def drop_excluded(data, inspection: Inspection):
         "excluded_from_training.json",
     )
     return dataclasses.replace(data, splits=splits)
+
+
+# --------------------------------------------------------------------------------------------------------
+# `inspect: true`: the three calls a training run makes
+# --------------------------------------------------------------------------------------------------------
+def inspect_before_training(model_args, data_args, training_args, extra_args=(), dataset=None):
+    """The inspection of a training run's data with its own settings when `inspect: true`, else None.
+
+    `extra_args`: the run's other argument objects; the `InspectArguments` among them say what to do, and the
+    probe's settings (`ProbeArguments`, when the run has them) how the label-error classifier is fitted.
+    """
+    from hf_finetune.errors import UserError
+    from hf_finetune.probe.arguments import ProbeArguments
+
+    inspect_args = next((a for a in extra_args if isinstance(a, InspectArguments)), None)
+    if inspect_args is None or not inspect_args.inspect:
+        if inspect_args is not None and inspect_args.exclude:
+            raise UserError(
+                f"exclude={inspect_args.exclude} drops what the inspection lists, but inspect is false, so nothing "
+                "would be listed. Set inspect: true, or remove exclude."
+            )
+        return None
+    probe_args = next((a for a in extra_args if isinstance(a, ProbeArguments)), None) or ProbeArguments()
+    logger.info(
+        "inspect: inspecting the data before training (its report goes into %s).", training_args.output_dir
+    )
+    return inspect_data(model_args, data_args, probe_args, inspect_args, training_args, dataset=dataset)
+
+
+def write_training_report(output_dir, inspection: Inspection | None) -> None:
+    """The report of `inspect_before_training` into the run's output_dir (once the run has started writing it)."""
+    from hf_finetune.inspection.report import write_report
+
+    if inspection is not None:
+        write_report(output_dir, inspection, inspection.max_shown)
+
+
+def refuse_inspection_for_probe(extra_args) -> None:
+    """`inspect: true` with `strategy: probe`: the probe's own features are what the inspection reads, so it runs
+    as its own command first (a clear error here, never a setting silently ignored)."""
+    from hf_finetune.errors import UserError
+
+    inspect_args = next((a for a in extra_args if isinstance(a, InspectArguments)), None)
+    if inspect_args is not None and (inspect_args.inspect or inspect_args.exclude):
+        raise UserError(
+            "inspect / exclude are set with strategy: probe, whose run does not inspect its data. Run `hf-finetune "
+            "inspect` with the same settings first (it fits the same probe on the same cached features and lists "
+            "what exclude would drop), then the probe; or use inspect: true with a gradient strategy (head, full, ...)."
+        )

@@ -52,7 +52,7 @@ def scan_pictures(values, split: str) -> list[Picture | None]:
 
     from tqdm.auto import tqdm
 
-    from hf_finetune.data.sources import usable_cores
+    from hf_finetune.data.scan import usable_cores
 
     def one(value):
         try:
