@@ -30,8 +30,8 @@ class InspectArguments:
     near_duplicate_threshold: float = field(
         default=DEFAULT_NEAR_DUPLICATE_THRESHOLD,
         metadata={
-            "help": "Cosine similarity of standardised backbone features from which two pictures count as near-"
-            "duplicates (chosen on a held-out pair set of re-encoded, resized copies; see the README)."
+            "help": "Cosine similarity of the backbone features (PCA-whitened on train) from which two pictures count "
+            "as near-duplicates (chosen on a held-out pair set of re-encoded, resized copies; see the README)."
         },
     )
     exclude: list[str] = field(
