@@ -241,7 +241,9 @@ def assert_ends_well(result, argv, cwd) -> str | None:
     status = exit_status(result, argv)
     if status == 0:
         out = output_dir_of(argv, cwd)
-        if out is not None and argv[1] not in ("predict", "push"):
+        if out is not None and argv[1] == "inspect":  # a data report, not a model
+            assert {"data_report.md", "data_report.json"} <= {p.name for p in out.iterdir()}
+        elif out is not None and argv[1] not in ("predict", "push"):
             assert_complete_output(out)
         return None
     assert status == 2, (status, result.stdout[-3000:], result.stderr[-3000:])
@@ -326,12 +328,19 @@ def test_a_hub_recipe_with_no_network_names_its_own_checkpoint(workdir):
 def test_every_documented_command_parses_as_written(workdir, monkeypatch):
     """In process, fast: each recipe / hf-finetune command's arguments go through its real parser (with the
     recipe's own YAML when it has no --config), as the command would parse them."""
+    from functools import partial
+
     from hf_finetune.commands.cli import parse_train_args, recipe_config
     from hf_finetune.commands.compare import parse_compare_args
+    from hf_finetune.commands.inspect import parse_inspect_args
+    from hf_finetune.inspection.settings import InspectArguments
     from hf_finetune.probe.arguments import parse_probe_args
 
     monkeypatch.chdir(workdir)
     parsers = {"train": parse_train_args, "probe": parse_probe_args, "compare": parse_compare_args}
+    # `hf-finetune train` parses the inspection's settings too (`inspect: true`); `inspect` has its own parser.
+    train_command = partial(parse_train_args, extra_types=(InspectArguments,))
+    command_parsers = {**parsers, "train": train_command, "inspect": parse_inspect_args}
     checked = 0
     for _, command in documented_commands():
         argv = local_argv(command)
@@ -340,8 +349,8 @@ def test_every_documented_command_parses_as_written(workdir, monkeypatch):
             name = Path(script).stem
             parser = parsers.get(name, parse_train_args)
             parsed = parser(argv[argv.index(script) + 1 :], default_config=recipe_config(REPO / script))
-        elif argv[0] == "hf-finetune" and argv[1] in parsers:
-            parsed = parsers[argv[1]](argv[2:])
+        elif argv[0] == "hf-finetune" and argv[1] in command_parsers:
+            parsed = command_parsers[argv[1]](argv[2:])
         else:
             continue  # predict / push: their own small parsers, run in test_documented_command
         assert parsed[0].model_name_or_path, command

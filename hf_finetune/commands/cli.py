@@ -20,6 +20,7 @@ commands:
   probe        frozen features (cached) + logistic regression / SVM / naive Bayes / kNN / small heads;
                several comma-separated checkpoints are fused (also: train --strategy probe)
   compare      every way to transfer on the same split: one table, two plots, one folder per method
+  inspect      know your data: leakage and duplicates across splits, likely label errors, picture statistics
   predict      top-k labels for image files or folders with any output directory or Hub model
   push         upload a finished output directory to a Hub model repository (--dry_run lists the files)
 
@@ -34,13 +35,16 @@ def recipe_config(script: str | os.PathLike) -> str:
 
 
 def parse_train_args(
-    argv: list[str] | None = None, prog: str = "hf-finetune train", default_config: str | None = None
+    argv: list[str] | None = None,
+    prog: str = "hf-finetune train",
+    default_config: str | None = None,
+    extra_types: tuple = (),
 ):
     """(model_args, data_args, strategy_args, training_args) from `--config` (else `default_config`) + flags.
 
     The one strategy switch of every training entry point: with `strategy: probe` the third item holds the
     probe's settings (`ProbeRunArguments`: classifier, feature cache, ...), which `training.run` routes to the
-    frozen-feature path.
+    frozen-feature path. `extra_types`: more argument dataclasses, returned after these.
     """
     from hf_finetune.config import DataArguments, FinetuneTrainingArguments, ModelArguments
     from hf_finetune.config_loading import parse_args, requested_setting
@@ -48,11 +52,11 @@ def parse_train_args(
     if requested_setting(argv, "strategy", default_config) == "probe":
         from hf_finetune.probe.arguments import parse_probe_args
 
-        return parse_probe_args(argv, prog, default_config=default_config)
+        return parse_probe_args(argv, prog, default_config=default_config, extra_types=extra_types)
     from hf_finetune.strategies.arguments import StrategyArguments
 
     return parse_args(
-        (ModelArguments, DataArguments, StrategyArguments, FinetuneTrainingArguments),
+        (ModelArguments, DataArguments, StrategyArguments, FinetuneTrainingArguments, *extra_types),
         argv,
         prog=prog,
         default_config=default_config,
@@ -61,10 +65,12 @@ def parse_train_args(
 
 @report_user_errors
 def train(argv: list[str] | None = None, prog: str = "hf-finetune train"):
+    from hf_finetune.inspection.settings import InspectArguments
     from hf_finetune.train.run import run
 
-    model_args, data_args, strategy_args, training_args = parse_train_args(argv, prog)
-    return run(model_args, data_args, training_args, strategy_args=strategy_args)
+    *args, inspect_args = parse_train_args(argv, prog, extra_types=(InspectArguments,))  # inspect, exclude
+    model_args, data_args, strategy_args, training_args = args
+    return run(model_args, data_args, training_args, strategy_args=strategy_args, extra_args=(inspect_args,))
 
 
 @report_user_errors
@@ -90,6 +96,13 @@ def predict(argv: list[str] | None = None, prog: str = "hf-finetune predict"):
 
 
 @report_user_errors
+def inspect(argv: list[str] | None = None, prog: str = "hf-finetune inspect"):
+    from hf_finetune.commands.inspect import main as inspect_main
+
+    return inspect_main(argv, prog=prog)
+
+
+@report_user_errors
 def push(argv: list[str] | None = None, prog: str = "hf-finetune push"):
     from hf_finetune.outputs.publish import main as push_main
 
@@ -97,6 +110,7 @@ def push(argv: list[str] | None = None, prog: str = "hf-finetune push"):
 
 
 COMMANDS = {"train": train, "probe": probe, "compare": compare, "predict": predict, "push": push}
+COMMANDS["inspect"] = inspect
 
 
 def main(argv: list[str] | None = None) -> None:

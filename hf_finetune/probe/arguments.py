@@ -120,13 +120,16 @@ class ProbeRunArguments(ProbeArguments):
 
 
 def parse_probe_args(
-    argv: list[str] | None = None, prog: str = "hf-finetune probe", default_config: str | None = None
+    argv: list[str] | None = None,
+    prog: str = "hf-finetune probe",
+    default_config: str | None = None,
+    extra_types: tuple = (),
 ):
-    """(model_args, data_args, probe_args, training_args) from `--config` (else `default_config`) + flags."""
+    """(model_args, data_args, probe_args, training_args, *extra) from `--config` (else `default_config`) + flags."""
     from hf_finetune.config_loading import parse_args
 
     return parse_args(
-        (ModelArguments, DataArguments, ProbeRunArguments, FinetuneTrainingArguments),
+        (ModelArguments, DataArguments, ProbeRunArguments, FinetuneTrainingArguments, *extra_types),
         argv,
         prog=prog,
         default_config=default_config,

@@ -107,12 +107,16 @@ def compute_into(
 ) -> int:
     """Fill `matrix` (rows = dataset rows) with pooled features, one batch at a time; returns the number of
     batches (backbone forward passes)."""
+    from tqdm.auto import tqdm
+
     row = batches = 0
-    for batch in pixel_loader(dataset, image_column, transform, batch_size, num_workers):
-        features = embed_batch(model, batch["pixel_values"], checkpoint, autocast_dtype).numpy()
-        matrix[row : row + len(features)] = features
-        row += len(features)
-        batches += 1
+    with tqdm(total=matrix.shape[0], desc="Features", unit="pictures", disable=None) as progress:
+        for batch in pixel_loader(dataset, image_column, transform, batch_size, num_workers):
+            features = embed_batch(model, batch["pixel_values"], checkpoint, autocast_dtype).numpy()
+            matrix[row : row + len(features)] = features
+            row += len(features)
+            batches += 1
+            progress.update(len(features))
     if row != matrix.shape[0]:
         raise RuntimeError(f"computed {row} feature rows for a split of {matrix.shape[0]} images")
     return batches

@@ -101,14 +101,16 @@ def open_checkpoint(model_args) -> Checkpoint:
 
 
 def prepare_run_data(
-    data_args, training_args, image_processor, cache_dir=None, dataset=None, train=True
+    data_args, training_args, image_processor, cache_dir=None, dataset=None, train=True, inspection=None
 ) -> RunData:
     """Data: load, check and split, then attach the checkpoint's transforms.
 
     `train=False` (evaluation only) makes no downscaled copies: each picture is decoded once either way.
+    `inspection` (`inspect: true`): its `exclude` list leaves the training split before the transforms.
     """
     from hf_finetune.data.prepare import prepare_data
     from hf_finetune.data.transforms import attach_transforms, decode_sizes
+    from hf_finetune.inspection.run import drop_excluded
 
     # Worked out once: the downscaled copies and the transforms that read them use the same sizes.
     sizes = decode_sizes(image_processor, data_args)
@@ -121,6 +123,7 @@ def prepare_run_data(
             dataset=dataset,
             downscale=sizes if data_args.downscale_images and train else None,
         )
+    prepared = drop_excluded(prepared, inspection)  # exclude: [leakage, label_issues], listed and counted
     splits = attach_transforms(
         prepared.splits,
         image_processor,
@@ -312,16 +315,22 @@ def run(
     strategy_args = strategy_args or StrategyArguments()
     if strategy_args.strategy == FEATURE_STRATEGY:
         # The one strategy switch: `probe` is the frozen-feature path (features once, a classic classifier).
+        from hf_finetune.inspection.run import refuse_inspection_for_probe
         from hf_finetune.probe.arguments import ProbeArguments, ProbeRunArguments
         from hf_finetune.probe.run import run_probe
 
+        refuse_inspection_for_probe(extra_args)
         probe_args = strategy_args if isinstance(strategy_args, ProbeArguments) else ProbeRunArguments()
         return run_probe(model_args, data_args, probe_args, training_args, dataset=dataset)
 
+    from hf_finetune.inspection.run import inspect_before_training, write_training_report
+
     settings = configure(model_args, data_args, training_args, strategy_args, extra_args)
+    # inspect: true (hf_finetune.inspection): the data report, and what `exclude` drops from the training split
+    inspection = inspect_before_training(model_args, data_args, training_args, settings.extra_args, dataset)
     checkpoint = open_checkpoint(model_args)
     data = prepare_run_data(
-        data_args, training_args, checkpoint.image_processor, model_args.cache_dir, dataset, train
+        data_args, training_args, checkpoint.image_processor, model_args.cache_dir, dataset, train, inspection
     )
     model, load_report = load_run_model(model_args, data.prepared.labels, checkpoint, as_is=not train)
     model, plan = apply_strategy(model, strategy_args, training_args, data.splits["train"])
@@ -331,6 +340,8 @@ def run(
     record = open_output_dir(
         trainer, settings, model_args, data_args, training_args, data.prepared, load_report
     )
+    if trainer.is_world_process_zero():
+        write_training_report(settings.output_dir, inspection)  # inspect: true: data_report.md / .json / PNGs
     train_metrics = train_and_save(trainer, settings, training_args, data.splits["train"], train)
     evaluation = evaluate_splits(trainer, data.splits, train_metrics, train)
     finish_outputs(trainer, settings, record, evaluation, data.prepared, model_args, data_args, training_args)
