@@ -271,13 +271,13 @@ def test_image_folder_copies_follow_the_files(tmp_path, monkeypatch):
 
 
 def test_error_grid_thumbnails_come_from_the_original_file(tmp_path):
-    from hf_finetune.outputs.reports import _thumbnail
+    from hf_finetune.outputs.reports import thumbnail
 
     path = tmp_path / "cat.jpg"
     _photo().save(path, quality=90)
     copy = downscaled_copy({"bytes": None, "path": str(path)}, (40, 40))
-    assert _thumbnail(copy).size == (256, 192)  # from the 1600x1200 file, not the 53x40 copy
-    assert _thumbnail({"bytes": copy["bytes"], "path": "gone.jpg"}).size == (53, 40)
+    assert thumbnail(copy).size == (256, 192)  # from the 1600x1200 file, not the 53x40 copy
+    assert thumbnail({"bytes": copy["bytes"], "path": "gone.jpg"}).size == (53, 40)
 
 
 def test_the_log_counts_the_copies(on_disk_photos, caplog):

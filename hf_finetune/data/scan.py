@@ -80,7 +80,7 @@ def _files_signature(dataset, image_column: str) -> str | None:
     return digest.hexdigest() if files else None
 
 
-def _read(value: Any) -> tuple[str | None, Any]:
+def read_with_digest(value: Any) -> tuple[str | None, Any]:
     """(content digest, value to decode): a picture's bytes are read once, for its digest and its decoding.
     (None, value) when there is nothing to read (e.g. a missing file): the check reports that."""
     data, path = value.get("bytes"), value.get("path")
@@ -95,9 +95,9 @@ def _read(value: Any) -> tuple[str | None, Any]:
 
 
 def _check(value: Any, cover, interpolation: str, lossless: bool, exact: bool):
-    """(problem, value, digest) of one picture: `check_image` on the bytes `_read` read, and the original
+    """(problem, value, digest) of one picture: `check_image` on the bytes `read_with_digest` read, and the original
     value back unless a copy replaced it (the bytes read are not stored)."""
-    digest, readable = _read(value)
+    digest, readable = read_with_digest(value)
     problem, result = check_image(readable, cover, interpolation, lossless, exact)
     return problem, value if result is readable else result, digest
 

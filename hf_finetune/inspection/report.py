@@ -215,7 +215,7 @@ def _grid(path: Path, cells: list[list[tuple[Any, str]]], title: str) -> None:
     from matplotlib.figure import Figure
     from PIL import Image
 
-    from hf_finetune.outputs.reports import _save_figure, _thumbnail
+    from hf_finetune.outputs.reports import save_report_figure, thumbnail
 
     per_row = max(len(row) for row in cells)
     groups = max(1, 4 // per_row)
@@ -227,7 +227,7 @@ def _grid(path: Path, cells: list[list[tuple[Any, str]]], title: str) -> None:
         for k, (value, caption) in enumerate(row):
             x, y = ((n % groups) * per_row + k) * TILE, (n // groups) * step
             try:
-                thumb = _thumbnail(value, TILE)
+                thumb = thumbnail(value, TILE)
                 mosaic.paste(thumb, (x + (TILE - thumb.width) // 2, y + (TILE - thumb.height) // 2))
             except Exception as err:  # a picture gone since the scan must not cost the other grids
                 logger.warning("Could not show a picture in %s: %s", path.name, err)
@@ -241,7 +241,7 @@ def _grid(path: Path, cells: list[list[tuple[Any, str]]], title: str) -> None:
     for x, y, caption in captions:
         ax.text(x, y, caption, ha="center", va="top", fontsize=6)
     figure.suptitle(title, fontsize=10)
-    _save_figure(figure, path)
+    save_report_figure(figure, path)
 
 
 def _short_name(name: str, limit: int = 28) -> str:

@@ -79,7 +79,7 @@ def inspect_data(
 
     from datasets import Image
 
-    from hf_finetune.data.scan import _read, usable_cores
+    from hf_finetune.data.scan import read_with_digest, usable_cores
     from hf_finetune.inspection.duplicates import comparison_space, find_pairs
     from hf_finetune.inspection.label_issues import find_label_issues
     from hf_finetune.inspection.stats import scan_pictures, split_stats
@@ -99,9 +99,11 @@ def inspect_data(
     }
     values = {split: ds[data.image_column] for split, ds in undecoded.items()}
     names = {split: picture_names(data, split, v) for split, v in values.items()}
-    # Content digests as the image scan takes them (its own `_read`), for the rows the splits now hold.
+    # Content digests as the image scan takes them (its own `read_with_digest`), for the rows the splits now hold.
     with ThreadPoolExecutor(max_workers=min(16, usable_cores())) as pool:
-        digests = {split: list(pool.map(lambda value: _read(value)[0], v)) for split, v in values.items()}
+        digests = {
+            split: list(pool.map(lambda value: read_with_digest(value)[0], v)) for split, v in values.items()
+        }
     # The backbone's own features (the probe's standardisation undone; it is affine), whitened on train.
     raw = {split: x * probe.normaliser.scale + probe.normaliser.mean for split, x in probe.x.items()}
     space = comparison_space(raw, seed=training_args.seed)

@@ -53,7 +53,7 @@ def report_file(name: str, split: str = "test") -> str:
     return f"{split}_{file_name}"
 
 
-def _save_figure(figure, path: Path) -> None:
+def save_report_figure(figure, path: Path) -> None:
     """Render `figure` to PNG at `path` atomically; the figure is released either way."""
     from hf_finetune.outputs.atomic import save_figure
 
@@ -124,7 +124,7 @@ def plot_confusion_matrix(path: Path, labels, predictions, label_names: list[str
     ax.set_ylabel("true label")
     accuracy = float(np.trace(counts) / max(counts.sum(), 1))
     ax.set_title(f"Confusion matrix ({split}, {int(counts.sum())} images, accuracy {accuracy:.3f})")
-    _save_figure(figure, path)
+    save_report_figure(figure, path)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -223,7 +223,7 @@ def plot_training_curves(path: Path, log_history: list[dict]) -> bool:
     if scores:
         axes[-1].set_ylim(0.0, 1.02)
     figure.suptitle("Training curves")
-    _save_figure(figure, path)
+    save_report_figure(figure, path)
     return True
 
 
@@ -243,7 +243,7 @@ def most_confident_errors(
     return [int(i) for i in wrong[order][:limit]]
 
 
-def _thumbnail(value, size: int = 256):
+def thumbnail(value, size: int = 256):
     from hf_finetune.data.images import load_rgb
 
     path = value.get("path") if isinstance(value, dict) else None
@@ -270,7 +270,7 @@ def plot_errors_grid(path: Path, shown: list[dict[str, Any]], images: Sequence) 
         ax.set_axis_off()
     for ax, error in zip(axes, shown, strict=False):
         try:
-            ax.imshow(_thumbnail(images[error["index"]]))
+            ax.imshow(thumbnail(images[error["index"]]))
         except Exception as err:  # a picture gone since evaluation must not cost the other reports
             logger.warning("Could not show %s in the errors grid: %s", image_location(error["image"]), err)
             ax.text(0.5, 0.5, "image unreadable", ha="center", va="center", transform=ax.transAxes)
@@ -279,7 +279,7 @@ def plot_errors_grid(path: Path, shown: list[dict[str, Any]], images: Sequence) 
             fontsize=9,
         )
     figure.suptitle("Most confident errors")
-    _save_figure(figure, path)
+    save_report_figure(figure, path)
 
 
 # --------------------------------------------------------------------------------------------------------
