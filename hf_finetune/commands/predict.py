@@ -109,10 +109,11 @@ def probe_format(model_dir: str) -> str | None:
 class _TransformersClassifier:
     """AutoModelForImageClassification + the training's eval transform (a local folder or a Hub id)."""
 
-    def __init__(self, name: str, device: str):
+    def __init__(self, name: str, device: str, calibrated: bool = True):
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
         from hf_finetune.data.transforms import BatchTransform, build_transforms
+        from hf_finetune.train.calibration import TEMPERATURE_KEY
 
         if not os.path.isdir(name):
             from hf_finetune.hub import check_hub_repo
@@ -141,6 +142,7 @@ class _TransformersClassifier:
         self.labels = [str(id2label[i]) for i in sorted(id2label, key=int)]
         # The very callable the evaluation splits of a training run use (to_rgb, aspect limit, full decode).
         self.transform = BatchTransform(build_transforms(self.processor, augment=False)[1], "image", None)
+        self.temperature = _temperature(getattr(self.model.config, TEMPERATURE_KEY, None), name, calibrated)
 
     def load(self, path: str):
         return self.transform({"image": [path]})["pixel_values"][0]
@@ -150,17 +152,19 @@ class _TransformersClassifier:
 
         with torch.inference_mode():
             logits = self.model(pixel_values=torch.stack(inputs).to(self.device)).logits
-        return torch.softmax(logits.double(), dim=-1).cpu().numpy()
+        return torch.softmax(logits.double() / (self.temperature or 1.0), dim=-1).cpu().numpy()
 
 
 class _ProbeClassifier:
     """A probe output directory (not a transformers model), through `probe.load.load_probe`."""
 
-    def __init__(self, name: str, device: str):
+    def __init__(self, name: str, device: str, calibrated: bool = True):
         from hf_finetune.probe.load import load_probe
+        from hf_finetune.train.calibration import load_temperature
 
         self.probe = load_probe(name, device=device)
         self.labels = list(self.probe.labels)
+        self.temperature = _temperature(load_temperature(name), name, calibrated)
 
     def load(self, path: str):
         from hf_finetune.data.images import limit_aspect_ratio, load_rgb
@@ -170,11 +174,39 @@ class _ProbeClassifier:
         return image
 
     def probabilities(self, inputs: list) -> Any:
-        return self.probe.probabilities(inputs, batch_size=max(1, len(inputs)))
+        from hf_finetune.train.calibration import rescale_probabilities
+
+        probabilities = self.probe.probabilities(inputs, batch_size=max(1, len(inputs)))
+        return (
+            probabilities
+            if self.temperature is None
+            else rescale_probabilities(probabilities, self.temperature)
+        )
 
 
-def load_classifier(model_dir_or_id: str, device: str = "cpu"):
-    """The classifier behind a model folder / Hub id: `.labels`, `.load(path)`, `.probabilities(loaded)`."""
+def _temperature(value, name: str, calibrated: bool) -> float | None:
+    """The calibration temperature to divide logits by (None: none saved, or `calibrated` is off), logged."""
+    from hf_finetune.train.calibration import TEMPERATURE_KEY
+
+    if value is None:
+        return None
+    if not calibrated:
+        logger.info("%s has %s = %.4g; not applied (--no_calibration).", name, TEMPERATURE_KEY, float(value))
+        return None
+    logger.info(
+        "Scores calibrated with %s's %s = %.4g (--no_calibration turns it off).",
+        name,
+        TEMPERATURE_KEY,
+        float(value),
+    )
+    return float(value)
+
+
+def load_classifier(model_dir_or_id: str, device: str = "cpu", calibrated: bool = True):
+    """The classifier behind a model folder / Hub id: `.labels`, `.load(path)`, `.probabilities(loaded)`.
+
+    `calibrated`: divide the logits by the `calibration_temperature` a run saved (when there is one).
+    """
     from hf_finetune.probe.export import FORMAT_TRANSFORMERS
 
     name = str(model_dir_or_id)
@@ -184,13 +216,13 @@ def load_classifier(model_dir_or_id: str, device: str = "cpu"):
         fmt = probe_format(name)
         # Linear probes are saved as plain transformers checkpoints and load like any other model.
         if fmt is not None and fmt != FORMAT_TRANSFORMERS:
-            return _ProbeClassifier(name, device)
+            return _ProbeClassifier(name, device, calibrated)
     elif _looks_like_path(name):
         raise UserError(
             f"The model folder {name} does not exist. Give the output_dir of a training or probe run, or a Hub "
             "model id such as google/vit-base-patch16-224."
         )
-    return _TransformersClassifier(name, device)
+    return _TransformersClassifier(name, device, calibrated)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -202,8 +234,11 @@ def predict_paths(
     top_k: int = 5,
     batch_size: int = 32,
     device: str = "auto",
+    calibrated: bool = True,
 ) -> list[dict[str, Any]]:
     """Classify every image file in `paths` (files and folders, recursively); one row per file, sorted by path.
+
+    Scores are calibrated with the run's saved `calibration_temperature` unless `calibrated=False`.
 
     Row: {"path", "labels": top_k class names, best first, "scores": their probabilities, "error": None}, or
     for a file that cannot be read {"path", "labels": [], "scores": [], "error": reason}.
@@ -217,7 +252,7 @@ def predict_paths(
     files = expand_paths(paths)
     if not files:
         raise UserError(f"No image files found in {', '.join(map(str, paths))}.")
-    classifier = load_classifier(str(model_dir_or_id), resolve_device(device))
+    classifier = load_classifier(str(model_dir_or_id), resolve_device(device), calibrated)
     k = min(top_k, len(classifier.labels))
 
     rows: dict[str, dict[str, Any]] = {}
@@ -349,6 +384,13 @@ def build_parser(prog: str = "hf-finetune predict") -> argparse.ArgumentParser:
     parser.add_argument(
         "--device", default="auto", help="cpu, cuda, cuda:N or auto (the GPU when there is one; default)"
     )
+    parser.add_argument(
+        "--no_calibration",
+        "--no-calibration",
+        action="store_true",
+        help="give the model's raw softmax scores, without dividing the logits by the calibration_temperature "
+        "the run saved in config.json (the top labels are the same either way)",
+    )
     return parser
 
 
@@ -371,7 +413,12 @@ def main(argv: list[str] | None = None, prog: str = "hf-finetune predict") -> No
         )
     _setup_logging()
     rows = predict_paths(
-        args.model, args.paths, top_k=args.top_k, batch_size=args.batch_size, device=args.device
+        args.model,
+        args.paths,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        device=args.device,
+        calibrated=not args.no_calibration,
     )
     if args.output:
         written = write_predictions(args.output, rows)

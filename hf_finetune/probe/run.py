@@ -279,6 +279,11 @@ def save_probe(
         split=report_split,
         locate=result.data.image_name,
     )
+    from hf_finetune.train.calibration import calibrate_probe, card_section, write_calibration
+
+    calibration = calibrate_probe(result, probe_args.refit_on_validation)  # temperature fitted on validation
+    results.update(calibration.metrics() if calibration is not None else {})
+    write_calibration(output_dir, calibration)  # calibration.json, the diagram, T in config.json / probe.json
     atomic.write_json(
         output_dir / output.RUN_SUMMARY,
         {
@@ -316,7 +321,7 @@ def save_probe(
         results=results,
         strategy=strategy,
         strategy_settings=settings,
-        sections=[report_section(report_files)],
+        sections=[report_section(report_files), card_section(calibration)],
     )
     write_probe_card(output_dir, fmt, content)
     # Metrics last: all_results.json marks a finished run (see `outputs.run_folder.prepare_output_dir`).

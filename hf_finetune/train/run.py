@@ -72,6 +72,7 @@ class Evaluation:
     results: dict[str, Any]  # every section's metrics in one dict: what `run` returns
     predictions: Any
     report_split: str
+    calibration: Any = None  # train.calibration.Calibration: T fitted on validation, ECE before / after
 
 
 def configure(model_args, data_args, training_args, strategy_args, extra_args=()) -> RunSettings:
@@ -246,10 +247,15 @@ def evaluate_splits(trainer, splits, train_metrics: dict, train: bool = True) ->
     sections = ([("train", train_metrics)] if train else []) + [("eval", eval_metrics)]
     if report_split == "test":
         sections.append(("test", {**predictions.metrics, "test_samples": len(splits["test"])}))
+    from hf_finetune.train.calibration import calibrate_trainer  # temperature fitted on validation
+
+    calibration = calibrate_trainer(trainer, splits, predictions if report_split == "test" else None)
+    if calibration is not None:
+        calibration.add_metrics(dict(sections))
     results = {key: value for _, part in sections for key, value in part.items()}
     for name, part in sections:
         trainer.log_metrics(name, part)
-    return Evaluation(sections, results, predictions, report_split)
+    return Evaluation(sections, results, predictions, report_split, calibration)
 
 
 def finish_outputs(
@@ -272,10 +278,15 @@ def finish_outputs(
         locate=data.image_name,
     )
     output.relativize_trainer_state(output_dir)
+    from hf_finetune.train.calibration import card_section, write_calibration
+
+    write_calibration(output_dir, evaluation.calibration)  # calibration.json, the diagram, T in config.json
     write_card(
         output_dir, model_args, data_args, training_args, data.labels, evaluation.results, settings.extra_args,
         reports=report_section(report_files),
     )  # fmt: skip
+    if evaluation.calibration is not None:  # ECE before / after, T and the diagram, as a section of the card
+        card.add_card_section(output_dir, card_section(evaluation.calibration))
     # Metrics last: all_results.json marks a finished run (see prepare_output_dir).
     for name, part in evaluation.sections:
         trainer.save_metrics(name, part)
