@@ -285,3 +285,33 @@ def test_an_uncalibrated_run_drops_the_temperature_its_checkpoint_carried(tmp_pa
     write_calibration(tmp_path, None)
     assert load_temperature(tmp_path) is None
     assert json.loads((tmp_path / "config.json").read_text()) == {"model_type": "vit"}
+
+
+def test_the_readme_recipe_for_pipeline_users_gives_predicts_scores(tiny_run, tmp_path):
+    """README, "Calibration": logits / T before the softmax, or softmax(log p / T) on pipeline()'s scores."""
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+
+    from hf_finetune.commands.predict import predict_paths
+
+    out, _ = tiny_run
+    pictures = write_digits_folder(tmp_path / "pictures", 1, offset=30)
+    rows = predict_paths(out, [pictures], top_k=3, device="cpu")
+    images = [Image.open(row["path"]).convert("RGB") for row in rows]
+    expected = np.array([[row["scores"][row["labels"].index(label)] for label in LABELS] for row in rows])
+
+    model = AutoModelForImageClassification.from_pretrained(out)
+    processor = AutoImageProcessor.from_pretrained(out)
+    temperature = getattr(model.config, "calibration_temperature", 1.0)
+    with torch.no_grad():
+        logits = model(**processor(images, return_tensors="pt")).logits
+    probabilities = torch.softmax(logits / temperature, dim=-1)
+    np.testing.assert_allclose(probabilities.numpy(), expected, rtol=1e-4)
+
+    classifier = pipeline("image-classification", model=str(out))
+    answers = classifier(images, top_k=model.config.num_labels)
+    p = np.array(
+        [[next(a["score"] for a in answer if a["label"] == label) for label in LABELS] for answer in answers]
+    )
+    np.testing.assert_allclose(rescale_probabilities(p, temperature), expected, rtol=1e-4)
