@@ -11,7 +11,9 @@ centre crop, normalisation; RGB conversion; the aspect-ratio limit), so the scor
 validation and test metrics were measured with. An unreadable file becomes a row with an `error` instead of
 stopping the whole run. Output directories of the feature path that are not transformers models (probe
 directories: naive Bayes, kNN, MLP, fused backbones) are recognised by their `probe.json` and loaded with
-`hf_finetune.probe.load.load_probe`.
+`hf_finetune.probe.load.load_probe`. When the run saved a `calibration_temperature` (temperature scaling fitted
+on its validation split, `hf_finetune.train.calibration`), the logits are divided by it before the softmax, so
+the scores are calibrated; `--no_calibration` gives the raw ones.
 
 Heavy libraries are imported only after the arguments are parsed, so `--help` is instant.
 """

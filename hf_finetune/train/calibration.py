@@ -245,8 +245,14 @@ def calibrate_trainer(trainer, splits: dict, test_output=None) -> Calibration | 
     if validation is None or len(validation) == 0:
         return calibrate(None)
     val = trainer.predict(validation, metric_key_prefix="calibration")
-    test = (test_output.predictions, test_output.label_ids) if test_output is not None else None
-    return calibrate((val.predictions, val.label_ids), test)
+    test = (_logits(test_output), test_output.label_ids) if test_output is not None else None
+    return calibrate((_logits(val), val.label_ids), test)
+
+
+def _logits(output):
+    # A model that returns more than logits gives a tuple of arrays; the logits come first.
+    predictions = output.predictions
+    return predictions[0] if isinstance(predictions, tuple) else predictions
 
 
 def calibrate_probe(result, refit_on_validation: bool = False) -> Calibration | None:
