@@ -240,28 +240,36 @@ def test_refit_probe_skips_calibration_with_a_log_line(tmp_path, tiny_vit, caplo
 def lite0(tmp_path_factory):
     from hf_finetune.testing.real_weights import convert_efficientnet_lite
 
-    return convert_efficientnet_lite(
-        "lite0", tmp_path_factory.mktemp("lite0") / "lite0", image_size=32, crop_pct=1.0
-    )
+    # 64 px, as benchmarks/calibration.py. At 32 px the probe's test ECE rose (0.068 -> 0.076) while the test
+    # NLL, which T minimises, fell (0.575 -> 0.537): see README, "Calibration".
+    folder = tmp_path_factory.mktemp("lite0") / "lite0"
+    return convert_efficientnet_lite("lite0", folder, image_size=64, crop_pct=1.0)
 
 
 REAL_SPLITS = ["--train_val_split", "0.15", "--train_test_split", "0.15", "--seed", "42", "--use_cpu", "true",
                "--dataloader_num_workers", "0"]  # fmt: skip
 
 
+def assert_calibration_helps(output_dir, results):
+    assert results["test_ece_calibrated"] <= results["test_ece"]
+    details = json.loads((output_dir / CALIBRATION_FILE).read_text())
+    assert details["split"] == "test" and details["samples"] == 270
+    assert details["nll_calibrated"] <= details["nll"]
+
+
 @pytest.mark.slow
 def test_real_lite0_full_fine_tuning_ece_does_not_rise(tmp_path, lite0, digits_folder):
+    """benchmarks/real_transfer.py's `full` row (2 epochs of batch 64 = 40 steps)."""
     results = run_training(
         ["--model_name_or_path", str(lite0), "--train_dir", str(digits_folder), "--output_dir", str(tmp_path / "full"),
          *REAL_SPLITS, "--strategy", "full", "--freeze_modules", r"\.bn\d\.", "--learning_rate", "2e-4",
-         "--head_lr_multiplier", "50", "--max_steps", "60", "--per_device_train_batch_size", "32",
-         "--per_device_eval_batch_size", "256", "--warmup_steps", "0.1", "--lr_scheduler_type", "cosine",
+         "--max_steps", "40", "--per_device_train_batch_size", "64", "--per_device_eval_batch_size", "256",
+         "--weight_decay", "0.05", "--warmup_steps", "0.1", "--lr_scheduler_type", "cosine",
+         "--random_resized_crop_scale", "0.6", "1.0", "--horizontal_flip", "false",
          "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false"]
     )  # fmt: skip
-    assert (
-        results["test_accuracy"] > 0.5
-    )  # a model that learned something, so its calibration means something
-    assert results["test_ece_calibrated"] <= results["test_ece"]
+    assert results["test_accuracy"] > 0.8  # a model that learned, so that its calibration means something
+    assert_calibration_helps(tmp_path / "full", results)
 
 
 @pytest.mark.slow
@@ -272,8 +280,8 @@ def test_real_lite0_probe_ece_does_not_rise(tmp_path, lite0, digits_folder):
     argv = ["--model_name_or_path", str(lite0), "--train_dir", str(digits_folder), "--output_dir",
             str(tmp_path / "probe"), "--feature_cache_dir", str(tmp_path / "cache"), *REAL_SPLITS]  # fmt: skip
     results = run_probe(*parse_probe_args(argv))
-    assert results["test_accuracy"] > 0.8
-    assert results["test_ece_calibrated"] <= results["test_ece"]
+    assert results["test_accuracy"] > 0.9
+    assert_calibration_helps(tmp_path / "probe", results)
 
 
 def test_an_uncalibrated_run_drops_the_temperature_its_checkpoint_carried(tmp_path):

@@ -155,7 +155,7 @@ class Calibration:
     T was fitted on the same pictures)."""
 
     temperature: float
-    fitted_on: str  # what T was fitted on, e.g. "validation (270 pictures)"
+    fitted_on: str  # what T was fitted on, e.g. "the validation split (270 pictures)"
     split: str  # "test" or "validation"
     samples: int
     ece: float
@@ -212,7 +212,7 @@ def calibrate(
     before, after = scaled_probabilities(logits), scaled_probabilities(logits, temperature)
     calibration = Calibration(
         temperature=temperature,
-        fitted_on=f"validation ({len(val_labels)} pictures)",
+        fitted_on=f"the validation split ({len(val_labels)} pictures)",
         split=split,
         samples=len(labels),
         ece=expected_calibration_error(before, labels),
