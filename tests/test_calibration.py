@@ -11,9 +11,8 @@ import pytest
 from conftest import digits_dataset, run_training, write_digits_folder
 from datasets import DatasetDict
 
+from hf_finetune.outputs.reliability import CALIBRATION_FILE, RELIABILITY_DIAGRAM
 from hf_finetune.train.calibration import (
-    CALIBRATION_FILE,
-    RELIABILITY_DIAGRAM,
     TEMPERATURE_KEY,
     calibrate,
     expected_calibration_error,
@@ -285,7 +284,8 @@ def test_real_lite0_probe_ece_does_not_rise(tmp_path, lite0, digits_folder):
 
 
 def test_an_uncalibrated_run_drops_the_temperature_its_checkpoint_carried(tmp_path):
-    from hf_finetune.train.calibration import load_temperature, save_temperature, write_calibration
+    from hf_finetune.outputs.reliability import write_calibration
+    from hf_finetune.train.calibration import load_temperature, save_temperature
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit"}))
     save_temperature(tmp_path, 2.0)

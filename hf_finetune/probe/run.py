@@ -279,7 +279,8 @@ def save_probe(
         split=report_split,
         locate=result.data.image_name,
     )
-    from hf_finetune.train.calibration import calibrate_probe, card_section, write_calibration
+    from hf_finetune.outputs.reliability import card_section, write_calibration
+    from hf_finetune.train.calibration import calibrate_probe
 
     calibration = calibrate_probe(result, probe_args.refit_on_validation)  # temperature fitted on validation
     results.update(calibration.metrics() if calibration is not None else {})

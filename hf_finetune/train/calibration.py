@@ -1,8 +1,11 @@
 """Calibrated probabilities: temperature scaling fitted on validation, expected calibration error on test.
 
-    calibration = calibrate(val_logits, val_labels, test_logits, test_labels)   # None: nothing to fit on
-    calibration.add_metrics({"eval": eval_metrics, "test": test_metrics})      # eval_ece, test_ece, ...
-    write_calibration(output_dir, calibration)   # calibration.json, reliability_diagram.png, config.json key
+    calibration = calibrate((val_logits, val_labels), (test_logits, test_labels))  # None: nothing to fit on
+    calibration.add_metrics({"eval": eval_metrics, "test": test_metrics})        # eval_ece, test_ece, ...
+    save_temperature(output_dir, calibration.temperature)                         # the config.json key
+
+The files a run writes from it (calibration.json, reliability_diagram.png, the card section) are
+`hf_finetune.outputs.reliability`'s.
 
 Temperature scaling (Guo et al., 2017, "On Calibration of Modern Neural Networks") divides every logit by one
 scalar T > 0 fitted to minimise the negative log-likelihood of the validation split. It changes no prediction
@@ -24,7 +27,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +38,6 @@ logger = logging.getLogger(__name__)
 
 ECE_BINS = 15
 TEMPERATURE_KEY = "calibration_temperature"  # in the output's config.json (or a probe directory's probe.json)
-CALIBRATION_FILE = "calibration.json"
-RELIABILITY_DIAGRAM = "reliability_diagram.png"
 # Search range of T (as log T): far wider than any sensible value, so the bound is only hit by a degenerate
 # validation split (e.g. every picture right with a huge margin, where the NLL keeps falling as T -> 0).
 _LOG_T_BOUNDS = (math.log(1e-2), math.log(1e2))
@@ -274,62 +275,8 @@ def calibrate_probe(result, refit_on_validation: bool = False) -> Calibration | 
 
 
 # --------------------------------------------------------------------------------------------------------
-# Files: calibration.json, the reliability diagram, the temperature in config.json
+# The temperature in the output's config
 # --------------------------------------------------------------------------------------------------------
-def plot_reliability_diagram(path: Path, calibration: Calibration) -> None:
-    """Accuracy against mean top probability per bin, before and after scaling, beside the diagonal."""
-    from matplotlib.figure import Figure
-
-    from hf_finetune.outputs.atomic import save_figure
-
-    figure = Figure(figsize=(10.0, 4.8), layout="constrained")
-    axes = figure.subplots(1, 2, sharey=True)
-    panels = (
-        ("before", "uncalibrated (T = 1)", calibration.ece),
-        ("after", f"temperature-scaled (T = {calibration.temperature:.3f})", calibration.ece_calibrated),
-    )
-    for ax, (key, title, ece) in zip(axes, panels, strict=True):
-        table = calibration.reliability[key]
-        width = 1.0 / calibration.bins
-        filled = [i for i, count in enumerate(table["count"]) if count]
-        ax.bar(
-            [table["lower"][i] for i in filled],
-            [table["accuracy"][i] for i in filled],
-            width=width,
-            align="edge",
-            color="tab:blue",
-            edgecolor="black",
-            label="accuracy",
-        )
-        # The gap between accuracy and confidence is what the ECE sums, weighted by the bin's share.
-        ax.bar(
-            [table["lower"][i] for i in filled],
-            [table["confidence"][i] - table["accuracy"][i] for i in filled],
-            bottom=[table["accuracy"][i] for i in filled],
-            width=width,
-            align="edge",
-            color="tab:red",
-            alpha=0.3,
-            edgecolor="tab:red",
-            label="gap to mean confidence",
-        )
-        ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("top probability")
-        ax.set_title(f"{title}\nECE {ece:.4f}")
-        ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel("accuracy")
-    axes[0].legend(loc="upper left")
-    figure.suptitle(
-        f"Reliability diagram ({calibration.split}, {calibration.samples} pictures, {calibration.bins} bins)"
-    )
-    try:
-        save_figure(figure, path, dpi=100)
-    finally:
-        figure.clear()
-
-
 def temperature_file(output_dir: str | os.PathLike) -> Path | None:
     """The file that carries the temperature: `config.json`, else a probe directory's `probe.json`."""
     from hf_finetune.probe.export import PROBE_FILE
@@ -343,6 +290,7 @@ def temperature_file(output_dir: str | os.PathLike) -> Path | None:
 def save_temperature(output_dir: str | os.PathLike, temperature: float) -> Path | None:
     """Add `calibration_temperature` to the output's config file (rewritten atomically, all else kept)."""
     from hf_finetune.outputs.atomic import write_json
+    from hf_finetune.outputs.reliability import CALIBRATION_FILE
 
     target = temperature_file(output_dir)
     if target is None:
@@ -371,7 +319,7 @@ def load_temperature(model_dir: str | os.PathLike) -> float | None:
     return float(value) if value is not None else None
 
 
-def _drop_inherited_temperature(output_dir: Path) -> None:
+def drop_inherited_temperature(output_dir: Path) -> None:
     """A checkpoint that was itself calibrated passes its T on through `save_pretrained`; an uncalibrated run
     must not let predict apply that stale value to its own, new logits."""
     from hf_finetune.outputs.atomic import write_json
@@ -387,56 +335,3 @@ def _drop_inherited_temperature(output_dir: Path) -> None:
             target,
         )
         write_json(target, config)
-
-
-def write_calibration(output_dir: str | os.PathLike, calibration: Calibration | None) -> dict[str, str]:
-    """Write calibration.json and the reliability diagram, and save T in the config; returns the files written
-    ({name: path relative to output_dir}). With no calibration, stale files of an earlier run are removed."""
-    from hf_finetune.outputs.atomic import write_json
-
-    output_dir = Path(output_dir)
-    if calibration is None:
-        for name in (CALIBRATION_FILE, RELIABILITY_DIAGRAM):
-            (output_dir / name).unlink(missing_ok=True)
-        _drop_inherited_temperature(output_dir)
-        return {}
-    plot_reliability_diagram(output_dir / RELIABILITY_DIAGRAM, calibration)
-    saved = save_temperature(output_dir, calibration.temperature)
-    calibration.saved_in = saved.name if saved is not None else CALIBRATION_FILE
-    write_json(output_dir / CALIBRATION_FILE, asdict(calibration))
-    return {"reliability_diagram": RELIABILITY_DIAGRAM, "calibration": CALIBRATION_FILE}
-
-
-def card_section(calibration: Calibration | None):
-    """The model card's "Calibration" section (a `CardSection`; None without calibration): ECE / NLL before and
-    after, T, the diagram, and how to apply T."""
-    from hf_finetune.outputs.card import CardSection
-    from hf_finetune.probe.export import PROBE_FILE
-
-    if calibration is None:
-        return None
-    split = "test split" if calibration.split == "test" else "validation split (the one T was fitted on)"
-    if calibration.saved_in == PROBE_FILE:
-        apply = (
-            "`hf-finetune predict` applies T; `load_probe(...).probabilities(images)` gives the uncalibrated "
-            "probabilities p, and `hf_finetune.train.calibration.rescale_probabilities(p, T)` scales them."
-        )
-    else:
-        apply = (
-            "`hf-finetune predict` applies T; `pipeline()` does not: divide the logits by T before the softmax\n"
-            f"(`softmax(model(**inputs).logits / model.config.{TEMPERATURE_KEY})`)."
-        )
-    return CardSection(
-        "Calibration",
-        f"""Temperature scaling fitted on {calibration.fitted_on}: T = {calibration.temperature:.4f}, saved as
-`{TEMPERATURE_KEY}` in `{calibration.saved_in or CALIBRATION_FILE}`. Measured on the {split}, {calibration.samples} pictures:
-
-| | uncalibrated | temperature-scaled |
-|---|---|---|
-| expected calibration error ({calibration.bins} bins) | {calibration.ece:.4f} | {calibration.ece_calibrated:.4f} |
-| negative log-likelihood | {calibration.nll:.4f} | {calibration.nll_calibrated:.4f} |
-
-![Reliability diagram]({RELIABILITY_DIAGRAM})
-
-{apply} The top label is the same either way; only the scores change.""",
-    )

@@ -278,7 +278,7 @@ def finish_outputs(
         locate=data.image_name,
     )
     output.relativize_trainer_state(output_dir)
-    from hf_finetune.train.calibration import card_section, write_calibration
+    from hf_finetune.outputs.reliability import card_section, write_calibration
 
     write_calibration(output_dir, evaluation.calibration)  # calibration.json, the diagram, T in config.json
     write_card(
