@@ -129,7 +129,8 @@ def tiny_run(tmp_path_factory, tiny_vit):
         }
     )
     argv = [
-        "--model_name_or_path", str(tiny_vit), "--output_dir", str(out), "--num_train_epochs", "2",
+        "--model_name_or_path", str(tiny_vit), "--output_dir", str(out), "--num_train_epochs", "12", "--learning_rate", "0.003",
+        "--random_resized_crop_scale", "0.7", "1.0", "--horizontal_flip", "false",
         "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--use_cpu", "true",
         "--dataloader_num_workers", "0", "--seed", "0", "--eval_strategy", "no", "--save_strategy", "no",
         "--load_best_model_at_end", "false",
@@ -168,7 +169,9 @@ def test_predict_divides_the_logits_by_the_temperature(tiny_run, tmp_path):
     calibrated = predict_paths(out, [pictures], top_k=3, device="cpu")
     raw = predict_paths(out, [pictures], top_k=3, device="cpu", calibrated=False)
     temperature = results[TEMPERATURE_KEY]
-    assert abs(temperature - 1.0) > 1e-3  # otherwise the two would agree for no reason
+    # A fitted T, not the edge of the search range (a model no better than chance would give T = 100), and not 1
+    # (then the two would agree for no reason).
+    assert 0.05 < temperature < 20 and abs(temperature - 1.0) > 1e-3
     for with_t, without in zip(calibrated, raw, strict=True):
         assert with_t["labels"][0] == without["labels"][0]
         order = [without["labels"].index(label) for label in LABELS]
@@ -323,3 +326,19 @@ def test_the_readme_recipe_for_pipeline_users_gives_predicts_scores(tiny_run, tm
         [[next(a["score"] for a in answer if a["label"] == label) for label in LABELS] for answer in answers]
     )
     np.testing.assert_allclose(rescale_probabilities(p, temperature), expected, rtol=1e-4)
+
+
+def test_predict_command_line_no_calibration_flag(tiny_run, tmp_path):
+    from hf_finetune.commands.predict import main, predict_paths
+
+    out, _ = tiny_run
+    pictures = write_digits_folder(tmp_path / "pictures", 1, offset=30)
+    for flags, calibrated in (([], True), (["--no_calibration"], False)):
+        target = tmp_path / f"{calibrated}.json"
+        main([str(out), str(pictures), "--top_k", "3", "--device", "cpu", "--output", str(target), *flags])
+        expected = predict_paths(out, [pictures], top_k=3, device="cpu", calibrated=calibrated)
+        rows = json.loads(target.read_text())
+        np.testing.assert_allclose([r["scores"] for r in rows], [r["scores"] for r in expected], atol=1e-6)
+    assert json.loads((tmp_path / "True.json").read_text()) != json.loads(
+        (tmp_path / "False.json").read_text()
+    )

@@ -136,10 +136,18 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     temperature = math.exp(float(found.x))
     if negative_log_likelihood(logits, labels, temperature) > negative_log_likelihood(logits, labels, 1.0):
         return 1.0
-    if min(abs(found.x - bound) for bound in _LOG_T_BOUNDS) < 1e-3:
+    if abs(found.x - _LOG_T_BOUNDS[0]) < 1e-3:
         logger.warning(
-            "The calibration temperature reached the edge of its search range (T = %.3g): the validation split "
-            "is too easy or too small to calibrate on (%d pictures).",
+            "The calibration temperature reached the low end of its search range (T = %.3g): the validation "
+            "split is too easy or too small to calibrate on (%d pictures, nearly all right with huge margins).",
+            temperature,
+            len(labels),
+        )
+    elif abs(found.x - _LOG_T_BOUNDS[1]) < 1e-3:
+        logger.warning(
+            "The calibration temperature reached the high end of its search range (T = %.3g): on the validation "
+            "split (%d pictures) the model's scores are no better than equal scores for every class, so "
+            "calibrated scores are nearly uniform. The model has not learned the task yet.",
             temperature,
             len(labels),
         )
