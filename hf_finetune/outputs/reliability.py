@@ -26,7 +26,8 @@ RELIABILITY_DIAGRAM = "reliability_diagram.png"
 
 
 def plot_reliability_diagram(path: Path, calibration: Calibration) -> None:
-    """Accuracy against mean top probability per bin, before and after scaling, beside the diagonal."""
+    """Accuracy against mean top probability per bin (its picture count at the foot of each bar), before and
+    after scaling, beside the diagonal."""
     from matplotlib.figure import Figure
 
     from hf_finetune.outputs.atomic import save_figure
@@ -63,6 +64,9 @@ def plot_reliability_diagram(path: Path, calibration: Calibration) -> None:
             label="gap to mean confidence",
         )
         ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
+        for i in filled:  # how many pictures each bar stands on: a bar of 3 pictures says little
+            centre = table["lower"][i] + width / 2
+            ax.text(centre, 0.01, str(table["count"][i]), ha="center", va="bottom", fontsize=7, color="white")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_xlabel("top probability")
