@@ -9,7 +9,8 @@ Rows, each a fresh `hf_finetune.commands.cli train` subprocess on the same strat
 train / 270 validation / 270 test) and the same converted checkpoint (`hf_finetune.testing.real_weights`, saved
 for `--image_size` px inputs, whole pictures), with the settings of `benchmarks/real_transfer.py`:
 - full: everything but the BatchNorm layers trains (lr 2e-4, AdamW, cosine, batch 64);
-- probe: frozen features once, logistic regression (C chosen on validation).
+- probe: frozen features once, logistic regression (C chosen on validation);
+- probe C=0.01: the same with C held at 0.01 (strongly regularised, so underconfident).
 Each run fits its temperature T on the validation split and measures ECE (15 equal-width bins of the top
 probability) and NLL on the test split with T = 1 and with the fitted T (`calibration.json`).
 
@@ -56,6 +57,8 @@ def main(argv=None) -> None:
     rows = {
         name: flags for name, flags in methods(args.num_train_epochs).items() if name in ("full", "probe")
     }
+    # The same probe held to strong regularisation: an underconfident model, for scaling to repair.
+    rows["probe C=0.01"] = [*rows["probe"], "--c_values", "0.01"]
     runs = OUT / "runs"
     shutil.rmtree(runs, ignore_errors=True)
     python = [sys.executable, "-m", "hf_finetune.commands.cli", "train"]
@@ -74,7 +77,9 @@ def main(argv=None) -> None:
             "--use_cpu", "true", "--dataloader_num_workers", "0", "--disable_tqdm", "true", *flags,
             "--output_dir", str(output_dir),
         ]  # fmt: skip
-        if name == "probe":  # a fresh feature cache: the row pays for its features, as a first run does
+        if name.startswith(
+            "probe"
+        ):  # a fresh feature cache: the row pays for its features, as a first run does
             command += ["--feature_cache_dir", str(run_dir / "features")]
         stats = _common.run_measured(
             command,
