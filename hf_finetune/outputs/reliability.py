@@ -13,7 +13,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hf_finetune.train.calibration import TEMPERATURE_KEY, drop_inherited_temperature, save_temperature
+from hf_finetune.train.calibration import (
+    CALIBRATION_FILE,
+    TEMPERATURE_KEY,
+    drop_inherited_temperature,
+    save_temperature,
+)
 
 if TYPE_CHECKING:
     from hf_finetune.outputs.card import CardSection
@@ -21,7 +26,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_FILE = "calibration.json"
 RELIABILITY_DIAGRAM = "reliability_diagram.png"
 
 

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 ECE_BINS = 15
 TEMPERATURE_KEY = "calibration_temperature"  # in the output's config.json (or a probe directory's probe.json)
+CALIBRATION_FILE = "calibration.json"  # written by outputs.reliability; named here, where T is saved
 # Search range of T (as log T): far wider than any sensible value, so the bound is only hit by a degenerate
 # validation split (e.g. every picture right with a huge margin, where the NLL keeps falling as T -> 0).
 _LOG_T_BOUNDS = (math.log(1e-2), math.log(1e2))
@@ -298,7 +299,6 @@ def temperature_file(output_dir: str | os.PathLike) -> Path | None:
 def save_temperature(output_dir: str | os.PathLike, temperature: float) -> Path | None:
     """Add `calibration_temperature` to the output's config file (rewritten atomically, all else kept)."""
     from hf_finetune.outputs.atomic import write_json
-    from hf_finetune.outputs.reliability import CALIBRATION_FILE
 
     target = temperature_file(output_dir)
     if target is None:
