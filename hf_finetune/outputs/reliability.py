@@ -34,7 +34,7 @@ def plot_reliability_diagram(path: Path, calibration: Calibration) -> None:
     after scaling, beside the diagonal."""
     from matplotlib.figure import Figure
 
-    from hf_finetune.outputs.atomic import save_figure
+    from hf_finetune.outputs.reports import save_report_figure
 
     figure = Figure(figsize=(10.0, 4.8), layout="constrained")
     axes = figure.subplots(1, 2, sharey=True)
@@ -81,10 +81,7 @@ def plot_reliability_diagram(path: Path, calibration: Calibration) -> None:
     figure.suptitle(
         f"Reliability diagram ({calibration.split}, {calibration.samples} pictures, {calibration.bins} bins)"
     )
-    try:
-        save_figure(figure, path, dpi=100)
-    finally:
-        figure.clear()
+    save_report_figure(figure, path)
 
 
 def write_calibration(output_dir: str | os.PathLike, calibration: Calibration | None) -> dict[str, str]:
