@@ -1,0 +1,130 @@
+"""The loss, MixUp / CutMix, the weight average and weight interpolation, on numbers worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_finetune.train.averaging import choose_interpolation, interpolate, uniform_soup
+from hf_finetune.train.losses import ClassificationLoss, inverse_frequency_weights
+from hf_finetune.train.mixing import BatchMixing, MixingSettings
+
+LOGITS = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0], [1.0, 1.0, 1.0], [-2.0, 4.0, 0.0]])
+LABELS = torch.tensor([0, 2, 1, 1])
+
+
+def test_hard_labels_match_torch_cross_entropy_with_smoothing():
+    for smoothing in (0.0, 0.1):
+        ours = ClassificationLoss(label_smoothing=smoothing)({"logits": LOGITS}, LABELS)
+        expected = F.cross_entropy(LOGITS, LABELS, label_smoothing=smoothing)
+        assert ours.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_soft_one_hot_targets_give_the_hard_loss():
+    soft = F.one_hot(LABELS, 3).float()
+    loss = ClassificationLoss()
+    assert loss({"logits": LOGITS}, soft).item() == pytest.approx(loss({"logits": LOGITS}, LABELS).item())
+
+
+def test_accumulated_micro_batches_add_up_to_the_whole_batch():
+    """The Trainer sums micro-batch losses over an optimizer step, passing the step's label count."""
+    loss = ClassificationLoss(label_smoothing=0.1)
+    whole = loss({"logits": LOGITS}, LABELS)
+    halves = sum(loss({"logits": LOGITS[i : i + 2]}, LABELS[i : i + 2], num_items_in_batch=4) for i in (0, 2))
+    assert halves.item() == pytest.approx(whole.item(), rel=1e-6)
+    # Soft targets: the Trainer counts pictures x classes (labels != -100 on a 4 x 3 tensor is 12).
+    soft = F.one_hot(LABELS, 3).float()
+    soft_halves = sum(
+        loss({"logits": LOGITS[i : i + 2]}, soft[i : i + 2], num_items_in_batch=12) for i in (0, 2)
+    )
+    assert soft_halves.item() == pytest.approx(whole.item(), rel=1e-6)
+
+
+def test_class_weights_weigh_each_picture_by_its_class():
+    weights = [1.0, 3.0, 0.5]
+    ours = ClassificationLoss(class_weights=weights)({"logits": LOGITS}, LABELS, num_items_in_batch=4)
+    per_picture = F.cross_entropy(LOGITS, LABELS, reduction="none")
+    expected = sum(weights[int(c)] * v for c, v in zip(LABELS, per_picture, strict=True)) / 4
+    assert ours.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_inverse_frequency_weights():
+    # 6 pictures, 3 classes: counts 3, 2, 1 -> 6 / (3 * n_c); a class absent from train gets 0 and is not counted.
+    assert inverse_frequency_weights([0, 0, 0, 1, 1, 2], 3) == pytest.approx([2 / 3, 1.0, 2.0])
+    assert inverse_frequency_weights([0, 1, 0, 1], 3) == [1.0, 1.0, 0.0]
+    assert inverse_frequency_weights([0, 1, 2], 3) == [1.0, 1.0, 1.0]
+
+
+def _batch(n=8, classes=4):
+    torch.manual_seed(0)
+    return {"pixel_values": torch.rand(n, 3, 16, 16), "labels": torch.arange(n) % classes}
+
+
+def test_mixup_blends_pictures_and_labels_with_one_weight():
+    batch = _batch()
+    torch.manual_seed(123)
+    out = BatchMixing(MixingSettings(mixup_alpha=0.8), num_labels=4)(batch)
+    assert out["labels"].shape == (8, 4) and out["labels"].dtype == torch.float32
+    assert torch.allclose(out["labels"].sum(1), torch.ones(8))
+    # v2.MixUp pairs each picture with the batch rolled by one: x' = lam x + (1 - lam) roll(x).
+    lam = out["labels"][0, 0].item()  # picture 0 is class 0, its partner (picture 7) class 3
+    expected = lam * batch["pixel_values"] + (1 - lam) * batch["pixel_values"].roll(1, 0)
+    assert torch.allclose(out["pixel_values"], expected, atol=1e-6)
+
+
+def test_cutmix_labels_are_the_pasted_area():
+    batch = _batch()
+    torch.manual_seed(5)
+    out = BatchMixing(MixingSettings(cutmix_alpha=1.0), num_labels=4)(batch)
+    changed = (out["pixel_values"][0] != batch["pixel_values"][0]).any(0).float().mean().item()
+    # Picture 0 (class 0) keeps 1 - area of itself; its partner's class (3) gets the pasted area.
+    assert out["labels"][0, 3].item() == pytest.approx(changed, abs=1e-6)
+    assert out["labels"][0, 0].item() == pytest.approx(1 - changed, abs=1e-6)
+
+
+def test_mixing_is_a_function_of_the_generator_state():
+    """Resume exactness rests on this: the same seed before the step gives the same mix."""
+    mixing = BatchMixing(MixingSettings(mixup_alpha=0.8, cutmix_alpha=1.0), num_labels=4)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(42)
+        outs.append(mixing(_batch()))
+    assert torch.equal(outs[0]["pixel_values"], outs[1]["pixel_values"])
+    assert torch.equal(outs[0]["labels"], outs[1]["labels"])
+
+
+def test_unmixed_batches_still_get_soft_targets_and_off_is_a_no_op():
+    batch = _batch()
+    out = BatchMixing(MixingSettings(mixup_alpha=0.8, mix_prob=0.0), num_labels=4)(batch)
+    assert torch.equal(out["pixel_values"], batch["pixel_values"])
+    assert torch.equal(out["labels"], F.one_hot(batch["labels"], 4).float())
+    assert BatchMixing(MixingSettings(), num_labels=4)(batch) is batch
+    with pytest.raises(ValueError, match="mixup_alpha"):
+        BatchMixing(MixingSettings(mixup_alpha=-1), num_labels=4)
+
+
+def _states():
+    a = {"w": torch.tensor([0.0, 2.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([4.0, 6.0]), "n": torch.tensor(7)}
+    return a, b
+
+
+def test_uniform_soup_means_floats_and_keeps_the_last_count():
+    a, b = _states()
+    soup = uniform_soup([a, b])
+    assert torch.equal(soup["w"], torch.tensor([2.0, 4.0]))
+    assert soup["n"].item() == 7
+    with pytest.raises(ValueError, match="other keys"):
+        uniform_soup([a, {"w": a["w"]}])
+
+
+def test_interpolation_and_alpha_chosen_by_the_score():
+    a, b = _states()
+    assert torch.equal(interpolate(a, b, 0.25)["w"], torch.tensor([1.0, 3.0]))
+    # A score that peaks at w[0] == 3 (alpha 0.75).
+    alpha, state, scores = choose_interpolation(a, b, lambda s: -abs(s["w"][0].item() - 3.0))
+    assert alpha == 0.75 and torch.equal(state["w"], torch.tensor([3.0, 5.0]))
+    assert set(scores) == {0.0, 0.25, 0.5, 0.75, 1.0} and math.isclose(scores[1.0], -1.0)
