@@ -128,3 +128,36 @@ def test_interpolation_and_alpha_chosen_by_the_score():
     alpha, state, scores = choose_interpolation(a, b, lambda s: -abs(s["w"][0].item() - 3.0))
     assert alpha == 0.75 and torch.equal(state["w"], torch.tensor([3.0, 5.0]))
     assert set(scores) == {0.0, 0.25, 0.5, 0.75, 1.0} and math.isclose(scores[1.0], -1.0)
+
+
+def test_ema_follows_timm_decay_saves_into_checkpoints_and_resumes(tmp_path):
+    from types import SimpleNamespace
+
+    from hf_finetune.train.ema import EMA_WEIGHTS, EmaCallback
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    callback = EmaCallback(decay=0.9, warmup=False)
+    callback.on_train_begin(args, None, None, model=model)
+    expected = {k: v.clone() for k, v in start.items()}
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        callback.on_step_end(args, SimpleNamespace(global_step=step), None, model=model)
+        # timm skips the decay on the first step (the average starts as a copy): decay 0 at step 1.
+        decay = 0.0 if step == 1 else 0.9
+        expected = {k: decay * expected[k] + (1 - decay) * v for k, v in model.state_dict().items()}
+    for key, value in callback.ema.module.state_dict().items():
+        assert torch.allclose(value, expected[key], atol=1e-6)
+    callback.on_save(args, SimpleNamespace(global_step=3, is_world_process_zero=True), None)
+    assert (tmp_path / "checkpoint-3" / EMA_WEIGHTS).is_file()
+
+    resumed = EmaCallback(decay=0.9, warmup=False, resume_from=str(tmp_path / "checkpoint-3"))
+    resumed.on_train_begin(args, None, None, model=torch.nn.Linear(3, 2))
+    for key, value in resumed.ema.module.state_dict().items():
+        assert torch.allclose(value, expected[key], atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="without ema"):
+        EmaCallback(resume_from=str(tmp_path)).on_train_begin(args, None, None, model=model)
