@@ -76,6 +76,9 @@ class ModelArguments:
             )
 
 
+AUTO_AUGMENT_POLICIES = ("none", "randaugment", "trivialaugment")
+
+
 @dataclass
 class DataArguments:
     """Where the pictures and labels come from and how they are split and augmented."""
@@ -130,6 +133,22 @@ class DataArguments:
         metadata={"help": "Area fraction range of RandomResizedCrop (timm / torchvision default 0.08-1.0)."},
     )
     horizontal_flip: bool = field(default=True, metadata={"help": "Random horizontal flips in training."})
+    auto_augment: str = field(
+        default="none",
+        metadata={
+            "help": "Automatic augmentation policy after crop and flip: `none`, `randaugment` (two operations at "
+            "rand_augment_magnitude; timm's `--aa rand-m9`, DeiT) or `trivialaugment` (no settings)."
+        },
+    )
+    rand_augment_magnitude: int = field(
+        default=9, metadata={"help": "RandAugment's magnitude, 0-30 (9: timm's and DeiT's)."}
+    )
+    random_erasing: float = field(
+        default=0.0,
+        metadata={
+            "help": "Probability of erasing one random box of a training picture (DeiT / timm --reprob: 0.25)."
+        },
+    )
     on_bad_image: str = field(
         default="skip",
         metadata={
@@ -155,6 +174,18 @@ class DataArguments:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise UserError(f"{name}={value} must be a fraction in [0, 1), e.g. 0.15.")
+        if self.auto_augment not in AUTO_AUGMENT_POLICIES:
+            raise UserError(
+                f"auto_augment={self.auto_augment!r} is not valid: use `none`, `randaugment` or `trivialaugment`."
+            )
+        if not 0 <= self.rand_augment_magnitude <= 30:
+            raise UserError(
+                f"rand_augment_magnitude={self.rand_augment_magnitude} must be between 0 and 30, e.g. 9."
+            )
+        if not 0.0 <= self.random_erasing <= 1.0:
+            raise UserError(
+                f"random_erasing={self.random_erasing} must be a probability in [0, 1], e.g. 0.25."
+            )
         scale = self.random_resized_crop_scale
         if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
             raise UserError(

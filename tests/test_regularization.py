@@ -161,3 +161,51 @@ def test_ema_follows_timm_decay_saves_into_checkpoints_and_resumes(tmp_path):
         assert torch.allclose(value, expected[key], atol=1e-6)
     with pytest.raises(FileNotFoundError, match="without ema"):
         EmaCallback(resume_from=str(tmp_path)).on_train_begin(args, None, None, model=model)
+
+
+# Augmentation policies ----------------------------------------------------------------------------------
+def _chelsea():
+    from PIL import Image
+    from skimage import data
+
+    return Image.fromarray(data.chelsea())
+
+
+def test_randaugment_and_erasing_change_training_pixels_only_and_are_seeded():
+    from transformers import ViTImageProcessor
+
+    from hf_finetune.data.transforms import SeededAugmentation, build_transforms
+
+    processor = ViTImageProcessor(size={"height": 64, "width": 64})
+    plain, eval_plain = build_transforms(processor, crop_scale=(1.0, 1.0), horizontal_flip=False)
+    policy, eval_policy = build_transforms(
+        processor,
+        crop_scale=(1.0, 1.0),
+        horizontal_flip=False,
+        auto_augment="randaugment",
+        random_erasing=1.0,
+    )
+    image = _chelsea()
+    assert torch.equal(eval_plain(image), eval_policy(image))  # evaluation never augments
+    base = SeededAugmentation(plain, seed=0)(image, epoch=0, index=3)
+    first = SeededAugmentation(policy, seed=0)(image, epoch=0, index=3)
+    again = SeededAugmentation(policy, seed=0)(image, epoch=0, index=3)
+    assert torch.equal(first, again) and first.shape == base.shape == (3, 64, 64)
+    # Erasing with probability 1 sets one box to 0 (the normalised mean) in every channel.
+    erased = (first == 0).all(0)
+    assert erased.float().mean() > 0.01 and not (base == 0).all(0).any()
+    trivial, _ = build_transforms(
+        processor, crop_scale=(1.0, 1.0), horizontal_flip=False, auto_augment="trivialaugment"
+    )
+    draws = {SeededAugmentation(trivial, seed=0)(image, epoch=0, index=i).sum().item() for i in range(6)}
+    assert len(draws) > 1  # another operation (or strength) per picture
+
+
+def test_bad_augmentation_settings_are_user_errors():
+    from hf_finetune.config import DataArguments
+    from hf_finetune.errors import UserError
+
+    with pytest.raises(UserError, match="auto_augment='autoaugment'"):
+        DataArguments(train_dir="x", auto_augment="autoaugment")
+    with pytest.raises(UserError, match="random_erasing=1.5"):
+        DataArguments(train_dir="x", random_erasing=1.5)

@@ -181,12 +181,22 @@ def _tail(spec: ProcessorSpec):
 
 
 def build_transforms(
-    image_processor, augment: bool = True, crop_scale=(0.08, 1.0), horizontal_flip: bool = True
+    image_processor,
+    augment: bool = True,
+    crop_scale=(0.08, 1.0),
+    horizontal_flip: bool = True,
+    auto_augment: str = "none",
+    rand_augment_magnitude: int = 9,
+    random_erasing: float = 0.0,
 ):
     """Return (train_transform, eval_transform): PIL image -> normalised float tensor (C, H, W).
 
     For a timm checkpoint the training side is timm's own recipe shape (random-resized crop at the input
     size with its interpolation, flip) under this run's settings, then timm's normalisation.
+    Optional, in timm's order: an automatic augmentation policy after crop and flip (torchvision v2's
+    `RandAugment` with two operations at `rand_augment_magnitude`, or the parameter-free
+    `TrivialAugmentWide`), and `RandomErasing` of one box with probability `random_erasing` on the
+    normalised tensor (erased to 0, the dataset mean), as DeiT's and timm's `--reprob` do.
     """
     from torchvision.transforms import InterpolationMode, v2
 
@@ -202,7 +212,14 @@ def build_transforms(
     ]
     if horizontal_flip:
         train_steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose(train_steps + _tail(spec)), eval_transform
+    if auto_augment == "randaugment":
+        train_steps.append(v2.RandAugment(magnitude=rand_augment_magnitude, interpolation=interpolation))
+    elif auto_augment == "trivialaugment":
+        train_steps.append(v2.TrivialAugmentWide(interpolation=interpolation))
+    tail = _tail(spec)
+    if random_erasing:
+        tail.append(v2.RandomErasing(p=random_erasing, value=0))
+    return v2.Compose(train_steps + tail), eval_transform
 
 
 class BatchTransform:
@@ -386,7 +403,13 @@ def attach_transforms(
     from datasets import Image
 
     train_tf, eval_tf = build_transforms(
-        image_processor, data_args.augment, data_args.random_resized_crop_scale, data_args.horizontal_flip
+        image_processor,
+        data_args.augment,
+        data_args.random_resized_crop_scale,
+        data_args.horizontal_flip,
+        auto_augment=data_args.auto_augment,
+        rand_augment_magnitude=data_args.rand_augment_magnitude,
+        random_erasing=data_args.random_erasing,
     )
     sizes = sizes or decode_sizes(image_processor, data_args)
     logger.info("JPEG decode size (at least): train %s; eval decodes in full", sizes.train)
