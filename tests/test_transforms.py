@@ -158,20 +158,19 @@ FAMILY_IDS = [f"{family}-{index}" for index, (family, _) in enumerate(PROCESSOR_
 @pytest.mark.parametrize("family", FAMILY_IDS)
 def test_eval_pixels_equal_the_checkpoints_processor_on_real_photos(family, processor_folders, photo_files):
     """The run's eval pixels (files read as a run reads them) vs `processor(images)` as pipeline() calls it."""
-    from types import SimpleNamespace
 
     from datasets import Dataset, DatasetDict
     from datasets import Image as ImageFeature
     from transformers import AutoImageProcessor
 
-    from hf_finetune.config import ModelArguments
+    from hf_finetune.config import DataArguments, ModelArguments
     from hf_finetune.data.transforms import attach_transforms
     from hf_finetune.models.loading import load_image_processor
 
     folder = processor_folders[family]
     ours = load_image_processor(ModelArguments(model_name_or_path=str(folder)))
     theirs = AutoImageProcessor.from_pretrained(folder)  # what pipeline() loads from the folder
-    data_args = SimpleNamespace(augment=True, random_resized_crop_scale=(0.08, 1.0), horizontal_flip=True)
+    data_args = DataArguments(train_dir="pictures")  # the defaults: augmentation on for train
     dataset = Dataset.from_dict({"image": [str(p) for p in photo_files], "label": [0] * len(photo_files)})
     dataset = dataset.cast_column("image", ImageFeature())
     test = attach_transforms(DatasetDict(test=dataset), ours, data_args, "image", "label")["test"]
