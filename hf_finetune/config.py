@@ -66,8 +66,18 @@ class ModelArguments:
             "reading a pickle can run code."
         },
     )
+    drop_path_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stochastic depth: the chance that a residual block is skipped in a training step, rising "
+            "to this value in the last block (DeiT fine-tuning: 0.1). For architectures that have it (BEiT, "
+            "DINOv2, Swin, ConvNeXt, EfficientNet's drop_connect_rate, timm models). Default: the checkpoint's."
+        },
+    )
 
     def __post_init__(self):
+        if self.drop_path_rate is not None and not 0.0 <= self.drop_path_rate < 1.0:
+            raise UserError(f"drop_path_rate={self.drop_path_rate} must be in [0, 1), e.g. 0.1.")
         if not self.model_name_or_path:
             raise UserError(
                 "No checkpoint given: set `model_name_or_path` in the YAML config or pass "

@@ -209,3 +209,40 @@ def test_bad_augmentation_settings_are_user_errors():
         DataArguments(train_dir="x", auto_augment="autoaugment")
     with pytest.raises(UserError, match="random_erasing=1.5"):
         DataArguments(train_dir="x", random_erasing=1.5)
+
+
+# Stochastic depth ---------------------------------------------------------------------------------------
+def _drop_probabilities(model) -> list[float]:
+    rates = []
+    for module in model.modules():
+        for attr in ("drop_prob", "drop_rate"):
+            value = getattr(module, attr, None)
+            if "DropPath" in type(module).__name__ and isinstance(value, float):
+                rates.append(value)
+    return rates
+
+
+def test_drop_path_rate_reaches_transformers_and_timm_models(tmp_path):
+    from hf_finetune.config import ModelArguments
+    from hf_finetune.errors import UserError
+    from hf_finetune.models.loading import load_model
+    from hf_finetune.testing.tiny import build_tiny_checkpoint, build_tiny_timm_checkpoint
+
+    labels = ["a", "b"]
+    convnext = build_tiny_checkpoint("convnext", tmp_path / "convnext", ["x", "y", "z"])
+    model, _ = load_model(ModelArguments(model_name_or_path=str(convnext), drop_path_rate=0.2), labels)
+    assert model.config.drop_path_rate == 0.2
+    assert max(_drop_probabilities(model)) == pytest.approx(0.2)  # linear in depth, 0.2 in the last block
+    plain, _ = load_model(ModelArguments(model_name_or_path=str(convnext)), labels)
+    assert max(_drop_probabilities(plain), default=0.0) == 0.0
+
+    timm_folder = build_tiny_timm_checkpoint(tmp_path / "timm", ["x", "y", "z"])
+    timm_model, _ = load_model(
+        ModelArguments(model_name_or_path=str(timm_folder), drop_path_rate=0.3), labels
+    )
+    assert timm_model.config.model_args["drop_path_rate"] == 0.3
+    assert max(_drop_probabilities(timm_model)) > 0.0
+
+    vit = build_tiny_checkpoint("vit", tmp_path / "vit", ["x", "y", "z"])
+    with pytest.raises(UserError, match="no stochastic depth"):
+        load_model(ModelArguments(model_name_or_path=str(vit), drop_path_rate=0.1), labels)

@@ -109,6 +109,31 @@ def drop_timm_num_classes_arg(config) -> None:
         config.model_args = {k: v for k, v in model_args.items() if k != "num_classes"}
 
 
+# transformers' names for the stochastic-depth rate, per family (ViT, DeiT, ResNet, RegNet, MobileNetV2 have none).
+DROP_PATH_ATTRIBUTES = ("drop_path_rate", "drop_connect_rate")
+
+
+def apply_drop_path_rate(config, rate: float | None, name: str) -> None:
+    """Set the checkpoint's stochastic-depth rate on its config before the model is built from it.
+
+    timm models take `drop_path_rate` as a `timm.create_model` argument, which TimmWrapper passes from
+    `config.model_args`. An architecture with no such setting is an error rather than a silent no-op.
+    """
+    if rate is None:
+        return
+    if is_timm_model(config):
+        config.model_args = {**(getattr(config, "model_args", None) or {}), "drop_path_rate": float(rate)}
+        return
+    attributes = [a for a in DROP_PATH_ATTRIBUTES if hasattr(config, a)]
+    if not attributes:
+        raise UserError(
+            f"drop_path_rate={rate} cannot be applied: `{name}` is a `{config.model_type}` model, which has no "
+            "stochastic depth. Remove drop_path_rate (architectures with it: BEiT, DINOv2, Swin, ConvNeXt, "
+            "EfficientNet, timm models)."
+        )
+    setattr(config, attributes[0], float(rate))
+
+
 def _has_only_pickle_weights(name: str) -> bool:
     folder = Path(name)
     if not folder.is_dir():
@@ -230,12 +255,12 @@ def load_model(model_args: ModelArguments, labels: list[str], config=None):
     import torch
     from transformers import AutoModelForImageClassification
 
-    config = config or load_config(model_args)
+    config = copy.deepcopy(config or load_config(model_args))
+    apply_drop_path_rate(config, model_args.drop_path_rate, model_args.model_name_or_path)
     old_labels = checkpoint_labels(config)
     if model_args.from_scratch:
         return _model_from_scratch(config, labels, old_labels)
     same = old_labels == list(labels)
-    config = copy.deepcopy(config)
     if not same:
         # Set on the config object itself: with `config=` given, from_pretrained does not apply label kwargs.
         set_labels(config, labels)
