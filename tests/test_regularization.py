@@ -246,3 +246,42 @@ def test_drop_path_rate_reaches_transformers_and_timm_models(tmp_path):
     vit = build_tiny_checkpoint("vit", tmp_path / "vit", ["x", "y", "z"])
     with pytest.raises(UserError, match="no stochastic depth"):
         load_model(ModelArguments(model_name_or_path=str(vit), drop_path_rate=0.1), labels)
+
+
+# LP-FT -------------------------------------------------------------------------------------------------
+def test_lp_ft_head_reproduces_the_probe_on_validation(tmp_path, small_digits_folder, tiny_vit, monkeypatch):
+    """The head LP-FT starts from is the fitted probe: its predictions on validation are the probe's."""
+    import numpy as np
+
+    from hf_finetune.commands.cli import parse_train_args
+    from hf_finetune.data.prepare import prepare_data
+    from hf_finetune.data.transforms import build_transforms
+    from hf_finetune.models.loading import load_image_processor, load_model
+    from hf_finetune.probe.arguments import ProbeRunArguments
+    from hf_finetune.probe.run import fit_probe
+    from hf_finetune.strategies.lp_ft import initialise_head_from_probe
+
+    argv = [
+        "--model_name_or_path", str(tiny_vit), "--train_dir", str(small_digits_folder), "--strategy", "lp_ft",
+        "--output_dir", str(tmp_path / "out"),
+    ]  # fmt: skip
+    monkeypatch.setenv("HF_FINETUNE_FEATURES_CACHE", str(tmp_path / "features"))
+    parsed = {type(p).__name__: p for p in parse_train_args(argv)}
+    model_args, data_args, training_args = (
+        parsed["ModelArguments"], parsed["DataArguments"], parsed["FinetuneTrainingArguments"],
+    )  # fmt: skip
+    data = prepare_data(data_args, training_args.seed)
+    model, _ = load_model(model_args, data.labels)
+    summary = initialise_head_from_probe(model, data.labels, model_args, data_args, training_args)
+    assert 0.0 < summary["probe_eval_accuracy"] <= 1.0 and "C" in summary["probe_hyperparameters"]
+
+    probe = fit_probe(model_args, data_args, ProbeRunArguments(), training_args)
+    eval_tf = build_transforms(load_image_processor(model_args), augment=False)[1]
+    validation = data.splits["validation"]
+    pixels = torch.stack([eval_tf(image.convert("RGB")) for image in validation[data.image_column]])
+    model.eval()
+    with torch.no_grad():
+        logits = model(pixel_values=pixels).logits.numpy()
+    np.testing.assert_array_equal(logits.argmax(1), probe.predictions("validation"))
+    agreement = (logits.argmax(1) == np.asarray(validation[data.label_column])).mean()
+    assert agreement == pytest.approx(summary["probe_eval_accuracy"])

@@ -119,6 +119,26 @@ def _describe(
     }
 
 
+def write_linear_into_head(
+    model, normaliser: Normaliser, predictor: LinearPredictor, num_labels: int
+) -> None:
+    """Copy a linear classifier fitted on normalised features into `model`'s own head Linear.
+
+    The standardisation folds into the weights (W / s, b - W m / s), so the head takes the raw pooled features.
+    """
+    import torch
+
+    linear = linear_head(model, num_labels)
+    if linear is None:
+        raise ValueError("the model's head is not a single Linear on the pooled features")
+    if linear.bias is None:
+        raise ValueError("the model's head Linear has no bias to hold the folded standardisation")
+    weight, bias = normaliser.fold(predictor.weight, predictor.bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(weight).to(linear.weight))
+        linear.bias.copy_(torch.from_numpy(bias).to(linear.bias))
+
+
 def export_linear(
     output_dir: str | os.PathLike,
     model,
@@ -131,18 +151,9 @@ def export_linear(
     backbone: dict[str, Any],
 ) -> Path:
     """Write `predictor` (on normalised features) into `model`'s own head and save a plain checkpoint."""
-    import torch
 
     output_dir = Path(output_dir)
-    linear = linear_head(model, len(labels))
-    if linear is None:
-        raise ValueError("the model's head is not a single Linear on the pooled features")
-    weight, bias = normaliser.fold(predictor.weight, predictor.bias)
-    with torch.no_grad():
-        linear.weight.copy_(torch.from_numpy(weight).to(linear.weight))
-        if linear.bias is None:
-            raise ValueError("the model's head Linear has no bias to hold the folded standardisation")
-        linear.bias.copy_(torch.from_numpy(bias).to(linear.bias))
+    write_linear_into_head(model, normaliser, predictor, len(labels))
     output_dir.mkdir(parents=True, exist_ok=True)
     _clear(output_dir, _PROBE_FILES)
     model.save_pretrained(output_dir)

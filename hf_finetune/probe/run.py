@@ -78,8 +78,13 @@ def fit_probe(
     probe_args: ProbeArguments,
     training_args: FinetuneTrainingArguments,
     dataset=None,
+    several_processes: bool = False,
 ) -> ProbeResult:
-    """Data, features (cached), normalisation, classifier and metrics; writes nothing but the feature cache."""
+    """Data, features (cached), normalisation, classifier and metrics; writes nothing but the feature cache.
+
+    `several_processes`: called inside a multi-process training run (LP-FT), where the main process computes
+    the features first and the others read them from the cache.
+    """
     import numpy as np
 
     from hf_finetune.data.prepare import prepare_data
@@ -96,7 +101,7 @@ def fit_probe(
             "which it never trains: features of random weights are not worth caching or fitting on. Unset "
             "from_scratch, or use `hf-finetune train` to train a model from scratch."
         )
-    if training_args.world_size > 1:
+    if training_args.world_size > 1 and not several_processes:
         raise UserError(
             f"The probe runs in one process, but this launch has {training_args.world_size}: each image's "
             "features are computed once, so there is nothing to split. Run it with plain `python` (it uses the "

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 # Imported for their registration; the help below is built from the filled registry.
 import hf_finetune.strategies.blockwise  # noqa: F401
 import hf_finetune.strategies.lora  # noqa: F401
+import hf_finetune.strategies.lp_ft  # noqa: F401
 from hf_finetune.errors import UserError
 from hf_finetune.strategies.registry import FEATURE_STRATEGY, FEATURE_STRATEGY_DESCRIPTION, STRATEGIES
 
@@ -66,6 +67,19 @@ class StrategyArguments:
             "running statistics stay frozen either way."
         },
     )
+    lp_ft_then: str = field(
+        default="full",
+        metadata={
+            "help": "lp_ft: what trains after the probe is in the head: `full` or `llrd` (layer_decay)."
+        },
+    )
+    wise_ft: bool = field(
+        default=False,
+        metadata={
+            "help": "lp_ft: at the end, interpolate between the LP-FT start and the fine-tuned weights (WiSE-FT), "
+            "the mixing coefficient chosen on validation from 0, 0.25, 0.5, 0.75, 1."
+        },
+    )
     lora_r: int = field(default=8, metadata={"help": "lora: rank of each adapter's low-rank update."})
     lora_alpha: int = field(
         default=16, metadata={"help": "lora: scale of the update, applied as lora_alpha / lora_r."}
@@ -106,6 +120,13 @@ class StrategyArguments:
                 raise UserError(f"{name}={value!r} must be a whole number >= {low}.")
         if not 0.0 < self.layer_decay <= 1.0:
             raise UserError(f"layer_decay={self.layer_decay} must be in (0, 1], e.g. 0.75 (BEiT, timm).")
+        if self.lp_ft_then not in ("full", "llrd"):
+            raise UserError(f"lp_ft_then={self.lp_ft_then!r} is not valid: use `full` or `llrd`.")
+        if self.wise_ft and self.strategy != "lp_ft":
+            raise UserError(
+                f"wise_ft interpolates from the LP-FT start, but strategy is {self.strategy!r}: its start has a "
+                "random head, so the interpolation would mix in a model that predicts nothing. Use strategy lp_ft."
+            )
         if not self.head_lr_multiplier > 0:
             raise UserError(f"head_lr_multiplier={self.head_lr_multiplier} must be > 0, e.g. 1 or 10.")
         if not isinstance(self.lora_r, int) or self.lora_r < 1:

@@ -16,7 +16,7 @@ def _blocks(groups: list[str]) -> list[str]:
 
 
 @register_strategy("full", "everything trains", needs_block_map=False, trains_everything=True)
-def _plan_full(groups, args):
+def plan_full(groups, args):
     return {g: (0, head_factor(g, args)) for g in groups}
 
 
@@ -76,6 +76,6 @@ def llrd_depth(groups: list[str]) -> dict[str, int]:
     "everything trains at learning_rate x layer_decay**depth from the head down",
     trains_everything=True,
 )
-def _plan_llrd(groups, args):
+def plan_llrd(groups, args):
     depth = llrd_depth(groups)
     return {g: (0, args.layer_decay ** depth[g] * head_factor(g, args)) for g in groups}
