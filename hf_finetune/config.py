@@ -241,6 +241,43 @@ class FinetuneTrainingArguments(TrainingArguments):
             "tensor cores, especially with bf16/fp16. `auto` turns it on for convolutional models on CUDA."
         },
     )
+    # Regularisation for small data (hf_finetune.train.mixing, losses, ema); `label_smoothing_factor` is
+    # TrainingArguments' own.
+    mixup_alpha: float = field(
+        default=0.0,
+        metadata={"help": "MixUp on training batches, Beta(alpha, alpha) weights; 0 = off (DeiT: 0.8)."},
+    )
+    cutmix_alpha: float = field(
+        default=0.0,
+        metadata={"help": "CutMix on training batches, Beta(alpha, alpha) areas; 0 = off (DeiT: 1.0)."},
+    )
+    mix_prob: float = field(
+        default=1.0, metadata={"help": "With mixup_alpha / cutmix_alpha: the chance that a batch is mixed."}
+    )
+    mix_switch_prob: float = field(
+        default=0.5, metadata={"help": "With both on: the chance that a mixed batch gets CutMix, not MixUp."}
+    )
+    class_weights: str = field(
+        default="none",
+        metadata={
+            "help": "`auto`: weigh each picture's loss by n / (k x n_class) of the training split (inverse class "
+            "frequency), for imbalanced data; `none`: every picture counts the same."
+        },
+    )
+    ema: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep an exponential moving average of the weights (timm's ModelEmaV3); at the end the average "
+            "replaces the trained weights when it scores better on validation."
+        },
+    )
+    ema_decay: float = field(default=0.9998, metadata={"help": "ema: the decay (timm --model-ema-decay)."})
+    ema_warmup: bool = field(
+        default=True,
+        metadata={
+            "help": "ema: the decay grows with the step (1 - (1 + step)^-2/3) up to ema_decay, for short runs."
+        },
+    )
 
     def __post_init__(self):
         # The process count is only known once the run starts (see apply_global_batch_size); what can be
@@ -253,6 +290,16 @@ class FinetuneTrainingArguments(TrainingArguments):
                 f"per_device_train_batch_size={self.per_device_train_batch_size} (times the number of "
                 "processes). Change one of the two."
             )
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name}={getattr(self, name)} must be >= 0 (0 turns it off), e.g. 0.8.")
+        for name in ("mix_prob", "mix_switch_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UserError(f"{name}={getattr(self, name)} must be a probability in [0, 1].")
+        if self.class_weights not in ("none", "auto"):
+            raise UserError(f"class_weights={self.class_weights!r} is not valid: use `none` or `auto`.")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise UserError(f"ema_decay={self.ema_decay} must be between 0 and 1, e.g. 0.9998.")
         if str(self.channels_last).lower() not in ("auto", "true", "false"):
             raise UserError(f"channels_last={self.channels_last!r} must be `auto`, `true` or `false`.")
         self.channels_last = str(self.channels_last).lower()
