@@ -285,3 +285,36 @@ def test_lp_ft_head_reproduces_the_probe_on_validation(tmp_path, small_digits_fo
     np.testing.assert_array_equal(logits.argmax(1), probe.predictions("validation"))
     agreement = (logits.argmax(1) == np.asarray(validation[data.label_column])).mean()
     assert agreement == pytest.approx(summary["probe_eval_accuracy"])
+
+
+# A run with every setting on ---------------------------------------------------------------------------
+def test_a_run_with_mixing_weights_ema_and_lp_ft_wise_ft(tmp_path, tiny_vit, monkeypatch):
+    import json
+
+    from conftest import digits_dataset, tiny_run
+
+    from hf_finetune.outputs.files import RUN_SUMMARY
+
+    monkeypatch.setenv("HF_FINETUNE_FEATURES_CACHE", str(tmp_path / "features"))
+    data = digits_dataset(n_per_class=16)
+    out = tmp_path / "out"
+    results = tiny_run(
+        tiny_vit, out, data, "--strategy", "lp_ft", "--wise_ft", "true", "--mixup_alpha", "0.8",
+        "--cutmix_alpha", "1.0", "--label_smoothing_factor", "0.1", "--class_weights", "auto", "--ema", "true",
+        "--auto_augment", "randaugment", "--random_erasing", "0.25", "--train_val_split", "0.25", epochs=2,
+    )  # fmt: skip
+    summary = json.loads((out / RUN_SUMMARY).read_text())
+    probe = summary["lp_ft_probe"]
+    assert set(probe) == {"probe_eval_accuracy", "probe_hyperparameters", "probe_seconds"}
+    # The EMA and WiSE-FT choices are made on validation and reported with the figures they rest on.
+    assert isinstance(results["ema_used"], bool)
+    better = max(results["eval_raw_accuracy"], results["eval_ema_accuracy"])
+    chosen = results["eval_ema_accuracy"] if results["ema_used"] else results["eval_raw_accuracy"]
+    assert chosen == better
+    assert results["wise_ft_alpha"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    # The saved model is the chosen one: its validation accuracy is the WiSE-FT choice's.
+    assert results["eval_accuracy"] == pytest.approx(results["eval_wise_ft_accuracy"])
+    assert (
+        results["eval_wise_ft_accuracy"] >= probe["probe_eval_accuracy"] - 1e-9
+        or results["wise_ft_alpha"] > 0
+    )

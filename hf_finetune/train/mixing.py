@@ -72,3 +72,16 @@ class BatchMixing:
         if memory_format is not None and pixels.dim() == 4:
             out_pixels = out_pixels.contiguous(memory_format=memory_format)
         return {**batch, "pixel_values": out_pixels, "labels": out_labels.float()}
+
+
+class MixingTrainerMixin:
+    """Trainer mixin: training batches pass through `batch_mixing` (a `BatchMixing`, or None) in the step."""
+
+    batch_mixing = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.batch_mixing is not None and model.training:
+            inputs = self.batch_mixing(inputs)
+        return super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )

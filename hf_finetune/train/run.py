@@ -65,6 +65,17 @@ class RunData:
 
 
 @dataclass
+class StrategyStage:
+    """The strategy stage's result: the model that trains, its freezing plan, and for LP-FT the probe it
+    starts from (`notes`, for run_summary.json) and, with `wise_ft`, the starting weights."""
+
+    model: Any
+    plan: Any
+    notes: dict
+    start_state: dict | None = None
+
+
+@dataclass
 class Evaluation:
     """The evaluation stage's result: metrics by section (train, eval, test) and the report split's predictions."""
 
@@ -152,16 +163,29 @@ def load_run_model(model_args, labels: list[str], checkpoint: Checkpoint, as_is:
     return model, load_report
 
 
-def apply_strategy(model, strategy_args, training_args, train_split):
-    """Strategy: what trains. Returns (the model that trains, its freezing plan)."""
+def apply_strategy(
+    model, strategy_args, training_args, data: RunData, model_args, data_args, dataset=None
+) -> StrategyStage:
+    """Strategy: what trains, and (LP-FT) the head it starts from."""
     from hf_finetune.data.transforms import collate
     from hf_finetune.strategies.plan import prepare_strategy, wrap_for_strategy
 
+    notes, start_state = {}, None
+    if strategy_args.strategy == "lp_ft":
+        from hf_finetune.strategies.lp_ft import initialise_head_from_probe
+
+        notes["lp_ft_probe"] = initialise_head_from_probe(
+            model, data.prepared.labels, model_args, data_args, training_args, dataset=dataset
+        )
+        if strategy_args.wise_ft:
+            start_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model = wrap_for_strategy(model, strategy_args)  # lora: the checkpoint in peft adapters
     # Freeze before the Trainer exists: it reads ddp_find_unused_parameters when it builds the accelerator.
     # Two real training images let the plan find parameters the forward pass never uses.
+    train_split = data.splits["train"]
     example = collate([train_split[i] for i in range(min(2, len(train_split)))])
-    return model, prepare_strategy(model, strategy_args, training_args, example_inputs=example)
+    plan = prepare_strategy(model, strategy_args, training_args, example_inputs=example)
+    return StrategyStage(model, plan, notes, start_state)
 
 
 def prepare_trainer(model_args, data_args, training_args, strategy_args, dataset=None, train: bool = True):
@@ -174,14 +198,14 @@ def prepare_trainer(model_args, data_args, training_args, strategy_args, dataset
         data_args, training_args, checkpoint.image_processor, model_args.cache_dir, dataset, train
     )
     model, load_report = load_run_model(model_args, data.prepared.labels, checkpoint)
-    model, plan = apply_strategy(model, strategy_args, training_args, data.splits["train"])
-    trainer = assemble_trainer(
-        model, plan, training_args, data.splits, checkpoint.image_processor, len(data.prepared.labels)
-    )
+    stage = apply_strategy(model, strategy_args, training_args, data, model_args, data_args, dataset)
+    trainer = assemble_trainer(stage.model, stage.plan, training_args, data, checkpoint.image_processor)
     return trainer, data.prepared, data.splits, load_report
 
 
-def open_output_dir(trainer, settings: RunSettings, model_args, data_args, training_args, data, load_report):
+def open_output_dir(
+    trainer, settings: RunSettings, model_args, data_args, training_args, data, load_report, notes=None
+):
     """Trainer (the run now starts, and the Trainer writes its checkpoints into the output folder): replace the
     previous run's files (with `overwrite_output_dir`), then write this run's settings, splits and summary."""
     from hf_finetune.strategies.registry import STRATEGY_SUMMARY
@@ -201,17 +225,22 @@ def open_output_dir(trainer, settings: RunSettings, model_args, data_args, train
                 "checkpoint_labels": load_report.checkpoint_labels[:50],
                 "bad_images_skipped": len(data.bad_images),
                 "strategy": settings.strategy_args.strategy,
+                **(notes or {}),
             },
         )
         atomic.write_json(output_dir / STRATEGY_SUMMARY, trainer.strategy_summary())
     return record
 
 
-def train_and_save(trainer, settings: RunSettings, training_args, train_split, train: bool = True) -> dict:
-    """Trainer: train (resuming from the newest complete checkpoint), then save the weights and the state.
+def train_and_save(
+    trainer, settings: RunSettings, training_args, splits, train: bool = True, start_state=None
+) -> dict:
+    """Trainer: train (resuming from the newest complete checkpoint), then choose between the trained weights
+    and their averages (EMA; WiSE-FT from `start_state`) on validation, and save the weights and the state.
     Returns the training metrics (none when `train` is false)."""
     from hf_finetune.strategies.registry import STRATEGY_SUMMARY
     from hf_finetune.train.checkpoints import last_complete_checkpoint
+    from hf_finetune.train.ema import EmaCallback, choose_ema_or_raw
     from hf_finetune.train.resume import ResumeReport
 
     output_dir, strategy_args = settings.output_dir, settings.strategy_args
@@ -220,10 +249,17 @@ def train_and_save(trainer, settings: RunSettings, training_args, train_split, t
         None if training_args.overwrite_output_dir else last_complete_checkpoint(output_dir)
     )
     trainer.add_callback(ResumeReport(resume))  # logs where it resumes from and what it restored
+    ema = next((c for c in trainer.callback_handler.callbacks if isinstance(c, EmaCallback)), None)
     metrics = {}
     if train:
+        if ema is not None:
+            ema.resume_from = resume  # the average continues from the checkpoint's
         train_result = trainer.train(resume_from_checkpoint=resume)
-        metrics = {**train_result.metrics, "train_samples": len(train_split)}
+        metrics = {**train_result.metrics, "train_samples": len(splits["train"])}
+        if ema is not None:
+            metrics.update(choose_ema_or_raw(trainer, ema, splits["validation"]))
+        if start_state is not None:
+            metrics.update(choose_wise_ft(trainer, start_state, splits["validation"]))
     if trainer.is_world_process_zero():
         # Again after training: the optimizer's real groups and, for gradual, the schedule as it happened.
         atomic.write_json(output_dir / STRATEGY_SUMMARY, trainer.strategy_summary())
@@ -235,6 +271,23 @@ def train_and_save(trainer, settings: RunSettings, training_args, train_split, t
         trainer.save_model()
     trainer.save_state()
     return metrics
+
+
+def choose_wise_ft(trainer, start_state: dict, validation) -> dict:
+    """WiSE-FT: the interpolation between the LP-FT start and the trained weights that scores best on
+    validation becomes the model. Returns the chosen alpha and its validation accuracy for the results."""
+    from hf_finetune.train.averaging import choose_interpolation
+
+    model = trainer.model
+
+    def validation_accuracy(state):
+        model.load_state_dict(state, strict=True)
+        return trainer.evaluate(eval_dataset=validation, metric_key_prefix="eval")["eval_accuracy"]
+
+    end = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    alpha, state, scores = choose_interpolation(start_state, end, validation_accuracy)
+    model.load_state_dict(state, strict=True)
+    return {"wise_ft_alpha": alpha, "eval_wise_ft_accuracy": scores[alpha]}
 
 
 def evaluate_splits(trainer, splits, train_metrics: dict, train: bool = True) -> Evaluation:
@@ -344,16 +397,14 @@ def run(
         data_args, training_args, checkpoint.image_processor, model_args.cache_dir, dataset, train, inspection
     )
     model, load_report = load_run_model(model_args, data.prepared.labels, checkpoint, as_is=not train)
-    model, plan = apply_strategy(model, strategy_args, training_args, data.splits["train"])
-    trainer = assemble_trainer(
-        model, plan, training_args, data.splits, checkpoint.image_processor, len(data.prepared.labels)
-    )
+    stage = apply_strategy(model, strategy_args, training_args, data, model_args, data_args, dataset)
+    trainer = assemble_trainer(stage.model, stage.plan, training_args, data, checkpoint.image_processor)
     record = open_output_dir(
-        trainer, settings, model_args, data_args, training_args, data.prepared, load_report
+        trainer, settings, model_args, data_args, training_args, data.prepared, load_report, stage.notes
     )
     if trainer.is_world_process_zero():
         write_training_report(settings.output_dir, inspection)  # inspect: true: data_report.md / .json / PNGs
-    train_metrics = train_and_save(trainer, settings, training_args, data.splits["train"], train)
+    train_metrics = train_and_save(trainer, settings, training_args, data.splits, train, stage.start_state)
     evaluation = evaluate_splits(trainer, data.splits, train_metrics, train)
     finish_outputs(trainer, settings, record, evaluation, data.prepared, model_args, data_args, training_args)
     return evaluation.results

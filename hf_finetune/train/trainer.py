@@ -19,13 +19,17 @@ def build_trainer(
     callbacks=None,
     plan=None,
     channels_last=False,
+    train_label_ids=None,
 ):
     from transformers import EarlyStoppingCallback, Trainer
 
     from hf_finetune.data.transforms import Collator
     from hf_finetune.strategies.trainer import strategy_trainer_class
     from hf_finetune.train.checkpoints import CheckpointLoadingMixin, CompleteCheckpointCallback
+    from hf_finetune.train.ema import EmaCallback
+    from hf_finetune.train.losses import ClassificationLoss, inverse_frequency_weights
     from hf_finetune.train.metrics import ComputeMetrics
+    from hf_finetune.train.mixing import BatchMixing, MixingSettings, MixingTrainerMixin
     from hf_finetune.train.resume import AugmentationEpochCallback, StepSeedCallback
 
     callbacks = list(callbacks or [])
@@ -33,14 +37,32 @@ def build_trainer(
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
     # With a freezing plan, the Trainer builds its optimizer groups and unfreezing schedule from it.
     base_cls, extra = (strategy_trainer_class(), {"plan": plan}) if plan is not None else (Trainer, {})
-    trainer_cls = type("FinetuneTrainer", (CheckpointLoadingMixin, base_cls), {})
+    mixing = MixingSettings(
+        training_args.mixup_alpha,
+        training_args.cutmix_alpha,
+        training_args.mix_prob,
+        training_args.mix_switch_prob,
+    )
+    class_weights = None
+    if training_args.class_weights == "auto":
+        class_weights = inverse_frequency_weights(train_label_ids, num_labels)
+        logger.info(
+            "Class weights (inverse class frequency in train): %s", [round(w, 3) for w in class_weights]
+        )
+    if mixing.enabled or class_weights is not None:
+        # Soft targets and weights need our loss; it applies label_smoothing_factor itself.
+        extra["compute_loss_func"] = ClassificationLoss(training_args.label_smoothing_factor, class_weights)
+    trainer_cls = type("FinetuneTrainer", (CheckpointLoadingMixin, MixingTrainerMixin, base_cls), {})
+    if training_args.ema:
+        # Before the completeness marker: a checkpoint is complete once its EMA copy is written too.
+        callbacks.append(EmaCallback(training_args.ema_decay, training_args.ema_warmup))
     callbacks.append(CompleteCheckpointCallback())
     # Exact resume (hf_finetune.train.resume): each step's random stream and each picture's augmentation are derived
     # from the seed, so a resumed run draws what the uninterrupted one drew.
     callbacks.append(StepSeedCallback(training_args.seed))
     if hasattr(splits["train"], "set_epoch"):
         callbacks.append(AugmentationEpochCallback(splits["train"]))
-    return trainer_cls(
+    trainer = trainer_cls(
         model=model,
         args=training_args,
         train_dataset=splits["train"],
@@ -51,10 +73,13 @@ def build_trainer(
         callbacks=callbacks,
         **extra,
     )
+    trainer.batch_mixing = BatchMixing(mixing, num_labels) if mixing.enabled else None
+    return trainer
 
 
-def assemble_trainer(model, plan, training_args, splits, image_processor, num_labels: int):
-    """Trainer: speed settings, the global batch size, and the Trainer with our callbacks."""
+def assemble_trainer(model, plan, training_args, data, image_processor):
+    """Trainer: speed settings, the global batch size, and the Trainer with our callbacks (`data`: the data
+    stage's `RunData`)."""
     from hf_finetune.train.speed import apply_channels_last, log_input_pipeline
 
     channels_last = apply_channels_last(model, training_args)
@@ -62,12 +87,14 @@ def assemble_trainer(model, plan, training_args, splits, image_processor, num_la
     # Before the Trainer: it sizes its accumulation (and the steps per epoch) from these arguments.
     apply_global_batch_size(training_args)
     logger.info(global_batch_description(training_args))
+    prepared = data.prepared
     return build_trainer(
         model,
         training_args,
-        splits,
+        data.splits,
         image_processor,
-        num_labels,
+        len(prepared.labels),
         plan=plan,
         channels_last=channels_last,
+        train_label_ids=prepared.splits["train"][prepared.label_column],
     )
