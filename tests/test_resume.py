@@ -242,6 +242,30 @@ CASES = {
     ),
     # gradual unfreezes a block group at epoch 1 (step 5 with accumulation 2); checkpoint 6 lies after it,
     # inside epoch 1, so the resumed run must continue the schedule and the accumulation where they were.
+    # MixUp / CutMix draw in the training step, and the EMA continues from the checkpoint's ema.safetensors;
+    # the end compares the average with the trained weights on validation, the same way in both runs.
+    "mixup, cutmix, class weights and ema, 1 worker, inside an epoch": (
+        1,
+        (
+            "--dataloader_num_workers",
+            "1",
+            "--save_steps",
+            "4",
+            "--mixup_alpha",
+            "0.8",
+            "--cutmix_alpha",
+            "1.0",
+            "--class_weights",
+            "auto",
+            "--ema",
+            "true",
+            "--ema_decay",
+            "0.9",
+            "--train_val_split",
+            "0.15",
+        ),
+        complete(4),
+    ),  # fmt: skip
     "gradual, accumulation 2, 1 worker, inside the epoch after an unfreezing": (
         1,
         GRADUAL,
