@@ -125,8 +125,6 @@ def replace_prepared_model(accelerator, old, new) -> None:
     accelerator._models = [new if m is old else m for m in accelerator._models]
 
 
-# --- huggingface_hub --------------------------------------------------------------------------------------
-
 # --- datasets ---------------------------------------------------------------------------------------------
 
 

@@ -1,5 +1,6 @@
 """Typed run settings: the argument dataclasses (on `HfArgumentParser`), the project's defaults for
 `TrainingArguments`, and what the settings mean for a run (dataloader workers, the global batch size).
+About 430 lines because every setting is a field with its help text here, in the style a new one copies.
 
 This is where users import the argument dataclasses from (`from hf_finetune.config import DataArguments`).
 New settings go into these dataclasses: a field with a default and `metadata={"help": ...}`; checks of its

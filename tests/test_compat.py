@@ -163,8 +163,6 @@ def test_the_accelerators_prepared_models_are_still_its_private_list():
     assert accelerator._models[-1] is new and not any(m is prepared for m in accelerator._models)
 
 
-# --- huggingface_hub --------------------------------------------------------------------------------------
-
 # --- datasets ---------------------------------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ import tokenize
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "hf_finetune"
-MAX_LINES = 450
+MAX_LINES = 400
 # Private names of torch / transformers / accelerate / timm / datasets / argparse that hf-finetune is known to need.
 # A heuristic, not a proof: a new private name has to be added here (and its use moved into compat.py).
 KNOWN_PRIVATE_NAMES = {

@@ -102,8 +102,13 @@ def test_unmixed_batches_still_get_soft_targets_and_off_is_a_no_op():
     assert torch.equal(out["pixel_values"], batch["pixel_values"])
     assert torch.equal(out["labels"], F.one_hot(batch["labels"], 4).float())
     assert BatchMixing(MixingSettings(), num_labels=4)(batch) is batch
-    with pytest.raises(ValueError, match="mixup_alpha"):
-        BatchMixing(MixingSettings(mixup_alpha=-1), num_labels=4)
+    from hf_finetune.config import FinetuneTrainingArguments
+    from hf_finetune.errors import UserError
+
+    with pytest.raises(UserError, match="mixup_alpha=-1"):
+        FinetuneTrainingArguments(output_dir="out", mixup_alpha=-1, use_cpu=True)
+    with pytest.raises(UserError, match="mix_prob=1.5"):
+        FinetuneTrainingArguments(output_dir="out", mix_prob=1.5, use_cpu=True)
 
 
 def _states():

@@ -1,4 +1,6 @@
 """`hf-finetune predict`: classify image files and folders with a trained output directory or a Hub model.
+About 430 lines because one command reads every kind of output (transformers model, probe folder, Hub id),
+every kind of input (files, folders) and writes both output formats.
 
     hf-finetune predict outputs/flowers photos/ holiday.jpg --top_k 3 --output predictions.csv
 

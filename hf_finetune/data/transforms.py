@@ -1,4 +1,6 @@
 """Pixel pipeline derived from the checkpoint's own image processor (size, crop, mean, std: never hard-coded).
+About 430 lines because evaluation, the seeded training augmentation and the batch transform are one pipeline
+whose parts must agree pixel for pixel.
 
 Eval: the checkpoint's image processor itself (for a timm checkpoint, timm's own eval transform from its
 `pretrained_cfg`, which is what `TimmWrapperImageProcessor` applies), so the evaluation pixels are by

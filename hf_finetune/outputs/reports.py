@@ -1,4 +1,5 @@
-"""Evaluation reports written into `output_dir` after every run: plots and per-class tables.
+"""Evaluation reports written into `output_dir` after every run: plots and per-class tables. About 420
+lines because each report a run writes is one function here, sharing the figure and thumbnail helpers.
 
     files = write_reports(output_dir, logits=logits, labels=labels, label_names=names,
                           images=test_images, log_history=trainer.state.log_history)

@@ -33,12 +33,7 @@ class BatchMixing:
     """Mixes a batch's `pixel_values` and turns its `labels` into soft targets (float, batch x classes)."""
 
     def __init__(self, settings: MixingSettings, num_labels: int):
-        for name in ("mixup_alpha", "cutmix_alpha"):
-            if getattr(settings, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0 turns it off), got {getattr(settings, name)}")
-        for name in ("mix_prob", "switch_prob"):
-            if not 0 <= getattr(settings, name) <= 1:
-                raise ValueError(f"{name} must be between 0 and 1, got {getattr(settings, name)}")
+        # The values were checked where users give them (FinetuneTrainingArguments).
         self.settings = settings
         self.num_labels = int(num_labels)
         self._mixup = self._cutmix = None

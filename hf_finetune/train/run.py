@@ -1,4 +1,5 @@
-"""One training run, as a list of stages each entered once, data flowing one way:
+"""One training run, as a list of stages each entered once, data flowing one way (about 440 lines because
+the stages stay in one file, in order, so that a run reads top to bottom):
 
     config -> data -> model -> strategy -> Trainer -> evaluation -> outputs
 
