@@ -2,7 +2,7 @@
 
 The end-to-end tests run the real ImageNet EfficientNet-Lite0 (saved for 32-px inputs) on image folders of the
 digits with planted faults: labels flipped (files moved into another class's folder), test pictures copied into
-train byte for byte and re-encoded. The figures on the full digits are benchmarks/inspect.py's.
+train byte for byte and re-encoded. The figures on the full digits are benchmarks/inspect_data.py's.
 """
 
 from __future__ import annotations

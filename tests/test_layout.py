@@ -201,3 +201,12 @@ def test_private_upstream_names_only_in_compat():
     ]
     print("\n".join(offenders))  # the list to move, in the test log
     assert not offenders, "private upstream names outside hf_finetune/compat.py: " + ", ".join(offenders)
+
+
+def test_no_benchmark_script_shadows_a_standard_library_module():
+    """A benchmark runs with benchmarks/ first on sys.path: a script named like a standard-library module
+    (inspect.py, say) would be imported in its place by every other benchmark (dataclasses imports inspect)."""
+    import sys
+
+    scripts = {path.stem for path in (PACKAGE.parent / "benchmarks").glob("*.py")}
+    assert not scripts & set(sys.stdlib_module_names), sorted(scripts & set(sys.stdlib_module_names))

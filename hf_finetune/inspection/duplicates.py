@@ -52,7 +52,7 @@ def comparison_space(features: dict[str, np.ndarray], seed: int = 0) -> dict[str
     Whitening is what image retrieval does with CNN descriptors (Jégou and Chum, ECCV 2012): in the raw pooled
     features a few strong directions, shared by every picture of a kind, dominate the cosine, so that two
     different scans of a "1" look as alike as a picture and its re-encoded copy. Measured on the held-out pair
-    set of benchmarks/inspect.py (real EfficientNet-Lite0, digits), whitening separates the two far better than
+    set of benchmarks/inspect_data.py (real EfficientNet-Lite0, digits), whitening separates the two far better than
     raw or per-dimension standardised features.
     """
     from sklearn.decomposition import PCA

@@ -8,7 +8,7 @@ from hf_finetune.errors import UserError
 
 EXCLUDABLE = ("leakage", "label_issues")
 
-# Chosen on a held-out pair set (benchmarks/inspect.py prints it): 200 validation digits, each against a copy of
+# Chosen on a held-out pair set (benchmarks/inspect_data.py prints it): 200 validation digits, each against a copy of
 # itself re-encoded as JPEG and resized from 32 to 34-36 px (what a leaked picture usually is), and against its most
 # similar other picture of train + validation (a distinct picture that merely looks alike). In the whitened space of
 # the real EfficientNet-Lite0's features (duplicates.comparison_space), 0.75 kept 95 % of the copies and 1 % of the

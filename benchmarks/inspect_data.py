@@ -1,6 +1,6 @@
 """`hf-finetune inspect` on the digits with planted faults, on Google's real ImageNet EfficientNet-Lite0.
 
-    .venv/bin/python benchmarks/inspect.py            # about 3 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/inspect_data.py            # about 3 minutes on 2 CPU cores
 
 The digits (1,797 real scans) are split, stratified, into train / validation / test image folders (1,257 /
 270 / 270). Planted in train: the labels of 30 pictures flipped (each file moved into another class's folder)
