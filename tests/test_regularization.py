@@ -157,6 +157,7 @@ def test_ema_follows_timm_decay_saves_into_checkpoints_and_resumes(tmp_path):
         expected = {k: decay * expected[k] + (1 - decay) * v for k, v in model.state_dict().items()}
     for key, value in callback.ema.module.state_dict().items():
         assert torch.allclose(value, expected[key], atol=1e-6)
+    (tmp_path / "checkpoint-3").mkdir()  # on_save follows the Trainer's own save into this folder
     callback.on_save(args, SimpleNamespace(global_step=3, is_world_process_zero=True), None)
     assert (tmp_path / "checkpoint-3" / EMA_WEIGHTS).is_file()
 

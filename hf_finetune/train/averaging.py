@@ -22,6 +22,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
+def snapshot(model) -> dict:
+    """A copy of `model`'s state dict that later training steps do not change."""
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
 def uniform_soup(states: Sequence[dict]) -> dict:
     """The element-wise mean of several state dicts with the same keys and shapes."""
     if not states:

@@ -34,6 +34,11 @@ COMPLETE_MARKER = "checkpoint_complete"
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 
+def saved_checkpoint_dir(args, state) -> Path:
+    """The folder the Trainer has just saved into, for callbacks' `on_save` (the Trainer's `checkpoint-N`)."""
+    return Path(args.output_dir) / f"checkpoint-{state.global_step}"
+
+
 def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
     """`checkpoint-N` folders, newest (highest N) first."""
     root = Path(output_dir)
@@ -62,7 +67,7 @@ class CompleteCheckpointCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         wait_for_every_process()  # each process has written its part (RNG state) of the checkpoint
         if state.is_world_process_zero:
-            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            path = saved_checkpoint_dir(args, state)
             if path.is_dir():
                 (path / COMPLETE_MARKER).write_text(f"{state.global_step}\n")
         return control

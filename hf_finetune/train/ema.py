@@ -51,8 +51,9 @@ class EmaCallback(TrainerCallback):
         if state.is_world_process_zero:
             from safetensors.torch import save_file
 
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            folder.mkdir(parents=True, exist_ok=True)
+            from hf_finetune.train.checkpoints import saved_checkpoint_dir
+
+            folder = saved_checkpoint_dir(args, state)
             tensors = {k: v.detach().contiguous().cpu() for k, v in self.ema.module.state_dict().items()}
             save_file(tensors, folder / EMA_WEIGHTS)
         return control
@@ -64,7 +65,9 @@ def choose_ema_or_raw(trainer, ema: EmaCallback, eval_dataset, metric: str = "ev
     Returns {"ema_used": bool, "eval_raw_<metric>": ..., "eval_ema_<metric>": ...} for the results. A tie
     keeps the raw weights (what the run trained).
     """
-    raw_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    from hf_finetune.train.averaging import snapshot
+
+    raw_state = snapshot(trainer.model)
     raw = trainer.evaluate(eval_dataset=eval_dataset, metric_key_prefix="eval")[metric]
     trainer.model.load_state_dict(ema.ema.module.state_dict(), strict=True)
     averaged = trainer.evaluate(eval_dataset=eval_dataset, metric_key_prefix="eval")[metric]

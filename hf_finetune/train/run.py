@@ -179,7 +179,9 @@ def apply_strategy(
             model, data.prepared.labels, model_args, data_args, training_args, dataset=dataset
         )
         if strategy_args.wise_ft:
-            start_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            from hf_finetune.train.averaging import snapshot
+
+            start_state = snapshot(model)
     model = wrap_for_strategy(model, strategy_args)  # lora: the checkpoint in peft adapters
     # Freeze before the Trainer exists: it reads ddp_find_unused_parameters when it builds the accelerator.
     # Two real training images let the plan find parameters the forward pass never uses.
@@ -277,7 +279,7 @@ def train_and_save(
 def choose_wise_ft(trainer, start_state: dict, validation) -> dict:
     """WiSE-FT: the interpolation between the LP-FT start and the trained weights that scores best on
     validation becomes the model. Returns the chosen alpha and its validation accuracy for the results."""
-    from hf_finetune.train.averaging import choose_interpolation
+    from hf_finetune.train.averaging import choose_interpolation, snapshot
 
     model = trainer.model
 
@@ -285,7 +287,7 @@ def choose_wise_ft(trainer, start_state: dict, validation) -> dict:
         model.load_state_dict(state, strict=True)
         return trainer.evaluate(eval_dataset=validation, metric_key_prefix="eval")["eval_accuracy"]
 
-    end = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    end = snapshot(model)
     alpha, state, scores = choose_interpolation(start_state, end, validation_accuracy)
     model.load_state_dict(state, strict=True)
     return {"wise_ft_alpha": alpha, "eval_wise_ft_accuracy": scores[alpha]}

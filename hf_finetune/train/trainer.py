@@ -88,6 +88,7 @@ def assemble_trainer(model, plan, training_args, data, image_processor):
     apply_global_batch_size(training_args)
     logger.info(global_batch_description(training_args))
     prepared = data.prepared
+    weighted = training_args.class_weights == "auto"  # the only user of the training labels here
     return build_trainer(
         model,
         training_args,
@@ -96,5 +97,5 @@ def assemble_trainer(model, plan, training_args, data, image_processor):
         len(prepared.labels),
         plan=plan,
         channels_last=channels_last,
-        train_label_ids=prepared.splits["train"][prepared.label_column],
+        train_label_ids=prepared.splits["train"][prepared.label_column] if weighted else None,
     )
