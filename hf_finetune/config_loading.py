@@ -13,6 +13,7 @@ import argparse
 import difflib
 import logging
 import os
+import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,8 @@ def parse_args(
     """
     from transformers import HfArgumentParser, TrainingArguments
 
+    from hf_finetune.commands.help_cache import store_help, wants_help
+
     dataclass_types = list(dataclass_types)
     known = _field_names(dataclass_types)
     # No abbreviations: argparse would take `--learning_rat` for `--learning_rate` without it being counted as
@@ -207,9 +210,9 @@ def parse_args(
     parser = HfArgumentParser(dataclass_types, prog=prog, allow_abbrev=False)
     parser.add_argument(
         "--config",
-        default=None,
+        default=argparse.SUPPRESS,  # no "(default: None)" beside the recipe's own YAML
         help="YAML file whose keys are any of the settings below"
-        + (f" (default: {portable_path(str(default_config))})." if default_config else "."),
+        + (f" (without --config: {portable_path(str(default_config))})." if default_config else "."),
     )
     config = config_path(argv, default_config)
     # What the user set on the command line: the destination of every flag given (`--no_x` included).
@@ -239,6 +242,11 @@ def parse_args(
                     for key in group:
                         defaults.pop(key, None)
     parser.set_defaults(**defaults)
+    if wants_help(argv):  # as argparse's -h would, and kept so that the next identical --help is instant
+        text = parser.format_help()
+        store_help(text, parser.prog if prog is None else prog, argv, default_config)
+        sys.stdout.write(text)
+        raise SystemExit(0)
     if any(issubclass(t, TrainingArguments) for t in dataclass_types):
         current, _ = parser.parse_known_args(argv)
         changes, notes = _defaults_giving_way(vars(current), user)

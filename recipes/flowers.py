@@ -16,7 +16,6 @@ Your own pictures with the same recipe:
 import sys
 
 from hf_finetune.commands.cli import parse_train_args, recipe_config, report_user_errors
-from hf_finetune.train.run import run
 
 
 @report_user_errors
@@ -27,6 +26,7 @@ def main(argv=None):
     model_args, data_args, strategy_args, training_args = parse_train_args(
         argv, prog="recipes/flowers.py", default_config=recipe_config(__file__)
     )
+    from hf_finetune.train.run import run  # after the settings: a --help needs no torch
 
     ####################################################
     # Load, train, evaluate, save model card (+ push)  #

@@ -31,9 +31,7 @@ probes that Hub checkpoint, `--train_dir pictures/train` your pictures.
 
 import sys
 
-from hf_finetune.commands.cli import recipe_config, report_user_errors
-from hf_finetune.probe.arguments import parse_probe_args
-from hf_finetune.probe.run import run_probe
+from hf_finetune.commands.cli import parse_probe_args, recipe_config, report_user_errors
 from hf_finetune.testing.quickstart import prepare_material
 
 
@@ -42,6 +40,7 @@ def main(argv=None):
     model_args, data_args, probe_args, training_args = parse_probe_args(
         argv, prog="recipes/probe.py", default_config=recipe_config(__file__)
     )
+    from hf_finetune.probe.run import run_probe  # after the settings: a --help needs no torch
 
     ##########################################################################
     # Stand-ins for a Hub dataset and Hub checkpoints (data/quickstart only)  #

@@ -24,7 +24,6 @@ import sys
 
 from hf_finetune.commands.cli import parse_train_args, recipe_config, report_user_errors
 from hf_finetune.testing.quickstart import prepare_material
-from hf_finetune.train.run import run
 
 
 @report_user_errors
@@ -32,6 +31,7 @@ def main(argv=None):
     model_args, data_args, strategy_args, training_args = parse_train_args(
         argv, prog="recipes/quickstart.py", default_config=recipe_config(__file__)
     )
+    from hf_finetune.train.run import run  # after the settings: a --help needs no torch
 
     ##############################################################################
     # A Hub dataset and a Hub checkpoint, offline (data/quickstart only)         #

@@ -8,6 +8,7 @@ from pathlib import Path
 
 # The entry-point layer lives in errors.py (the lowest module) so that every command imports down only;
 # recipes use it from here.
+from hf_finetune.commands.help_cache import print_cached_help
 from hf_finetune.errors import report_user_errors
 
 USAGE = """\
@@ -46,6 +47,7 @@ def parse_train_args(
     probe's settings (`ProbeRunArguments`: classifier, feature cache, ...), which `training.run` routes to the
     frozen-feature path. `extra_types`: more argument dataclasses, returned after these.
     """
+    print_cached_help(prog, argv, default_config)  # before importing transformers
     from hf_finetune.config import DataArguments, FinetuneTrainingArguments, ModelArguments
     from hf_finetune.config_loading import parse_args, requested_setting
 
@@ -63,8 +65,22 @@ def parse_train_args(
     )
 
 
+def parse_probe_args(
+    argv: list[str] | None = None,
+    prog: str = "hf-finetune probe",
+    default_config: str | None = None,
+    extra_types: tuple = (),
+):
+    """`hf_finetune.probe.arguments.parse_probe_args`, with a stored `--help` printed before transformers loads."""
+    print_cached_help(prog, argv, default_config)
+    from hf_finetune.probe.arguments import parse_probe_args as parse
+
+    return parse(argv, prog, default_config=default_config, extra_types=extra_types)
+
+
 @report_user_errors
 def train(argv: list[str] | None = None, prog: str = "hf-finetune train"):
+    print_cached_help(prog, argv)
     from hf_finetune.inspection.settings import InspectArguments
     from hf_finetune.train.run import run
 
@@ -75,7 +91,6 @@ def train(argv: list[str] | None = None, prog: str = "hf-finetune train"):
 
 @report_user_errors
 def probe(argv: list[str] | None = None, prog: str = "hf-finetune probe"):
-    from hf_finetune.probe.arguments import parse_probe_args
     from hf_finetune.probe.run import run_probe
 
     return run_probe(*parse_probe_args(argv, prog))
@@ -97,6 +112,7 @@ def predict(argv: list[str] | None = None, prog: str = "hf-finetune predict"):
 
 @report_user_errors
 def inspect(argv: list[str] | None = None, prog: str = "hf-finetune inspect"):
+    print_cached_help(prog, argv)
     from hf_finetune.commands.inspect import main as inspect_main
 
     return inspect_main(argv, prog=prog)

@@ -97,6 +97,9 @@ def parse_compare_args(
 ):
     """(model, data, strategy, probe, compare, training) arguments from `--config` (else `default_config`)
     + flags."""
+    from hf_finetune.commands.help_cache import print_cached_help
+
+    print_cached_help(prog, argv, default_config)  # before transformers loads
     from hf_finetune.config import DataArguments, FinetuneTrainingArguments, ModelArguments
     from hf_finetune.config_loading import parse_args
     from hf_finetune.probe.arguments import ProbeArguments

@@ -52,3 +52,12 @@ def write_bad_images(output_dir: str | os.PathLike, bad_images: list[dict[str, A
         path.unlink(missing_ok=True)
         return None
     return write_json(path, bad_images)
+
+
+def user_cache_dir(kind: str, env: str | None = None) -> Path:
+    """``$env`` when set, else ``$XDG_CACHE_HOME/hf_finetune/<kind>`` (``~/.cache/hf_finetune/<kind>``): where
+    this package keeps what it can recompute (features, converted weights, --help texts)."""
+    if env and os.environ.get(env):
+        return Path(os.environ[env]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "hf_finetune" / kind

@@ -57,10 +57,9 @@ _SHA = re.compile(r"^[0-9a-f]{40}$")
 # --------------------------------------------------------------------------------------------------------
 def default_cache_dir() -> Path:
     """``$HF_FINETUNE_FEATURES_CACHE``, else ``$XDG_CACHE_HOME/hf_finetune/features`` (~/.cache/...)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "hf_finetune" / "features"
+    from hf_finetune.outputs.files import user_cache_dir
+
+    return user_cache_dir("features", CACHE_ENV)
 
 
 def _digest(data: Any) -> str:

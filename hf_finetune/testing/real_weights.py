@@ -167,13 +167,9 @@ def hub_preprocessing(variant: str) -> dict:
 def default_folder(variant: str) -> Path:
     """Where converted weights are kept when no folder is given: `$XDG_CACHE_HOME/hf_finetune/real_weights/`
     (~/.cache/...), beside the default feature cache, one folder per Hub repo name."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return (
-        Path(base)
-        / "hf_finetune"
-        / "real_weights"
-        / VARIANTS[_check_variant(variant)].hub_id.replace("/", "--")
-    )
+    from hf_finetune.outputs.files import user_cache_dir
+
+    return user_cache_dir("real_weights") / VARIANTS[_check_variant(variant)].hub_id.replace("/", "--")
 
 
 def _is_conversion(folder: Path, variant: str, data_config: dict) -> bool:
