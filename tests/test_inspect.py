@@ -75,6 +75,37 @@ def test_find_pairs_lists_leakage_first_and_exact_pairs_once():
     assert leaked_training_rows(pairs) == [3, 5]
 
 
+def test_near_duplicate_candidates_are_confirmed_pixel_by_pixel():
+    """Features that cannot tell pictures apart: only the re-encoded, resized copy is alike pixel by pixel."""
+    from PIL import Image
+
+    from hf_finetune.inspection.duplicates import find_pairs
+
+    def png(array) -> dict:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    from skimage import data
+
+    # Two real photographs at 64 px; the copy resized to 70 px and saved as a JPEG.
+    original, other = (
+        np.asarray(Image.fromarray(f()).convert("L").resize((64, 64))) for f in (data.camera, data.coins)
+    )
+    copy = io.BytesIO()
+    Image.fromarray(original).convert("RGB").resize((70, 70), Image.Resampling.BILINEAR).save(
+        copy, format="JPEG", quality=90
+    )
+    values = {"train": [png(original), png(other)], "test": [{"bytes": copy.getvalue(), "path": None}]}
+    features = {"train": np.ones((2, 4), np.float32), "test": np.ones((1, 4), np.float32)}
+    digests = {"train": ["a", "b"], "test": ["c"]}
+    pairs = find_pairs(features, digests, 0.6, values, pixel_threshold=0.99)
+    assert [(p.split_a, p.index_a, p.split_b, p.index_b) for p in pairs] == [("train", 0, "test", 0)]
+    assert pairs[0].pixel_similarity > 0.99 and pairs[0].similarity == pytest.approx(1.0)
+    # 0: the features alone decide, and every pair is listed.
+    assert len(find_pairs(features, digests, 0.6, values, pixel_threshold=0.0)) == 3
+
+
 # --------------------------------------------------------------------------------------------------------
 # Label issues
 # --------------------------------------------------------------------------------------------------------
