@@ -287,7 +287,8 @@ def save_probe(
     from hf_finetune.outputs.reliability import card_section, write_calibration
     from hf_finetune.train.calibration import calibrate_probe
 
-    calibration = calibrate_probe(result, probe_args.refit_on_validation)  # temperature fitted on validation
+    # T fitted on out-of-fold predictions on train, checked on validation
+    calibration = calibrate_probe(result, probe_args, probe_args.refit_on_validation, training_args.seed)
     results.update(calibration.metrics() if calibration is not None else {})
     write_calibration(output_dir, calibration)  # calibration.json, the diagram, T in config.json / probe.json
     atomic.write_json(
