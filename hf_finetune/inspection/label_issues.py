@@ -64,8 +64,9 @@ def find_label_issues(
     from hf_finetune.probe.out_of_fold import out_of_fold_probabilities
 
     probabilities, seconds = out_of_fold_probabilities(
-        spec, x, y, x_val, y_val, num_labels, probe_args, chosen, usable, seed, start
-    )
+        spec, x, y, x_val, y_val, num_labels, probe_args, chosen, usable, seed, start,
+        desc="Label issues: cross-validation",
+    )  # fmt: skip
     # Classes absent from train have no column cleanlab could estimate: it sees only the classes present.
     columns = np.flatnonzero(counts > 0)
     remap = np.full(num_labels, -1)

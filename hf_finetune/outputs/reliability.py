@@ -113,7 +113,11 @@ def card_section(calibration: Calibration | None) -> CardSection | None:
     split = "test split"
     if calibration.split != "test":
         checked = calibration.fitted_on.startswith("out-of-fold")  # a probe's T, checked on validation
-        split = "validation split (the one T was checked on)" if checked else "validation split (the one T was fitted on)"
+        split = (
+            "validation split (the one T was checked on)"
+            if checked
+            else "validation split (the one T was fitted on)"
+        )
     if calibration.saved_in == PROBE_FILE:
         apply = (
             "`hf-finetune predict` applies T; `load_probe(...).probabilities(images)` gives the uncalibrated "

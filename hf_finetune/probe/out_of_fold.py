@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 def out_of_fold_probabilities(
     spec, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, num_labels: int, probe_args,
-    chosen: dict[str, Any], folds: int, seed: int, start=None,
+    chosen: dict[str, Any], folds: int, seed: int, start=None, desc: str = "Out-of-fold predictions",
 ) -> tuple[np.ndarray, list[float]]:  # fmt: skip
     """Probabilities for every row of `x`, each from `spec` fitted on the other folds with the value `chosen`
     (the probe's own estimator and saved predictor, as `probe.search.refit` builds them).
@@ -25,7 +25,8 @@ def out_of_fold_probabilities(
     estimator that can start from given weights (logistic regression) starts each fold (`warm_start`). Each
     fold's objective (the L2-regularised log-loss) is strictly convex, so where lbfgs starts changes only how
     soon it reaches that fold's one optimum, not the optimum: the held-out rows still get the predictions of a
-    classifier fitted without them (measured on the digits: the same suspects, in half the time).
+    classifier fitted without them (measured on the digits: the same suspects, in half the time). `desc`: the
+    progress bar's label.
     """
     import time
     import warnings
@@ -40,9 +41,7 @@ def out_of_fold_probabilities(
     out = np.zeros((len(y), num_labels), dtype=np.float64)
     seconds = []
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for fit_rows, held_rows in tqdm(
-        splitter.split(x, y), total=folds, desc="Label issues: cross-validation", unit="fold", disable=None
-    ):
+    for fit_rows, held_rows in tqdm(splitter.split(x, y), total=folds, desc=desc, unit="fold", disable=None):
         began = time.perf_counter()
         inputs = FitInputs(x[fit_rows], y[fit_rows], x_val, y_val, num_labels, seed)
         estimator = spec.estimator(inputs, probe_args).set_params(**chosen)

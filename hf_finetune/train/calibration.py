@@ -331,7 +331,7 @@ def calibrate_probe(
         num_labels = len(result.data.labels)
         probabilities, _ = out_of_fold_probabilities(
             result.spec, result.x["train"], y, x_val, result.y["validation"], num_labels, probe_args,
-            result.fitted.chosen, folds, seed, start=result.fitted.predictor,
+            result.fitted.chosen, folds, seed, start=result.fitted.predictor, desc="Calibration: cross-validation",
         )  # fmt: skip
         description = f"out-of-fold predictions on train ({folds} folds, {len(y)} pictures)"
         fit_on = (np.log(np.clip(probabilities, 1e-300, None)), y, description)
