@@ -11,7 +11,8 @@ for `--image_size` px inputs, whole pictures), with the settings of `benchmarks/
 - full: everything but the BatchNorm layers trains (lr 2e-4, AdamW, cosine, batch 64);
 - probe: frozen features once, logistic regression (C chosen on validation);
 - probe C=0.01: the same with C held at 0.01 (strongly regularised, so underconfident).
-Each run fits its temperature T on the validation split and measures ECE (15 equal-width bins of the top
+Each run fits its temperature T (full: on the validation split; a probe: on out-of-fold predictions on train,
+kept if it lowers the validation NLL) and measures ECE (15 equal-width bins of the top
 probability) and NLL on the test split with T = 1 and with the fitted T (`calibration.json`).
 
 Target (printed with PASS/MISS, never asserted): ECE after <= ECE before on the test split, for each row.
@@ -102,7 +103,8 @@ def main(argv=None) -> None:
     )
     print(f"  {_common.load()} (after)")
     for name, r in results.items():
-        print(f"  {name}: ECE after <= ECE before: {_common.verdict(r['ece_calibrated'] <= r['ece'])}")
+        print(f"  {name}: ECE after <= ECE before: {_common.verdict(r['ece_calibrated'] <= r['ece'])} "
+              f"(T fitted on {r.get('fitted_on', '?')})")  # fmt: skip
     if not args.keep:
         shutil.rmtree(runs)
     else:

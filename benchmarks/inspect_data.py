@@ -13,10 +13,10 @@ Printed, each with its target (PASS/MISS, never asserted):
   (`fit_probe`: data, cached features, the classifier chosen on validation) against the inspection and its
   report, and `hf-finetune probe` (which also exports the model and writes its reports) against
   `hf-finetune inspect`, end to end;
-- the held-out pair set the near-duplicate threshold is checked on: 200 validation pictures, each against a
-  copy of itself re-encoded and resized the same way (put in a test split of their own), and against its most
-  similar other picture of train + validation: the share of copies at or above the threshold, and of nearest
-  distinct pictures at or above it, for a few thresholds.
+- the held-out pair set the near-duplicate thresholds are checked on: 200 validation pictures, each against a
+  copy of itself re-encoded and resized the same way (put in a test split of their own), and against the other
+  pictures of train + validation: for pairs of thresholds (feature cosine, thumbnail correlation), the share of
+  copies passing both, and of originals with some distinct picture passing both.
 """
 
 from __future__ import annotations
@@ -126,51 +126,95 @@ def threshold_check(data: Path, validation: list[Path], model: Path, cache: Path
     # the pair set uses this run's own train, validation and the copies as its test split.
     args = parse_inspect_args(argv_for(data, model, cache, OUT / "pairs", test="pair_copies"))
     inspection = inspect_data(*args)
+    from hf_finetune.inspection.duplicates import pixel_thumbnail
+
     x = {split: unit_rows(v) for split, v in inspection.features.items()}
     names = {split: inspection.names[split] for split in x}
     val_row = {name: i for i, name in enumerate(names["validation"])}
-    positives, negatives = [], []
     pool = np.concatenate([x["train"], x["validation"]])
+    pool_values = [*inspection.values["train"], *inspection.values["validation"]]
+    thumbs: dict[int, np.ndarray] = {}
+
+    def pool_thumb(k: int) -> np.ndarray:
+        if k not in thumbs:
+            thumbs[k] = pixel_thumbnail(pool_values[k])
+        return thumbs[k]
+
+    copies, strangers = (
+        [],
+        [],
+    )  # (feature cosine, pixel correlation) of each copy / of each distinct candidate
     for row, name in enumerate(names["test"]):
         original = val_row[name.replace(".jpg", ".png")]
-        positives.append(float(x["test"][row] @ x["validation"][original]))
-        sims = pool @ x["validation"][original]
-        sims[len(x["train"]) + original] = -1.0  # not itself
-        negatives.append(float(sims.max()))
-    positives, negatives = np.array(positives), np.array(negatives)
-    print(
-        "\nHeld-out pair set: 200 validation pictures vs a re-encoded, resized copy / their nearest other picture"
-    )
-    print(f"  copy similarity: min {positives.min():.3f}, 5th percentile {np.percentile(positives, 5):.3f}, median "
-          f"{np.median(positives):.3f}")  # fmt: skip
-    print(f"  nearest distinct: median {np.median(negatives):.3f}, 99th percentile {np.percentile(negatives, 99):.3f}, "
-          f"max {negatives.max():.3f}")  # fmt: skip
-    print("  threshold | copies found | nearest distinct above")
-    for threshold in (0.6, 0.65, 0.7, 0.72, 0.75, 0.8, 0.85, 0.9):
-        print(
-            f"  {threshold:9.2f} | {np.mean(positives >= threshold):12.3f} | {np.mean(negatives >= threshold):.3f}"
+        k_original = len(x["train"]) + original
+        copy_thumb = pixel_thumbnail(inspection.values["test"][row])
+        copies.append(
+            (float(x["test"][row] @ x["validation"][original]), float(copy_thumb @ pool_thumb(k_original)))
         )
+        sims = pool @ x["validation"][original]
+        sims[k_original] = -1.0  # not itself
+        # Every distinct picture the features would make a candidate at the lowest threshold shown, and the
+        # nearest one in any case.
+        for k in sorted(set(np.flatnonzero(sims >= 0.55).tolist()) | {int(sims.argmax())}):
+            strangers.append((original, float(sims[k]), float(pool_thumb(k) @ pool_thumb(k_original))))
+    feature, pixel = np.array(copies).T
+    print("\nHeld-out pair set: 200 validation pictures vs a re-encoded, resized copy / the other pictures of train +"
+          " validation")  # fmt: skip
+    print(f"  copies: feature cosine min {feature.min():.3f}, median {np.median(feature):.3f}; thumbnail correlation "
+          f"min {pixel.min():.4f}, median {np.median(pixel):.4f}")  # fmt: skip
+    nearest = [max(s[1] for s in strangers if s[0] == o) for o in sorted({s[0] for s in strangers})]
+    print(f"  nearest distinct picture: feature cosine median {np.median(nearest):.3f}, max {max(nearest):.3f}; "
+          f"thumbnail correlation of distinct candidates (cosine >= 0.55) max "
+          f"{max((s[2] for s in strangers if s[1] >= 0.55), default=float('nan')):.4f}")  # fmt: skip
+    print("  cosine >= | thumbnails >= | copies found | originals with a distinct picture passing both")
+    for threshold in (0.55, 0.6, 0.65, 0.7, 0.75, 0.8):
+        for pixels in (0.0, 0.98, 0.99, 0.995):
+            found = np.mean((feature >= threshold) & (pixel >= pixels))
+            passing = {s[0] for s in strangers if s[1] >= threshold and s[2] >= pixels}
+            print(f"  {threshold:9.2f} | {pixels:13.3f} | {found:12.3f} | {len(passing) / len(copies):.3f}")
 
 
 def leakage_by_threshold(inspection, leaked) -> None:
-    """Planted pairs found and other cross-split pairs at other thresholds (the same whitened features)."""
+    """Planted pairs found and other cross-split pairs at other feature thresholds, without and with the pixel
+    check at the default correlation (the same whitened features; thumbnails of the candidates only)."""
+    import numpy as np
 
-    from hf_finetune.inspection.duplicates import unit_rows
+    from hf_finetune.inspection.duplicates import pixel_thumbnail, unit_rows
 
     x = {split: unit_rows(v) for split, v in inspection.features.items()}
     row = {split: {name: i for i, name in enumerate(names)} for split, names in inspection.names.items()}
-    planted = [(row["train"][a], row["test"][b]) for a, b in leaked]
+    planted = {(row["train"][a], row["test"][b]) for a, b in leaked}
     blocks = {
         pair: x[pair[0]] @ x[pair[1]].T
         for pair in (("train", "validation"), ("train", "test"), ("validation", "test"))
     }
-    print("  planted leakage found / other cross-split pairs, by threshold:")
+    thumbs = {}
+
+    def pixels(split, i):
+        if (split, i) not in thumbs:
+            thumbs[split, i] = pixel_thumbnail(inspection.values[split][i])
+        return thumbs[split, i]
+
+    pixel_threshold = inspection.pixel_threshold or 0.99
+    print(f"  planted leakage found / other cross-split pairs, by feature threshold (features alone; and with "
+          f"thumbnails >= {pixel_threshold}):")  # fmt: skip
     cells = []
-    for threshold in (0.70, 0.72, 0.74, 0.75, 0.76, 0.78, 0.80, 0.82, 0.84, 0.86):
-        found = sum(blocks[("train", "test")][a, b] >= threshold for a, b in planted)
-        other = sum(int((s >= threshold).sum()) for s in blocks.values()) - found
-        cells.append(f"{threshold:.2f}: {found}/{other}")
+    for threshold in (0.55, 0.60, 0.65, 0.70, 0.75, 0.80, 0.84):
+        alone = [0, 0]
+        checked = [0, 0]
+        for (a, b), sims in blocks.items():
+            for i, j in zip(*np.nonzero(sims >= threshold), strict=True):
+                is_planted = (a, b) == ("train", "test") and (int(i), int(j)) in planted
+                alone[0 if is_planted else 1] += 1
+                if float(pixels(a, int(i)) @ pixels(b, int(j))) >= pixel_threshold:
+                    checked[0 if is_planted else 1] += 1
+        cells.append(f"{threshold:.2f}: {alone[0]}/{alone[1]} ({checked[0]}/{checked[1]})")
     print("    " + ", ".join(cells))
+    found = {(p.index_a, p.index_b) for p in inspection.pairs if (p.split_a, p.split_b) == ("train", "test")}
+    for a, b in sorted(planted):
+        tag = "" if (a, b) in found else "  (missed)"
+        print(f"    planted {inspection.names['train'][a]} ~ test {inspection.names['test'][b]}: feature cosine "
+              f"{blocks[('train', 'test')][a, b]:.3f}, thumbnails {float(pixels('train', a) @ pixels('test', b)):.4f}{tag}")  # fmt: skip
 
 
 def main() -> None:
@@ -227,13 +271,17 @@ def main() -> None:
     probe_cmd, inspect_cmd = min(probe_command), min(inspect_command)
 
     print(f"\nDigits {IMAGE_SIZE}px on the real EfficientNet-Lite0, {len(names)} training pictures with {FLIPS} "
-          f"flipped labels and {LEAKS} leaked test pictures; threshold {inspection.threshold}")  # fmt: skip
+          f"flipped labels and {LEAKS} leaked test pictures; feature cosine >= {inspection.threshold}, thumbnails >= "
+          f"{inspection.pixel_threshold}")  # fmt: skip
     print(f"  label errors: {len(inspection.issues.ranked)} suspects; top {TOP}: {hits} planted -> recall "
           f"{recall:.2f} (target >= 0.7: {'PASS' if recall >= 0.7 else 'MISS'}), precision {precision:.2f}")  # fmt: skip
     print(f"  leakage: {found} of {LEAKS} planted pairs found (target all: {'PASS' if found == LEAKS else 'MISS'}), "
           f"{false_pairs} other cross-split pair(s) (target <= 2: {'PASS' if false_pairs <= 2 else 'MISS'})")  # fmt: skip
+    pixels = {(inspection.names[p.split_a][p.index_a], p.split_b, inspection.names[p.split_b][p.index_b]):
+              (p.similarity, p.pixel_similarity) for p in inspection.pairs if p.cross_split}  # fmt: skip
     for pair in sorted(cross - planted):
-        print(f"    other pair: train {pair[0]} ~ {pair[1]} {pair[2]}")
+        print(f"    other pair: train {pair[0]} ~ {pair[1]} {pair[2]} (cosine {pixels[pair][0]:.3f}, thumbnails "
+              f"{pixels[pair][1]})")  # fmt: skip
     print(f"  within-split duplicate pairs: {sum(not p.cross_split for p in inspection.pairs)}")
     print(f"  time, features cached: the probe's fit {probe_s:.1f} s, inspection + report {inspect_s:.1f} s -> "
           f"{inspect_s / probe_s:.2f}x (target <= 2x: {'PASS' if inspect_s <= 2 * probe_s else 'MISS'}); "

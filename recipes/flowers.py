@@ -23,7 +23,7 @@ def main(argv=None):
     ######################################
     # Settings: YAML defaults + CLI flags #
     ######################################
-    model_args, data_args, strategy_args, training_args = parse_train_args(
+    model_args, data_args, strategy_args, training_args, inspect_args = parse_train_args(
         argv, prog="recipes/flowers.py", default_config=recipe_config(__file__)
     )
     from hf_finetune.train.run import run  # after the settings: a --help needs no torch
@@ -31,7 +31,10 @@ def main(argv=None):
     ####################################################
     # Load, train, evaluate, save model card (+ push)  #
     ####################################################
-    results = run(model_args, data_args, training_args, strategy_args=strategy_args)
+    # inspect: true / exclude (inspect_args): the data report first, and the listed pictures left out of training
+    results = run(
+        model_args, data_args, training_args, strategy_args=strategy_args, extra_args=(inspect_args,)
+    )
     if training_args.process_index == 0:
         print(f"\nFlowers done: test accuracy {results.get('test_accuracy', float('nan')):.4f}")
 

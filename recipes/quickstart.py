@@ -28,7 +28,7 @@ from hf_finetune.testing.quickstart import prepare_material
 
 @report_user_errors
 def main(argv=None):
-    model_args, data_args, strategy_args, training_args = parse_train_args(
+    model_args, data_args, strategy_args, training_args, inspect_args = parse_train_args(
         argv, prog="recipes/quickstart.py", default_config=recipe_config(__file__)
     )
     from hf_finetune.train.run import run  # after the settings: a --help needs no torch
@@ -41,7 +41,10 @@ def main(argv=None):
     #######################################
     # Train, evaluate, write output_dir   #
     #######################################
-    results = run(model_args, data_args, training_args, strategy_args=strategy_args)
+    # inspect: true / exclude (inspect_args): the data report first, and the listed pictures left out of training
+    results = run(
+        model_args, data_args, training_args, strategy_args=strategy_args, extra_args=(inspect_args,)
+    )
     if training_args.process_index == 0:
         print(
             f"\nQuickstart done: test accuracy {results.get('test_accuracy', float('nan')):.3f} "

@@ -328,19 +328,16 @@ def test_a_hub_recipe_with_no_network_names_its_own_checkpoint(workdir):
 def test_every_documented_command_parses_as_written(workdir, monkeypatch):
     """In process, fast: each recipe / hf-finetune command's arguments go through its real parser (with the
     recipe's own YAML when it has no --config), as the command would parse them."""
-    from functools import partial
-
     from hf_finetune.commands.cli import parse_train_args, recipe_config
     from hf_finetune.commands.compare import parse_compare_args
     from hf_finetune.commands.inspect import parse_inspect_args
-    from hf_finetune.inspection.settings import InspectArguments
     from hf_finetune.probe.arguments import parse_probe_args
 
     monkeypatch.chdir(workdir)
     parsers = {"train": parse_train_args, "probe": parse_probe_args, "compare": parse_compare_args}
-    # `hf-finetune train` parses the inspection's settings too (`inspect: true`); `inspect` has its own parser.
-    train_command = partial(parse_train_args, extra_types=(InspectArguments,))
-    command_parsers = {**parsers, "train": train_command, "inspect": parse_inspect_args}
+    # `hf-finetune train` and the recipes parse the inspection's settings too (`inspect: true`); `inspect` has its
+    # own parser.
+    command_parsers = {**parsers, "inspect": parse_inspect_args}
     checked = 0
     for _, command in documented_commands():
         argv = local_argv(command)

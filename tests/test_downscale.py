@@ -379,7 +379,7 @@ def test_a_run_makes_copies_only_when_it_trains(tmp_path, monkeypatch, caplog, t
         (tmp_path / "train" / label).mkdir(parents=True)
         for i in range(3):
             _variant(_photo((400 + 8 * i, 300)), n).save(tmp_path / "train" / label / f"{i}.jpg", quality=90)
-    model_args, data_args, strategy_args, training_args = parse_train_args(
+    model_args, data_args, strategy_args, training_args, _ = parse_train_args(
         ["--model_name_or_path", str(tiny_vit), "--train_dir", str(tmp_path / "train"),
          "--output_dir", str(tmp_path / "out"), "--train_val_split", "0.34", "--dataloader_num_workers", "0"]
     )  # fmt: skip

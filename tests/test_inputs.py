@@ -174,7 +174,7 @@ def test_yaml_numbers_written_without_a_dot_are_numbers(tmp_path):
 
     config = tmp_path / "run.yaml"
     config.write_text("model_name_or_path: m\nlearning_rate: 1e-4\nmax_train_samples: '12'\n")
-    _, data_args, _, training_args = parse_train_args(["--config", str(config)])
+    _, data_args, _, training_args, _ = parse_train_args(["--config", str(config)])
     assert training_args.learning_rate == 1e-4 and data_args.max_train_samples == 12
 
 

@@ -75,6 +75,37 @@ def test_find_pairs_lists_leakage_first_and_exact_pairs_once():
     assert leaked_training_rows(pairs) == [3, 5]
 
 
+def test_near_duplicate_candidates_are_confirmed_pixel_by_pixel():
+    """Features that cannot tell pictures apart: only the re-encoded, resized copy is alike pixel by pixel."""
+    from PIL import Image
+
+    from hf_finetune.inspection.duplicates import find_pairs
+
+    def png(array) -> dict:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    from skimage import data
+
+    # Two real photographs at 64 px; the copy resized to 70 px and saved as a JPEG.
+    original, other = (
+        np.asarray(Image.fromarray(f()).convert("L").resize((64, 64))) for f in (data.camera, data.coins)
+    )
+    copy = io.BytesIO()
+    Image.fromarray(original).convert("RGB").resize((70, 70), Image.Resampling.BILINEAR).save(
+        copy, format="JPEG", quality=90
+    )
+    values = {"train": [png(original), png(other)], "test": [{"bytes": copy.getvalue(), "path": None}]}
+    features = {"train": np.ones((2, 4), np.float32), "test": np.ones((1, 4), np.float32)}
+    digests = {"train": ["a", "b"], "test": ["c"]}
+    pairs = find_pairs(features, digests, 0.6, values, pixel_threshold=0.99)
+    assert [(p.split_a, p.index_a, p.split_b, p.index_b) for p in pairs] == [("train", 0, "test", 0)]
+    assert pairs[0].pixel_similarity > 0.99 and pairs[0].similarity == pytest.approx(1.0)
+    # 0: the features alone decide, and every pair is listed.
+    assert len(find_pairs(features, digests, 0.6, values, pixel_threshold=0.0)) == 3
+
+
 # --------------------------------------------------------------------------------------------------------
 # Label issues
 # --------------------------------------------------------------------------------------------------------
@@ -313,3 +344,66 @@ def test_exclude_without_inspect_and_inspect_with_the_probe_are_errors(
             cli(["train", *_argv(root, lite0_32px, tmp_path, *extra, probe_settings="probe" in extra)])
         assert exit_code.value.code == 2 and message in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "out" / "data_report.md").exists()
+
+
+def test_every_recipe_accepts_the_inspection_settings(tmp_path):
+    """The training recipes parse with parse_train_args, as `hf-finetune train` does: inspect / exclude in a YAML
+    or as flags, next to each recipe's own YAML (quickstart's `strategy: probe` too: its run then says to inspect
+    first). recipes/probe.py takes the probe's settings, as `hf-finetune probe` does."""
+    from pathlib import Path
+
+    from hf_finetune.commands.cli import parse_train_args, recipe_config
+    from hf_finetune.inspection.settings import InspectArguments
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    for script in ("quickstart.py", "flowers.py"):
+        parsed = parse_train_args(
+            ["--inspect", "true", "--exclude", "leakage", "label_issues", "--bf16", "false"],
+            default_config=recipe_config(recipes / script),
+        )
+        inspect_args = next(p for p in parsed if isinstance(p, InspectArguments))
+        assert inspect_args.inspect and inspect_args.exclude == ["leakage", "label_issues"], script
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "model_name_or_path: m\ninspect: true\nexclude: [leakage]\npixel_similarity_threshold: 0\n"
+    )
+    *_, inspect_args = parse_train_args(["--config", str(config)])
+    assert (inspect_args.exclude, inspect_args.pixel_similarity_threshold) == (["leakage"], 0.0)
+
+
+@pytest.mark.slow
+def test_a_recipe_yaml_with_inspect_and_lp_ft_fits_the_probe_on_the_kept_training_pictures(
+    planted, lite0_32px, tmp_path, monkeypatch
+):
+    """`inspect` / `exclude` in a recipe's YAML (recipes/flowers.py with --config), and LP-FT's probe fitted on
+    exactly the training rows the fine-tuning uses: what is left after exclude."""
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    root, _ = planted
+    monkeypatch.setenv("HF_FINETUNE_FEATURES_CACHE", str(tmp_path.parent / "features"))
+    out = tmp_path / "out"
+    config = tmp_path / "run.yaml"
+    settings = {
+        "model_name_or_path": str(lite0_32px), "train_dir": str(root / "train"),
+        "validation_dir": str(root / "validation"), "test_dir": str(root / "test"), "output_dir": str(out),
+        "strategy": "lp_ft", "inspect": True, "exclude": ["leakage"], "learning_rate": 1e-4, "max_steps": 2,
+        "per_device_train_batch_size": 16, "eval_strategy": "no", "save_strategy": "no", "report_to": "none",
+        "use_cpu": True, "bf16": False, "dataloader_num_workers": 0,
+    }  # fmt: skip
+    config.write_text(yaml.safe_dump(settings))
+    script = Path(__file__).resolve().parents[1] / "recipes" / "flowers.py"
+    spec = importlib.util.spec_from_file_location("flowers_recipe", script)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    recipe.main(["--config", str(config)])
+
+    excluded = json.loads((out / "excluded_from_training.json").read_text())
+    assert "one/copy-004.png" in {e["image"] for e in excluded}
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["train_samples"] == 122 - len(excluded)
+    probe = json.loads((out / "run_summary.json").read_text())["lp_ft_probe"]
+    assert probe["probe_train_samples"] == results["train_samples"]
+    assert "exclude:" in (out / "resolved_config.yaml").read_text()

@@ -91,7 +91,7 @@ def test_lora_is_a_registered_strategy_whose_settings_come_from_yaml_and_flags(t
         "model_name_or_path: some/ckpt\ntrain_dir: pics\nstrategy: lora\nlora_r: 4\nlora_alpha: 8\n"
         "lora_target_modules: ['query', 'value']\nlora_merge: false\n"
     )
-    _, _, args, _ = parse_train_args(["--config", str(config), "--lora_dropout", "0.0"])
+    _, _, args, _, _ = parse_train_args(["--config", str(config), "--lora_dropout", "0.0"])
     assert (args.strategy, args.lora_r, args.lora_alpha, args.lora_dropout) == ("lora", 4, 8, 0.0)
     assert args.lora_target_modules == ["query", "value"] and args.lora_merge is False
 

@@ -49,10 +49,10 @@ def test_channels_last_training_gives_the_same_result_as_contiguous(tmp_path):
 
 
 def test_input_pipeline_defaults_and_validation():
-    args = parse_train_args(["--model_name_or_path", "x"])[-1]
+    args = parse_train_args(["--model_name_or_path", "x"])[3]
     assert args.per_device_eval_batch_size == 64
     assert args.dataloader_persistent_workers == (args.dataloader_num_workers > 0)
-    no_workers = parse_train_args(["--model_name_or_path", "x", "--dataloader_num_workers", "0"])[-1]
+    no_workers = parse_train_args(["--model_name_or_path", "x", "--dataloader_num_workers", "0"])[3]
     assert no_workers.dataloader_persistent_workers is False
     with pytest.raises(UserError, match="channels_last"):
         parse_train_args(["--model_name_or_path", "x", "--channels_last", "maybe"])

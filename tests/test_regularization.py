@@ -278,7 +278,7 @@ def test_lp_ft_head_reproduces_the_probe_on_validation(tmp_path, small_digits_fo
     )  # fmt: skip
     data = prepare_data(data_args, training_args.seed)
     model, _ = load_model(model_args, data.labels)
-    summary = initialise_head_from_probe(model, data.labels, model_args, data_args, training_args)
+    summary = initialise_head_from_probe(model, data, model_args, data_args, training_args)
     assert 0.0 < summary["probe_eval_accuracy"] <= 1.0 and "C" in summary["probe_hyperparameters"]
 
     probe = fit_probe(model_args, data_args, ProbeRunArguments(), training_args)
@@ -311,7 +311,13 @@ def test_a_run_with_mixing_weights_ema_and_lp_ft_wise_ft(tmp_path, tiny_vit, mon
     )  # fmt: skip
     summary = json.loads((out / RUN_SUMMARY).read_text())
     probe = summary["lp_ft_probe"]
-    assert set(probe) == {"probe_eval_accuracy", "probe_hyperparameters", "probe_seconds"}
+    assert set(probe) == {
+        "probe_eval_accuracy",
+        "probe_hyperparameters",
+        "probe_seconds",
+        "probe_train_samples",
+    }
+    assert probe["probe_train_samples"] == results["train_samples"]
     # The EMA and WiSE-FT choices are made on validation and reported with the figures they rest on.
     assert isinstance(results["ema_used"], bool)
     better = max(results["eval_raw_accuracy"], results["eval_ema_accuracy"])

@@ -131,7 +131,7 @@ def test_yaml_and_flags_set_the_strategy(tmp_path):
         "model_name_or_path: some/ckpt\ntrain_dir: pics\nstrategy: last_n\nunfreeze_last_n: 3\n"
         "freeze_modules: ['embeddings']\n"
     )
-    _, _, strategy_args, _ = parse_train_args(
+    _, _, strategy_args, _, _ = parse_train_args(
         ["--config", str(config), "--unfreeze_last_n", "1", "--train_modules", "layers\\.0\\.", "x"]
     )
     assert strategy_args.strategy == "last_n" and strategy_args.unfreeze_last_n == 1

@@ -41,16 +41,20 @@ def parse_train_args(
     default_config: str | None = None,
     extra_types: tuple = (),
 ):
-    """(model_args, data_args, strategy_args, training_args) from `--config` (else `default_config`) + flags.
+    """(model_args, data_args, strategy_args, training_args, inspect_args) from `--config` (else
+    `default_config`) + flags: the settings of `hf-finetune train` and of every recipe.
 
     The one strategy switch of every training entry point: with `strategy: probe` the third item holds the
     probe's settings (`ProbeRunArguments`: classifier, feature cache, ...), which `training.run` routes to the
-    frozen-feature path. `extra_types`: more argument dataclasses, returned after these.
+    frozen-feature path. `inspect_args` (`inspect`, `exclude`, ...) go to `run` among its `extra_args`.
+    `extra_types`: more argument dataclasses, returned after these.
     """
     print_cached_help(prog, argv, default_config)  # before importing transformers
     from hf_finetune.config import DataArguments, FinetuneTrainingArguments, ModelArguments
     from hf_finetune.config_loading import parse_args, requested_setting
+    from hf_finetune.inspection.settings import InspectArguments
 
+    extra_types = (InspectArguments, *extra_types)
     if requested_setting(argv, "strategy", default_config) == "probe":
         from hf_finetune.probe.arguments import parse_probe_args
 
@@ -81,11 +85,9 @@ def parse_probe_args(
 @report_user_errors
 def train(argv: list[str] | None = None, prog: str = "hf-finetune train"):
     print_cached_help(prog, argv)
-    from hf_finetune.inspection.settings import InspectArguments
     from hf_finetune.train.run import run
 
-    *args, inspect_args = parse_train_args(argv, prog, extra_types=(InspectArguments,))  # inspect, exclude
-    model_args, data_args, strategy_args, training_args = args
+    model_args, data_args, strategy_args, training_args, inspect_args = parse_train_args(argv, prog)
     return run(model_args, data_args, training_args, strategy_args=strategy_args, extra_args=(inspect_args,))
 
 

@@ -38,6 +38,8 @@ class PreparedData:
     report: dict[str, Any] = field(default_factory=dict)
     # The data source's folders (image folders, the tables' folders): published files name pictures from them.
     roots: list[str] = field(default_factory=list)
+    # Per split, the content digest of each row (rows as in `splits`), from the image check's one read.
+    digests: dict[str, list[str | None]] = field(default_factory=dict)
 
     def image_name(self, value: Any) -> str:
         """How a picture is named in files that can be published: its path relative to the data source (the
@@ -45,11 +47,12 @@ class PreparedData:
         location = image_location(value)
         if not os.path.isabs(location):
             return location
-        path = Path(location)
+        # Plain string prefixes (what Path.is_relative_to compares, lexically), as this runs once per picture.
         for root in sorted(self.roots, key=len, reverse=True):
-            if path.is_relative_to(root):
-                return path.relative_to(root).as_posix()
-        return path.name  # e.g. a file in the datasets cache
+            prefix = root.rstrip(os.sep) + os.sep
+            if location.startswith(prefix):
+                return Path(location[len(prefix) :]).as_posix()
+        return os.path.basename(location)  # e.g. a file in the datasets cache
 
 
 def _report_bad_images(found: PreparedData, rows: dict[str, list[int]], on_bad_image: str) -> None:
@@ -105,7 +108,20 @@ def prepare_data(
     # Unreadable pictures count here too: a split made only of other splits' pictures stops the run first.
     check_split_overlap(digests, report)
     splits = splits.remove_columns(SOURCE_ROW_COLUMN)
-    found = PreparedData(splits, image_column, label_column, labels, bad, report, roots=source_roots(args))
+    skipped = {name: {b["index"] for b in bad if b["split"] == name} for name in splits}
+    kept_digests = {
+        name: [d for i, d in enumerate(values) if i not in skipped[name]] for name, values in digests.items()
+    }
+    found = PreparedData(
+        splits,
+        image_column,
+        label_column,
+        labels,
+        bad,
+        report,
+        roots=source_roots(args),
+        digests=kept_digests,
+    )
     _report_bad_images(found, rows, args.on_bad_image)
     for name, dataset in splits.items():
         if len(dataset) == 0:

@@ -1,6 +1,13 @@
-"""Duplicates within and across splits: identical files by content hash, near-duplicates by the cosine
-similarity of the backbone features the probe caches. A pair across splits is leakage: a picture the model
-trains on (or is tuned on) is also one it is measured on."""
+"""Duplicates within and across splits: identical files by content hash; near-duplicates found by the cosine
+similarity of the backbone features the probe caches and confirmed pixel by pixel (small grey thumbnails). A
+pair across splits is leakage: a picture the model trains on (or is tuned on) is also one it is measured on.
+
+Why two tests: a near-duplicate is the same picture modulo encoding and resizing. The features find such pairs
+among millions cheaply, but they describe what a picture shows, so two different scans of the same digit (or two
+photos of one scene) come as close as a picture and its copy. The pixels tell those apart: a re-encoded, resized
+copy keeps its 16 x 16 grey thumbnail almost exactly (correlation >= 0.994 on the held-out pair set of
+benchmarks/inspect_data.py), a different picture of the same thing does not (at most 0.986 there).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +24,8 @@ logger = logging.getLogger(__name__)
 WHITENED_DIMS = 256
 # Similarity rows computed at once: a (rows x other split) float32 block stays near 256 MiB whatever the size.
 BLOCK_ELEMENTS = 2**26
+# Side of the grey thumbnails near-duplicate candidates are confirmed on (see `pixel_thumbnail`).
+PIXEL_SIDE = 16
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,7 @@ class Pair:
     index_b: int
     similarity: float
     exact: bool
+    pixel_similarity: float | None = None  # correlation of the grey thumbnails (near pairs, when checked)
 
     @property
     def cross_split(self) -> bool:
@@ -42,6 +52,56 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(norms, 1e-12)
+
+
+def pixel_thumbnail(value) -> np.ndarray:
+    """A picture as `PIXEL_SIDE` x `PIXEL_SIDE` grey levels (area-averaged), mean-centred and scaled to length 1:
+    the dot product of two is the correlation of their thumbnails, blind to brightness and contrast changes and
+    to the noise of re-encoding (averaged away), but not to what is where in the picture."""
+    import numpy as np
+    from PIL import Image
+
+    from hf_finetune.data.images import load_rgb
+
+    grey = load_rgb(value, (4 * PIXEL_SIDE, 4 * PIXEL_SIDE)).convert("L")
+    x = np.asarray(grey.resize((PIXEL_SIDE, PIXEL_SIDE), Image.Resampling.BOX), dtype=np.float32).ravel()
+    x = x - x.mean()
+    return x / max(float(np.linalg.norm(x)), 1e-6)
+
+
+def pixel_similarities(candidates: list[tuple[str, int, str, int]], values: dict[str, list]) -> list[float]:
+    """The thumbnail correlation (`pixel_thumbnail`) of each (split, row, split, row) pair; each picture read once.
+    A picture that cannot be read any more scores -1 (never confirmed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    from hf_finetune.data.scan import usable_cores
+
+    def read(key):
+        try:
+            return key, pixel_thumbnail(values[key[0]][key[1]])
+        except (
+            Exception
+        ) as err:  # gone or changed since the scan: reported, never a crash of the whole report
+            logger.warning("Could not compare %s row %d pixel by pixel: %s", *key, err)
+            return key, None
+
+    rows = sorted({(s, i) for a, i, b, j in candidates for s, i in ((a, i), (b, j))})
+    # PIL decodes outside the GIL: threads read the pictures side by side.
+    with ThreadPoolExecutor(max_workers=min(8, usable_cores())) as pool:
+        read_rows = tqdm(
+            pool.map(read, rows),
+            total=len(rows),
+            desc="Near-duplicates: pixels",
+            unit="pictures",
+            disable=None,
+        )
+        thumbs = {key: thumb for key, thumb in read_rows if thumb is not None}
+    return [
+        float(thumbs[a, i] @ thumbs[b, j]) if (a, i) in thumbs and (b, j) in thumbs else -1.0
+        for a, i, b, j in candidates
+    ]
 
 
 def comparison_space(features: dict[str, np.ndarray], seed: int = 0) -> dict[str, np.ndarray]:
@@ -107,13 +167,18 @@ def exact_groups(digests: dict[str, list[str | None]]) -> list[list[tuple[str, i
 
 
 def find_pairs(
-    features: dict[str, np.ndarray], digests: dict[str, list[str | None]], threshold: float
+    features: dict[str, np.ndarray],
+    digests: dict[str, list[str | None]],
+    threshold: float,
+    values: dict[str, list] | None = None,
+    pixel_threshold: float = 0.0,
 ) -> list[Pair]:
     """Every exact and near-duplicate pair, within and across splits; leakage (across) first, then by similarity.
 
     `features`: per split, rows in dataset order (see `comparison_space`). `digests`: per split,
     the content hash of each picture (None when unreadable). An exact pair is listed once, as exact, whatever
-    its feature similarity.
+    its feature similarity. A near pair has a feature cosine >= `threshold` and, with `values` (each picture's
+    image value, per split) and `pixel_threshold` > 0, a thumbnail correlation >= `pixel_threshold`.
     """
     from tqdm.auto import tqdm
 
@@ -124,8 +189,9 @@ def find_pairs(
             for split_b, index_b in members[n + 1 :]:
                 key = (split_a, index_a, split_b, index_b)
                 pairs[key] = Pair(split_a, index_a, split_b, index_b, 1.0, exact=True)
+    candidates: dict[tuple[str, int, str, int], float] = {}
     work = sum(len(features[a]) for n, a in enumerate(splits) for _ in splits[n:])
-    with tqdm(total=work, desc="Near-duplicates", unit="rows", disable=None) as progress:
+    with tqdm(total=work, desc="Near-duplicates: features", unit="rows", disable=None) as progress:
         for n, split_a in enumerate(splits):
             for split_b in splits[n:]:
                 other = None if split_b == split_a else features[split_b]
@@ -133,7 +199,22 @@ def find_pairs(
                 for i, j, sim in zip(rows_a.tolist(), rows_b.tolist(), sims.tolist(), strict=True):
                     key = (split_a, i, split_b, j)
                     if key not in pairs:
-                        pairs[key] = Pair(split_a, i, split_b, j, round(float(sim), 6), exact=False)
+                        candidates[key] = round(float(sim), 6)
+    keys = list(candidates)
+    checked = values is not None and pixel_threshold > 0
+    pixels = pixel_similarities(keys, values) if checked and keys else [None] * len(keys)
+    for key, pixel in zip(keys, pixels, strict=True):
+        if pixel is None or pixel >= pixel_threshold:
+            pixel = None if pixel is None else round(pixel, 6)
+            pairs[key] = Pair(*key, candidates[key], exact=False, pixel_similarity=pixel)
+    if checked:
+        logger.info(
+            "Near-duplicates: %d of %d pair(s) with feature cosine >= %s are alike pixel by pixel (>= %s).",
+            sum(not p.exact for p in pairs.values()),
+            len(keys),
+            threshold,
+            pixel_threshold,
+        )
     order = {split: n for n, split in enumerate(splits)}
     return sorted(
         pairs.values(),

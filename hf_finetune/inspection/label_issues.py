@@ -31,46 +31,12 @@ class LabelIssues:
     fold_seconds: list[float] = field(default_factory=list)
 
 
-def out_of_fold_probabilities(
-    spec, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, num_labels: int, probe_args,
-    chosen: dict[str, Any], folds: int, seed: int,
-) -> tuple[np.ndarray, list[float]]:  # fmt: skip
-    """Probabilities for every row of `x`, each from `spec` fitted on the other folds with the value `chosen`
-    (the probe's own estimator and saved predictor, as `probe.search.refit` builds them)."""
-    import time
-    import warnings
-
-    import numpy as np
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.model_selection import StratifiedKFold
-    from tqdm.auto import tqdm
-
-    from hf_finetune.probe.search import FitInputs
-
-    out = np.zeros((len(y), num_labels), dtype=np.float64)
-    seconds = []
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for fit_rows, held_rows in tqdm(
-        splitter.split(x, y), total=folds, desc="Label issues: cross-validation", unit="fold", disable=None
-    ):
-        start = time.perf_counter()
-        inputs = FitInputs(x[fit_rows], y[fit_rows], x_val, y_val, num_labels, seed)
-        estimator = spec.estimator(inputs, probe_args).set_params(**chosen)
-        with warnings.catch_warnings():
-            warnings.simplefilter(
-                "ignore", ConvergenceWarning
-            )  # the value's convergence was reported on train
-            estimator.fit(inputs.x_train, inputs.y_train)
-        out[held_rows] = spec.predictor(estimator, inputs).probabilities(x[held_rows])
-        seconds.append(round(time.perf_counter() - start, 3))
-    return out, seconds
-
-
 def find_label_issues(
     spec, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, num_labels: int, probe_args,
-    chosen: dict[str, Any], folds: int = 5, seed: int = 0,
+    chosen: dict[str, Any], folds: int = 5, seed: int = 0, start=None,
 ) -> LabelIssues:  # fmt: skip
-    """Suspected label errors of the training rows (`x`, `y`), ranked; see the module docstring."""
+    """Suspected label errors of the training rows (`x`, `y`), ranked; see the module docstring. `start`: the
+    probe's fitted predictor, each fold's starting point (see `out_of_fold_probabilities`)."""
     import numpy as np
     from cleanlab.filter import find_label_issues as cleanlab_find
     from cleanlab.rank import get_label_quality_scores
@@ -95,9 +61,12 @@ def find_label_issues(
             folds,
             usable,
         )
+    from hf_finetune.probe.out_of_fold import out_of_fold_probabilities
+
     probabilities, seconds = out_of_fold_probabilities(
-        spec, x, y, x_val, y_val, num_labels, probe_args, chosen, usable, seed
-    )
+        spec, x, y, x_val, y_val, num_labels, probe_args, chosen, usable, seed, start,
+        desc="Label issues: cross-validation",
+    )  # fmt: skip
     # Classes absent from train have no column cleanlab could estimate: it sees only the classes present.
     columns = np.flatnonzero(counts > 0)
     remap = np.full(num_labels, -1)

@@ -1,7 +1,8 @@
 """One inspection: the probe's data and cached features, then duplicates, label issues and picture statistics.
 
     data + features (probe.run.fit_probe: prepare_data, the feature cache, the classifier chosen on validation)
-        ──▶ exact duplicates (content hash) + near-duplicates (cosine of the standardised features)
+        ──▶ exact duplicates (content hash) + near-duplicates (cosine of the whitened features, confirmed on
+            grey thumbnails)
         ──▶ out-of-fold probabilities on train ──▶ cleanlab's label issues
         ──▶ picture statistics (file headers) ──▶ data_report.md / .json / PNG grids
 
@@ -30,6 +31,7 @@ class Inspection:
     data: Any  # data.sources.PreparedData
     checkpoints: list[str]
     threshold: float
+    pixel_threshold: float
     pairs: list  # duplicates.Pair, leakage first
     issues: Any  # label_issues.LabelIssues
     stats: dict[str, dict[str, Any]]
@@ -99,15 +101,19 @@ def inspect_data(
     }
     values = {split: ds[data.image_column] for split, ds in undecoded.items()}
     names = {split: picture_names(data, split, v) for split, v in values.items()}
-    # Content digests as the image scan takes them (its own `read_with_digest`), for the rows the splits now hold.
-    with ThreadPoolExecutor(max_workers=min(16, usable_cores())) as pool:
-        digests = {
-            split: list(pool.map(lambda value: read_with_digest(value)[0], v)) for split, v in values.items()
-        }
+    # Content digests from the image check's own read (the rows the splits hold); read again only if missing.
+    digests = dict(data.digests)
+    missing = [split for split in values if len(digests.get(split, ())) != len(values[split])]
+    if missing:
+        with ThreadPoolExecutor(max_workers=min(16, usable_cores())) as pool:
+            for split in missing:
+                digests[split] = list(pool.map(lambda value: read_with_digest(value)[0], values[split]))
     # The backbone's own features (the probe's standardisation undone; it is affine), whitened on train.
     raw = {split: x * probe.normaliser.scale + probe.normaliser.mean for split, x in probe.x.items()}
     space = comparison_space(raw, seed=training_args.seed)
-    pairs = find_pairs(space, digests, inspect_args.near_duplicate_threshold)
+    pairs = find_pairs(
+        space, digests, inspect_args.near_duplicate_threshold, values, inspect_args.pixel_similarity_threshold
+    )
     seconds["duplicates"] = time.perf_counter() - step
 
     step = time.perf_counter()
@@ -122,6 +128,7 @@ def inspect_data(
         probe.fitted.chosen,
         folds=inspect_args.label_issue_folds,
         seed=training_args.seed,
+        start=probe.fitted.predictor,
     )
     seconds["label_issues"] = time.perf_counter() - step
 
@@ -137,6 +144,7 @@ def inspect_data(
         data=data,
         checkpoints=[b.name for b in probe.backbones],
         threshold=inspect_args.near_duplicate_threshold,
+        pixel_threshold=inspect_args.pixel_similarity_threshold,
         pairs=pairs,
         issues=issues,
         stats=stats,
@@ -200,7 +208,10 @@ def drop_excluded(data, inspection: Inspection | None):
         ", ".join(f"{n} {reason}" for reason, n in counts.items() if n),
         "excluded_from_training.json",
     )
-    return dataclasses.replace(data, splits=splits)
+    digests = dict(data.digests)
+    if "train" in digests:
+        digests["train"] = [d for i, d in enumerate(digests["train"]) if i not in rows]
+    return dataclasses.replace(data, splits=splits, digests=digests)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -8,12 +8,15 @@ from hf_finetune.errors import UserError
 
 EXCLUDABLE = ("leakage", "label_issues")
 
-# Chosen on a held-out pair set (benchmarks/inspect_data.py prints it): 200 validation digits, each against a copy of
-# itself re-encoded as JPEG and resized from 32 to 34-36 px (what a leaked picture usually is), and against its most
-# similar other picture of train + validation (a distinct picture that merely looks alike). In the whitened space of
-# the real EfficientNet-Lite0's features (duplicates.comparison_space), 0.75 kept 95 % of the copies and 1 % of the
-# nearest distinct pictures (0.70: 99.5 % and 3.5 %; 0.80: 81 % and 0.5 %). See the README, "Know your data".
-DEFAULT_NEAR_DUPLICATE_THRESHOLD = 0.75
+# Both chosen on a held-out pair set (benchmarks/inspect_data.py prints it): 200 validation digits, each against a
+# copy of itself re-encoded as JPEG and resized from 32 to 34-36 px (what a leaked picture usually is), and against
+# every other picture of train + validation (distinct pictures, some of which merely look alike). In the whitened
+# space of the real EfficientNet-Lite0's features (duplicates.comparison_space) every copy scored >= 0.618, so
+# 0.6 lets every copy through as a candidate (and 13 % of the originals' nearest distinct pictures with them); the
+# grey thumbnails of the copies then correlate >= 0.994 with their originals, those of the distinct candidates at
+# most 0.986, so 0.99 keeps every copy and none of them. See the README, "Know your data".
+DEFAULT_NEAR_DUPLICATE_THRESHOLD = 0.6
+DEFAULT_PIXEL_SIMILARITY_THRESHOLD = 0.99
 
 
 @dataclass
@@ -30,8 +33,18 @@ class InspectArguments:
     near_duplicate_threshold: float = field(
         default=DEFAULT_NEAR_DUPLICATE_THRESHOLD,
         metadata={
-            "help": "Cosine similarity of the backbone features (PCA-whitened on train) from which two pictures count "
-            "as near-duplicates (chosen on a held-out pair set of re-encoded, resized copies; see the README)."
+            "help": "Cosine similarity of the backbone features (PCA-whitened on train) from which two pictures are "
+            "near-duplicate candidates, then checked pixel by pixel (chosen on a held-out pair set of re-encoded, "
+            "resized copies; see the README)."
+        },
+    )
+    pixel_similarity_threshold: float = field(
+        default=DEFAULT_PIXEL_SIMILARITY_THRESHOLD,
+        metadata={
+            "help": "Correlation of the two pictures' 16x16 grey thumbnails from which a candidate pair counts as a "
+            "near-duplicate (the same picture re-encoded or resized; different pictures of one thing fall below). "
+            "0 turns the pixel check off: the feature cosine alone decides (then raise near_duplicate_threshold, "
+            "e.g. to 0.8)."
         },
     )
     exclude: list[str] = field(
@@ -60,6 +73,11 @@ class InspectArguments:
             raise UserError(
                 f"near_duplicate_threshold={self.near_duplicate_threshold} must be a cosine similarity in (0, 1], "
                 f"e.g. {DEFAULT_NEAR_DUPLICATE_THRESHOLD} (the default)."
+            )
+        if not 0.0 <= self.pixel_similarity_threshold <= 1.0:
+            raise UserError(
+                f"pixel_similarity_threshold={self.pixel_similarity_threshold} must be a correlation in [0, 1], e.g. "
+                f"{DEFAULT_PIXEL_SIMILARITY_THRESHOLD} (the default), or 0 to decide on the features alone."
             )
         unknown = [value for value in self.exclude if value not in EXCLUDABLE]
         if unknown:

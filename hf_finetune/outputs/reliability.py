@@ -110,7 +110,14 @@ def card_section(calibration: Calibration | None) -> CardSection | None:
 
     if calibration is None:
         return None
-    split = "test split" if calibration.split == "test" else "validation split (the one T was fitted on)"
+    split = "test split"
+    if calibration.split != "test":
+        checked = calibration.fitted_on.startswith("out-of-fold")  # a probe's T, checked on validation
+        split = (
+            "validation split (the one T was checked on)"
+            if checked
+            else "validation split (the one T was fitted on)"
+        )
     if calibration.saved_in == PROBE_FILE:
         apply = (
             "`hf-finetune predict` applies T; `load_probe(...).probabilities(images)` gives the uncalibrated "

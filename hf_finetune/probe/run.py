@@ -79,11 +79,14 @@ def fit_probe(
     training_args: FinetuneTrainingArguments,
     dataset=None,
     several_processes: bool = False,
+    data=None,
 ) -> ProbeResult:
     """Data, features (cached), normalisation, classifier and metrics; writes nothing but the feature cache.
 
     `several_processes`: called inside a multi-process training run (LP-FT), where the main process computes
-    the features first and the others read them from the cache.
+    the features first and the others read them from the cache. `data`: the run's own prepared data
+    (`data.prepare.PreparedData`, e.g. after `exclude` dropped training pictures), used as it is instead of
+    preparing the data again.
     """
     import numpy as np
 
@@ -110,7 +113,8 @@ def fit_probe(
 
     # Checkpoints first: a bad one (not an image model, no pooled output) fails before the data is read.
     backbones = [Backbone(args) for args in split_checkpoints(model_args)]
-    data = prepare_data(data_args, training_args.seed, cache_dir=model_args.cache_dir, dataset=dataset)
+    if data is None:
+        data = prepare_data(data_args, training_args.seed, cache_dir=model_args.cache_dir, dataset=dataset)
     num_labels = len(data.labels)
     if probe_args.refit_on_validation and "test" not in data.splits:
         raise UserError(
@@ -287,7 +291,8 @@ def save_probe(
     from hf_finetune.outputs.reliability import card_section, write_calibration
     from hf_finetune.train.calibration import calibrate_probe
 
-    calibration = calibrate_probe(result, probe_args.refit_on_validation)  # temperature fitted on validation
+    # T fitted on out-of-fold predictions on train, checked on validation
+    calibration = calibrate_probe(result, probe_args, probe_args.refit_on_validation, training_args.seed)
     results.update(calibration.metrics() if calibration is not None else {})
     write_calibration(output_dir, calibration)  # calibration.json, the diagram, T in config.json / probe.json
     atomic.write_json(

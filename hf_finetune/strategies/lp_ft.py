@@ -38,11 +38,14 @@ def _plan_lp_ft(groups, args):
     return plan_full(groups, args)
 
 
-def initialise_head_from_probe(model, labels, model_args, data_args, training_args, dataset=None) -> dict:
+def initialise_head_from_probe(model, data, model_args, data_args, training_args) -> dict:
     """Fit the linear probe on the checkpoint's frozen features and copy it into `model`'s head Linear.
 
-    Returns what the strategy summary records: the probe's validation accuracy and chosen C.
+    `data`: the run's prepared data (`data.prepare.PreparedData`), so that the probe fits on exactly the
+    training pictures the fine-tuning trains on (after `exclude` dropped any) and the data is not prepared twice.
+    Returns what the strategy summary records: the probe's validation accuracy, chosen C and training rows.
     """
+    labels = data.labels
     from hf_finetune.probe.arguments import ProbeRunArguments
     from hf_finetune.probe.export import linear_head, write_linear_into_head
     from hf_finetune.probe.run import fit_probe
@@ -61,14 +64,13 @@ def initialise_head_from_probe(model, labels, model_args, data_args, training_ar
     # The main process computes and caches the features; the others then read them from the cache.
     with training_args.main_process_first(desc="LP-FT probe"):
         result = fit_probe(
-            model_args, data_args, ProbeRunArguments(), training_args, dataset=dataset, several_processes=True
+            model_args, data_args, ProbeRunArguments(), training_args, several_processes=True, data=data
         )
-    if list(result.data.labels) != list(labels):
-        raise RuntimeError("the probe's labels differ from the run's")  # both come from prepare_data
     write_linear_into_head(model, result.normaliser, result.fitted.predictor, len(labels))
     summary = {
         "probe_eval_accuracy": result.results.get("eval_accuracy"),
         "probe_hyperparameters": result.fitted.chosen,
+        "probe_train_samples": result.results["train_samples"],
         "probe_seconds": round(
             result.results["probe_feature_seconds"] + result.results["probe_fit_seconds"], 3
         ),

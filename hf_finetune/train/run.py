@@ -165,7 +165,7 @@ def load_run_model(model_args, labels: list[str], checkpoint: Checkpoint, as_is:
 
 
 def apply_strategy(
-    model, strategy_args, training_args, data: RunData, model_args, data_args, dataset=None
+    model, strategy_args, training_args, data: RunData, model_args, data_args
 ) -> StrategyStage:
     """Strategy: what trains, and (LP-FT) the head it starts from."""
     from hf_finetune.data.transforms import collate
@@ -175,8 +175,9 @@ def apply_strategy(
     if strategy_args.strategy == "lp_ft":
         from hf_finetune.strategies.lp_ft import initialise_head_from_probe
 
+        # The run's own prepared data: the probe fits on the training rows the fine-tuning uses (after exclude).
         notes["lp_ft_probe"] = initialise_head_from_probe(
-            model, data.prepared.labels, model_args, data_args, training_args, dataset=dataset
+            model, data.prepared, model_args, data_args, training_args
         )
         if strategy_args.wise_ft:
             from hf_finetune.train.averaging import snapshot
@@ -201,7 +202,7 @@ def prepare_trainer(model_args, data_args, training_args, strategy_args, dataset
         data_args, training_args, checkpoint.image_processor, model_args.cache_dir, dataset, train
     )
     model, load_report = load_run_model(model_args, data.prepared.labels, checkpoint)
-    stage = apply_strategy(model, strategy_args, training_args, data, model_args, data_args, dataset)
+    stage = apply_strategy(model, strategy_args, training_args, data, model_args, data_args)
     trainer = assemble_trainer(stage.model, stage.plan, training_args, data, checkpoint.image_processor)
     return trainer, data.prepared, data.splits, load_report
 
@@ -400,7 +401,7 @@ def run(
         data_args, training_args, checkpoint.image_processor, model_args.cache_dir, dataset, train, inspection
     )
     model, load_report = load_run_model(model_args, data.prepared.labels, checkpoint, as_is=not train)
-    stage = apply_strategy(model, strategy_args, training_args, data, model_args, data_args, dataset)
+    stage = apply_strategy(model, strategy_args, training_args, data, model_args, data_args)
     trainer = assemble_trainer(stage.model, stage.plan, training_args, data, checkpoint.image_processor)
     record = open_output_dir(
         trainer, settings, model_args, data_args, training_args, data.prepared, load_report, stage.notes
