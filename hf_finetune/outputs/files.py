@@ -52,3 +52,10 @@ def write_bad_images(output_dir: str | os.PathLike, bad_images: list[dict[str, A
         path.unlink(missing_ok=True)
         return None
     return write_json(path, bad_images)
+
+
+def add_to_run_summary(output_dir: str | os.PathLike, entries: dict[str, Any]) -> Path:
+    """Add `entries` to the run's run_summary.json (written when the run started)."""
+    path = Path(output_dir) / RUN_SUMMARY
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    return write_json(path, {**summary, **entries})
