@@ -590,3 +590,43 @@ def parse_repeated_comparison_args(
     if args.repeats is None:
         args.repeats = repeats[1] if args.quick else repeats[0]
     return args
+
+
+# --------------------------------------------------------------------------------------------------------
+# The digits as an image folder with train / validation / test sub-folders
+# --------------------------------------------------------------------------------------------------------
+def digits_split_folder(root: str | Path, image_size: int = 32, fractions=(0.7, 0.15), seed: int = 0) -> Path:
+    """scikit-learn's digits as `image_size`-px PNGs in root/{train,validation,test}/<digit>/, each class split
+    `fractions` (train, validation; the rest is test) in a seeded order: what both the docs-style peer
+    (imagefolder with its own splits) and our command read. Written once."""
+    import random
+    import shutil
+
+    from hf_finetune.testing.quickstart import export_digits
+
+    root = Path(root)
+    marker = root / ".complete.json"
+    settings = {"image_size": image_size, "fractions": list(fractions), "seed": seed}
+    if marker.is_file() and json.loads(marker.read_text()) == settings:
+        return root
+    flat = export_digits(root.parent / f"{root.name}-all", image_size, outside_material_dir=True)
+    rng = random.Random(seed)
+    shutil.rmtree(root, ignore_errors=True)
+    for folder in sorted(p for p in flat.iterdir() if p.is_dir()):
+        files = sorted(folder.glob("*.png"))
+        rng.shuffle(files)
+        n_train, n_val = int(len(files) * fractions[0]), int(len(files) * fractions[1])
+        parts = {"train": files[:n_train], "validation": files[n_train : n_train + n_val],
+                 "test": files[n_train + n_val :]}  # fmt: skip
+        for split, part in parts.items():
+            (root / split / folder.name).mkdir(parents=True, exist_ok=True)
+            for path in part:
+                shutil.copyfile(path, root / split / folder.name / path.name)
+    marker.write_text(json.dumps(settings))
+    return root
+
+
+def launched(command: list[str], config: str | Path = "accelerate_configs/cpu.yaml") -> list[str]:
+    """`command` (a `python ...` line) started by `accelerate launch --config_file config` instead."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / config)]
+    return launcher + command[1:]  # `-m module ...` or `script.py ...`, as accelerate launch takes them

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check: ViT-B/16 at 224 px, bf16, ours vs the docs-style peer, images/s and MFU, on one
+# One prepared GPU check: ViT-B/16 and EfficientNet-Lite0 at 224 px, bf16, ours vs the docs-style peer, images/s and MFU, on one
 # H100/H200, in under 5 minutes. Needs torch, transformers, accelerate, datasets and torchvision already
 # installed; no network (the checkpoint and the JPEGs are made locally). Run from anywhere:
 #
@@ -22,7 +22,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 missing=$("$PYTHON" - <<'PY'
 import importlib.util
-need = ["torch", "transformers", "accelerate", "datasets", "torchvision", "PIL", "numpy", "yaml", "safetensors"]
+need = ["torch", "transformers", "accelerate", "datasets", "torchvision", "timm", "PIL", "numpy", "yaml", "safetensors"]
 print(" ".join(name for name in need if importlib.util.find_spec(name) is None))
 PY
 )

@@ -61,11 +61,14 @@ def peer_main(argv: list[str]) -> None:
     parser.add_argument("--learning_rate", type=float, required=True)
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--dataloader_num_workers", type=int, required=True)
+    # The tutorial saves every epoch and reloads the best model at the end; a run may turn both off.
+    parser.add_argument("--save_strategy", default="epoch")
+    parser.add_argument("--load_best_model_at_end", default="true", choices=["true", "false"])
     args = parser.parse_args(argv)
 
     import numpy as np
     from datasets import load_dataset
-    from torchvision.transforms import CenterCrop, Compose, Normalize, RandomResizedCrop, Resize, ToTensor
+    from torchvision.transforms import CenterCrop, Compose, RandomResizedCrop, Resize, ToTensor
     from transformers import (
         AutoImageProcessor,
         AutoModelForImageClassification,
@@ -89,12 +92,7 @@ def peer_main(argv: list[str]) -> None:
 
     # Preprocess
     image_processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
-    normalize = Normalize(mean=image_processor.image_mean, std=image_processor.image_std)
-    size = (
-        image_processor.size["shortest_edge"]
-        if "shortest_edge" in image_processor.size
-        else (image_processor.size["height"], image_processor.size["width"])
-    )
+    normalize, size = peer_normalize_and_size(image_processor)
     _transforms = Compose([RandomResizedCrop(size), ToTensor(), normalize])
     _eval_transforms = Compose([Resize(size), CenterCrop(size), ToTensor(), normalize])
 
@@ -130,12 +128,12 @@ def peer_main(argv: list[str]) -> None:
         output_dir=args.output_dir,
         remove_unused_columns=False,
         eval_strategy="epoch",
-        save_strategy="epoch",
+        save_strategy=args.save_strategy,
         learning_rate=args.learning_rate,
         per_device_train_batch_size=args.per_device_train_batch_size,
         per_device_eval_batch_size=args.per_device_eval_batch_size,
         num_train_epochs=args.num_train_epochs,
-        load_best_model_at_end=True,
+        load_best_model_at_end=args.load_best_model_at_end == "true",
         metric_for_best_model="accuracy",
         seed=args.seed,
         dataloader_num_workers=args.dataloader_num_workers,
@@ -153,6 +151,24 @@ def peer_main(argv: list[str]) -> None:
     train_result = trainer.train()
     trainer.save_metrics("train", train_result.metrics)
     trainer.save_metrics("test", trainer.evaluate(images["test"], metric_key_prefix="test"))
+
+
+def peer_normalize_and_size(image_processor):
+    """The tutorial's Normalize and crop size from the processor: `image_mean` / `size` for transformers'
+    processors, and for a timm checkpoint (TimmWrapperImageProcessor) its `data_config`, as the timm
+    integration's docs read them."""
+    from torchvision.transforms import Normalize
+
+    config = getattr(image_processor, "data_config", None)
+    if config is not None:
+        return Normalize(mean=config["mean"], std=config["std"]), tuple(config["input_size"][1:])
+    normalize = Normalize(mean=image_processor.image_mean, std=image_processor.image_std)
+    size = (
+        image_processor.size["shortest_edge"]
+        if "shortest_edge" in image_processor.size
+        else (image_processor.size["height"], image_processor.size["width"])
+    )
+    return normalize, size
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from hf_finetune.data.scan import scan_images
 from hf_finetune.data.sources import load_raw_splits, source_roots
 from hf_finetune.data.splits import check_split_overlap, make_splits
 from hf_finetune.errors import UserError
+from hf_finetune.time_budget import DATA_PHASE, IMAGE_CHECK, timed
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,8 @@ def prepare_data(
 
     splits, report = make_splits(raw, args, label_column, seed)
     rows = {name: d[SOURCE_ROW_COLUMN] for name, d in splits.items()}
-    splits, bad, digests = scan_images(splits, image_column, downscale)
+    with timed(IMAGE_CHECK, within=DATA_PHASE):  # a phase of its own in the run's time budget
+        splits, bad, digests = scan_images(splits, image_column, downscale)
     # Unreadable pictures count here too: a split made only of other splits' pictures stops the run first.
     check_split_overlap(digests, report)
     splits = splits.remove_columns(SOURCE_ROW_COLUMN)

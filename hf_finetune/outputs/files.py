@@ -61,3 +61,10 @@ def user_cache_dir(kind: str, env: str | None = None) -> Path:
         return Path(os.environ[env]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "hf_finetune" / kind
+
+
+def add_to_run_summary(output_dir: str | os.PathLike, entries: dict[str, Any]) -> Path:
+    """Add `entries` to the run's run_summary.json (written when the run started)."""
+    path = Path(output_dir) / RUN_SUMMARY
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    return write_json(path, {**summary, **entries})

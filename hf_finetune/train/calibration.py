@@ -1,4 +1,5 @@
-"""Calibrated probabilities: temperature scaling fitted on validation, expected calibration error on test.
+"""Calibrated probabilities: temperature scaling fitted on validation, expected calibration error on test
+(about 405 lines, because fitting T, measuring ECE and storing T for `predict` are one concern, read together).
 
     calibration = calibrate((val_logits, val_labels), (test_logits, test_labels))  # None: nothing to fit on
     calibration.add_metrics({"eval": eval_metrics, "test": test_metrics})        # eval_ece, test_ece, ...
@@ -273,15 +274,20 @@ def calibrate(
     return calibration
 
 
-def calibrate_trainer(trainer, splits: dict, test_output=None) -> Calibration | None:
-    """`calibrate` for a Trainer run: the validation logits from one more prediction pass (every process takes
-    part, as in any `Trainer.predict`), and the test split's `PredictionOutput` the run already has."""
-    validation = splits.get("validation")
-    if validation is None or len(validation) == 0:
+def calibrate_trainer(trainer, splits: dict, test_output=None, validation=None) -> Calibration | None:
+    """`calibrate` for a Trainer run: the validation (predictions, label ids) the run already has (else from one
+    more prediction pass, in which every process takes part, as in any `Trainer.predict`), and the test
+    split's `PredictionOutput` the run already has."""
+    split = splits.get("validation")
+    if split is None or len(split) == 0:
         return calibrate(None)
-    val = trainer.predict(validation, metric_key_prefix="calibration")
+    if validation is None:
+        val = trainer.predict(split, metric_key_prefix="calibration")
+        validation = (val.predictions, val.label_ids)
+    predictions, label_ids = validation
     test = (_logits(test_output), test_output.label_ids) if test_output is not None else None
-    return calibrate((_logits(val), val.label_ids), test)
+    logits = predictions[0] if isinstance(predictions, tuple) else predictions
+    return calibrate((logits, label_ids), test)
 
 
 def _logits(output):

@@ -1,4 +1,4 @@
-"""One training run, as a list of stages each entered once, data flowing one way (about 440 lines because
+"""One training run, as a list of stages each entered once, data flowing one way (about 510 lines because
 the stages stay in one file, in order, so that a run reads top to bottom):
 
     config -> data -> model -> strategy -> Trainer -> evaluation -> outputs
@@ -27,6 +27,7 @@ from hf_finetune.data.images import undecoded_images
 from hf_finetune.outputs import atomic, card
 from hf_finetune.outputs import files as output
 from hf_finetune.outputs.run_folder import prepare_output_dir, start_output
+from hf_finetune.time_budget import DATA_PHASE, TimeBudget, active, timed
 from hf_finetune.train.trainer import assemble_trainer
 
 logger = logging.getLogger(__name__)
@@ -243,6 +244,7 @@ def train_and_save(
     and their averages (EMA; WiSE-FT from `start_state`) on validation, and save the weights and the state.
     Returns the training metrics (none when `train` is false)."""
     from hf_finetune.strategies.registry import STRATEGY_SUMMARY
+    from hf_finetune.time_budget import TRAINING_STEPS, budget_callback, split_training
     from hf_finetune.train.checkpoints import last_complete_checkpoint
     from hf_finetune.train.ema import EmaCallback, choose_ema_or_raw
     from hf_finetune.train.resume import ResumeReport
@@ -258,22 +260,30 @@ def train_and_save(
     if train:
         if ema is not None:
             ema.resume_from = resume  # the average continues from the checkpoint's
-        train_result = trainer.train(resume_from_checkpoint=resume)
+        timing = budget_callback()
+        trainer.add_callback(timing)
+        with timed(TRAINING_STEPS):
+            train_result = trainer.train(resume_from_checkpoint=resume)
+        split_training(
+            timing
+        )  # per-epoch evaluation, checkpoint saves, best-model reload: phases of their own
         metrics = {**train_result.metrics, "train_samples": len(splits["train"])}
-        if ema is not None:
-            metrics.update(choose_ema_or_raw(trainer, ema, splits["validation"]))
-        if start_state is not None:
-            metrics.update(choose_wise_ft(trainer, start_state, splits["validation"]))
-    if trainer.is_world_process_zero():
-        # Again after training: the optimizer's real groups and, for gradual, the schedule as it happened.
-        atomic.write_json(output_dir / STRATEGY_SUMMARY, trainer.strategy_summary())
-    if strategy_args.strategy == "lora":
-        from hf_finetune.strategies.lora_outputs import save_lora_outputs
+        with timed("EMA / WiSE-FT choice on validation"):
+            if ema is not None:
+                metrics.update(choose_ema_or_raw(trainer, ema, splits["validation"]))
+            if start_state is not None:
+                metrics.update(choose_wise_ft(trainer, start_state, splits["validation"]))
+    with timed("saving weights and state"):
+        if trainer.is_world_process_zero():
+            # Again after training: the optimizer's real groups and, for gradual, the schedule as it happened.
+            atomic.write_json(output_dir / STRATEGY_SUMMARY, trainer.strategy_summary())
+        if strategy_args.strategy == "lora":
+            from hf_finetune.strategies.lora_outputs import save_lora_outputs
 
-        save_lora_outputs(trainer, output_dir, merge=strategy_args.lora_merge)
-    else:
-        trainer.save_model()
-    trainer.save_state()
+            save_lora_outputs(trainer, output_dir, merge=strategy_args.lora_merge)
+        else:
+            trainer.save_model()
+        trainer.save_state()
     return metrics
 
 
@@ -294,19 +304,33 @@ def choose_wise_ft(trainer, start_state: dict, validation) -> dict:
     return {"wise_ft_alpha": alpha, "eval_wise_ft_accuracy": scores[alpha]}
 
 
-def evaluate_splits(trainer, splits, train_metrics: dict, train: bool = True) -> Evaluation:
-    """Evaluation: validation metrics, and the test split's (or, without one, validation's) predictions."""
-    eval_metrics = trainer.evaluate(eval_dataset=splits["validation"], metric_key_prefix="eval")
+def evaluate_splits(
+    trainer, splits, train_metrics: dict, train: bool = True, weights_replaced=False
+) -> Evaluation:
+    """Evaluation: validation metrics and logits (one pass, or none when a per-epoch evaluation already saw the
+    final weights; `weights_replaced`: the EMA or WiSE-FT choice set them), and the test split's (or, without
+    one, validation's) predictions."""
+    from hf_finetune.train.calibration import calibrate_trainer  # temperature fitted on validation
+    from hf_finetune.train.validation_pass import validation_metrics_and_outputs
+
+    eval_metrics, val_logits, val_labels = validation_metrics_and_outputs(
+        trainer, splits["validation"], weights_replaced or not train
+    )
     eval_metrics["eval_samples"] = len(splits["validation"])
     # Reports are drawn on the test split, or on validation when there is no test split.
     report_split = "test" if "test" in splits else "validation"
-    predictions = trainer.predict(splits[report_split], metric_key_prefix=report_split)
+    if report_split == "test":
+        predictions = trainer.predict(splits["test"], metric_key_prefix="test")
+    else:
+        from transformers.trainer_utils import PredictionOutput
+
+        predictions = PredictionOutput(val_logits, val_labels, eval_metrics)
     sections = ([("train", train_metrics)] if train else []) + [("eval", eval_metrics)]
     if report_split == "test":
         sections.append(("test", {**predictions.metrics, "test_samples": len(splits["test"])}))
-    from hf_finetune.train.calibration import calibrate_trainer  # temperature fitted on validation
-
-    calibration = calibrate_trainer(trainer, splits, predictions if report_split == "test" else None)
+    calibration = calibrate_trainer(
+        trainer, splits, predictions if report_split == "test" else None, validation=(val_logits, val_labels)
+    )
     if calibration is not None:
         calibration.add_metrics(dict(sections))
     results = {key: value for _, part in sections for key, value in part.items()}
@@ -316,34 +340,44 @@ def evaluate_splits(trainer, splits, train_metrics: dict, train: bool = True) ->
 
 
 def finish_outputs(
-    trainer, settings: RunSettings, record, evaluation: Evaluation, data, model_args, data_args, training_args
-) -> None:
-    """Outputs: reports, the model card, the metrics (last: they mark a finished run), then publishing."""
+    trainer, settings: RunSettings, record, evaluation: Evaluation, data, model_args, data_args, training_args,
+    budget=None,
+) -> None:  # fmt: skip
+    """Outputs: reports, the model card, the time budget (`budget`, into run_summary.json and the log), the
+    metrics (last: they mark a finished run), then publishing."""
     if not trainer.is_world_process_zero():
         return
     from hf_finetune.outputs.reports import report_section, write_reports
 
     output_dir, predictions = settings.output_dir, evaluation.predictions
-    report_files = write_reports(
-        output_dir,
-        logits=predictions.predictions,
-        labels=predictions.label_ids,
-        label_names=data.labels,
-        images=undecoded_images(data.splits[evaluation.report_split], data.image_column),
-        log_history=trainer.state.log_history,
-        split=evaluation.report_split,
-        locate=data.image_name,
-    )
+    with timed("reports (plots, tables, error grid)"):
+        report_files = write_reports(
+            output_dir,
+            logits=predictions.predictions,
+            labels=predictions.label_ids,
+            label_names=data.labels,
+            images=undecoded_images(data.splits[evaluation.report_split], data.image_column),
+            log_history=trainer.state.log_history,
+            split=evaluation.report_split,
+            locate=data.image_name,
+        )
     output.relativize_trainer_state(output_dir)
     from hf_finetune.outputs.reliability import card_section, write_calibration
 
-    write_calibration(output_dir, evaluation.calibration)  # calibration.json, the diagram, T in config.json
-    write_card(
-        output_dir, model_args, data_args, training_args, data.labels, evaluation.results, settings.extra_args,
-        reports=report_section(report_files),
-    )  # fmt: skip
-    if evaluation.calibration is not None:  # ECE before / after, T and the diagram, as a section of the card
-        card.add_card_section(output_dir, card_section(evaluation.calibration))
+    with timed("calibration files"):
+        write_calibration(
+            output_dir, evaluation.calibration
+        )  # calibration.json, the diagram, T in config.json
+    with timed("model card"):
+        write_card(
+            output_dir, model_args, data_args, training_args, data.labels, evaluation.results,
+            settings.extra_args, reports=report_section(report_files),
+        )  # fmt: skip
+        if evaluation.calibration is not None:  # ECE before / after, T and the diagram, as a card section
+            card.add_card_section(output_dir, card_section(evaluation.calibration))
+    if budget is not None:
+        output.add_to_run_summary(output_dir, {"time_budget": budget.as_dict()})
+        budget.log()
     # Metrics last: all_results.json marks a finished run (see prepare_output_dir).
     for name, part in evaluation.sections:
         trainer.save_metrics(name, part)
@@ -393,24 +427,53 @@ def run(
 
     from hf_finetune.inspection.run import inspect_before_training, write_training_report
 
-    settings = configure(model_args, data_args, training_args, strategy_args, extra_args)
-    # inspect: true (hf_finetune.inspection): the data report, and what `exclude` drops from the training split
-    inspection = inspect_before_training(model_args, data_args, training_args, settings.extra_args, dataset)
-    checkpoint = open_checkpoint(model_args)
-    data = prepare_run_data(
-        data_args, training_args, checkpoint.image_processor, model_args.cache_dir, dataset, train, inspection
-    )
-    model, load_report = load_run_model(model_args, data.prepared.labels, checkpoint, as_is=not train)
-    stage = apply_strategy(model, strategy_args, training_args, data, model_args, data_args)
-    trainer = assemble_trainer(stage.model, stage.plan, training_args, data, checkpoint.image_processor)
-    record = open_output_dir(
-        trainer, settings, model_args, data_args, training_args, data.prepared, load_report, stage.notes
-    )
-    if trainer.is_world_process_zero():
-        write_training_report(settings.output_dir, inspection)  # inspect: true: data_report.md / .json / PNGs
-    train_metrics = train_and_save(trainer, settings, training_args, data.splits, train, stage.start_state)
-    evaluation = evaluate_splits(trainer, data.splits, train_metrics, train)
-    finish_outputs(trainer, settings, record, evaluation, data.prepared, model_args, data_args, training_args)
+    with active(TimeBudget()) as budget:  # seconds per phase: the log and run_summary.json's time_budget
+        with timed("settings and output folder check"):
+            settings = configure(model_args, data_args, training_args, strategy_args, extra_args)
+        # inspect: true (hf_finetune.inspection): the data report, and what `exclude` drops from training
+        with timed("data inspection (inspect: true)"):
+            inspection = inspect_before_training(
+                model_args, data_args, training_args, settings.extra_args, dataset
+            )
+        with timed("checkpoint config and processor"):
+            checkpoint = open_checkpoint(model_args)
+        with timed(DATA_PHASE):
+            data = prepare_run_data(
+                data_args, training_args, checkpoint.image_processor, model_args.cache_dir, dataset, train,
+                inspection,
+            )  # fmt: skip
+        with timed("model load"):
+            model, load_report = load_run_model(model_args, data.prepared.labels, checkpoint, as_is=not train)
+        with timed("strategy"):
+            stage = apply_strategy(model, strategy_args, training_args, data, model_args, data_args)
+        with timed("trainer assembly"):
+            trainer = assemble_trainer(
+                stage.model, stage.plan, training_args, data, checkpoint.image_processor
+            )
+        with timed("output folder"):
+            record = open_output_dir(
+                trainer,
+                settings,
+                model_args,
+                data_args,
+                training_args,
+                data.prepared,
+                load_report,
+                stage.notes,
+            )
+            if trainer.is_world_process_zero():
+                write_training_report(settings.output_dir, inspection)  # inspect: true: data_report.md / ...
+        train_metrics = train_and_save(
+            trainer, settings, training_args, data.splits, train, stage.start_state
+        )
+        with timed("final evaluation (validation, test)"):
+            replaced = (
+                training_args.ema or stage.start_state is not None
+            )  # the final weights chosen after training
+            evaluation = evaluate_splits(trainer, data.splits, train_metrics, train, replaced)
+        finish_outputs(
+            trainer, settings, record, evaluation, data.prepared, model_args, data_args, training_args, budget
+        )
     return evaluation.results
 
 

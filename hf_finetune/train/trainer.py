@@ -31,6 +31,7 @@ def build_trainer(
     from hf_finetune.train.metrics import ComputeMetrics
     from hf_finetune.train.mixing import BatchMixing, MixingSettings, MixingTrainerMixin
     from hf_finetune.train.resume import AugmentationEpochCallback, StepSeedCallback
+    from hf_finetune.train.validation_pass import KeepValidationPassesMixin
 
     callbacks = list(callbacks or [])
     if getattr(training_args, "early_stopping_patience", None):
@@ -52,7 +53,9 @@ def build_trainer(
     if mixing.enabled or class_weights is not None:
         # Soft targets and weights need our loss; it applies label_smoothing_factor itself.
         extra["compute_loss_func"] = ClassificationLoss(training_args.label_smoothing_factor, class_weights)
-    trainer_cls = type("FinetuneTrainer", (CheckpointLoadingMixin, MixingTrainerMixin, base_cls), {})
+    # KeepValidationPassesMixin: the final evaluation reuses the per-epoch pass of the final weights.
+    mixins = (KeepValidationPassesMixin, CheckpointLoadingMixin, MixingTrainerMixin)
+    trainer_cls = type("FinetuneTrainer", (*mixins, base_cls), {})
     if training_args.ema:
         # Before the completeness marker: a checkpoint is complete once its EMA copy is written too.
         callbacks.append(EmaCallback(training_args.ema_decay, training_args.ema_warmup))
