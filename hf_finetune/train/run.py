@@ -12,6 +12,7 @@ finishes it. The Trainer itself is assembled in `hf_finetune.train.trainer`.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +94,9 @@ def configure(model_args, data_args, training_args, strategy_args, extra_args=()
     from transformers import set_seed
 
     from hf_finetune.strategies.arguments import StrategyArguments
+    from hf_finetune.train.averaging import check_soup_strategy
 
+    check_soup_strategy(training_args.soup_last_k, strategy_args.strategy)
     extra_args = (strategy_args, *(a for a in extra_args if not isinstance(a, StrategyArguments)))
     set_seed(training_args.seed)
     output_dir = Path(expand_output_dir(training_args, model_args, data_args, *extra_args))
@@ -239,9 +242,10 @@ def train_and_save(
     trainer, settings: RunSettings, training_args, splits, train: bool = True, start_state=None
 ) -> dict:
     """Trainer: train (resuming from the newest complete checkpoint), then choose between the trained weights
-    and their averages (EMA; WiSE-FT from `start_state`) on validation, and save the weights and the state.
+    and their averages (EMA; the soup of the last checkpoints; WiSE-FT from `start_state`) on validation, and save the weights and the state.
     Returns the training metrics (none when `train` is false)."""
     from hf_finetune.strategies.registry import STRATEGY_SUMMARY
+    from hf_finetune.train.averaging import choose_soup, choose_wise_ft
     from hf_finetune.train.checkpoints import last_complete_checkpoint
     from hf_finetune.train.ema import EmaCallback, choose_ema_or_raw
     from hf_finetune.train.resume import ResumeReport
@@ -261,6 +265,8 @@ def train_and_save(
         metrics = {**train_result.metrics, "train_samples": len(splits["train"])}
         if ema is not None:
             metrics.update(choose_ema_or_raw(trainer, ema, splits["validation"]))
+        if training_args.soup_last_k:
+            metrics.update(choose_soup(trainer, output_dir, training_args.soup_last_k, splits["validation"]))
         if start_state is not None:
             metrics.update(choose_wise_ft(trainer, start_state, splits["validation"]))
     if trainer.is_world_process_zero():
@@ -276,23 +282,6 @@ def train_and_save(
     return metrics
 
 
-def choose_wise_ft(trainer, start_state: dict, validation) -> dict:
-    """WiSE-FT: the interpolation between the LP-FT start and the trained weights that scores best on
-    validation becomes the model. Returns the chosen alpha and its validation accuracy for the results."""
-    from hf_finetune.train.averaging import choose_interpolation, snapshot
-
-    model = trainer.model
-
-    def validation_accuracy(state):
-        model.load_state_dict(state, strict=True)
-        return trainer.evaluate(eval_dataset=validation, metric_key_prefix="eval")["eval_accuracy"]
-
-    end = snapshot(model)
-    alpha, state, scores = choose_interpolation(start_state, end, validation_accuracy)
-    model.load_state_dict(state, strict=True)
-    return {"wise_ft_alpha": alpha, "eval_wise_ft_accuracy": scores[alpha]}
-
-
 def evaluate_splits(trainer, splits, train_metrics: dict, train: bool = True) -> Evaluation:
     """Evaluation: validation metrics, and the test split's (or, without one, validation's) predictions."""
     eval_metrics = trainer.evaluate(eval_dataset=splits["validation"], metric_key_prefix="eval")
@@ -303,6 +292,11 @@ def evaluate_splits(trainer, splits, train_metrics: dict, train: bool = True) ->
     sections = ([("train", train_metrics)] if train else []) + [("eval", eval_metrics)]
     if report_split == "test":
         sections.append(("test", {**predictions.metrics, "test_samples": len(splits["test"])}))
+    if trainer.args.tta_flip:  # reported beside the plain figures; the saved model stays plain
+        from hf_finetune.train.tta import flip_tta_metrics
+
+        prefix = "test" if report_split == "test" else "eval"
+        dict(sections)[prefix].update(flip_tta_metrics(trainer, splits[report_split], predictions, prefix))
     from hf_finetune.train.calibration import calibrate_trainer  # temperature fitted on validation
 
     calibration = calibrate_trainer(trainer, splits, predictions if report_split == "test" else None)
@@ -343,6 +337,7 @@ def finish_outputs(
     )  # fmt: skip
     if evaluation.calibration is not None:  # ECE before / after, T and the diagram, as a section of the card
         card.add_card_section(output_dir, card_section(evaluation.calibration))
+    write_weights_choice(output_dir, evaluation.results)
     # Metrics last: all_results.json marks a finished run (see prepare_output_dir).
     for name, part in evaluation.sections:
         trainer.save_metrics(name, part)
@@ -353,6 +348,19 @@ def finish_outputs(
 
         repo_id = training_args.hub_model_id or output_dir.name
         publish_dir(output_dir, repo_id, private=training_args.hub_private_repo, token=settings.hub_token)
+
+
+def write_weights_choice(output_dir: Path, results: dict) -> None:
+    """Which weights became the model (EMA, soup, WiSE-FT), into run_summary.json and the card's Weights section."""
+    from hf_finetune.train.averaging import card_text, weights_chosen
+
+    choice = weights_chosen(results)
+    if choice is None:
+        return
+    summary_path = output_dir / output.RUN_SUMMARY
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    atomic.write_json(summary_path, {**summary, "weights_chosen": choice})
+    card.add_card_section(output_dir, card.CardSection("Weights", card_text(choice)))
 
 
 def run(
