@@ -154,6 +154,9 @@ def parse_args(argv):
     parser.add_argument("--methods", nargs="+", default=None, help="Rows to run (default: all).")
     parser.add_argument("--keep", action="store_true", help="Keep the run outputs under bench_out/.")
     parser.add_argument(
+        "--runs", default="runs", help="Folder of the run outputs under bench_out/small_data/."
+    )
+    parser.add_argument(
         "--report", nargs="+", default=None, metavar="RECORDS",
         help="Run nothing: print the tables from records.jsonl files that earlier runs wrote (one row per run).",
     )  # fmt: skip
@@ -315,7 +318,7 @@ def main(argv=None) -> None:
     main_rows = [
         name for name in rows if name not in ABLATION and (args.methods is None or name in args.methods)
     ]
-    runs = OUT / "runs"
+    runs = OUT / args.runs
     shutil.rmtree(runs, ignore_errors=True)
     run_row = Runner(checkpoint, runs)
     print(
