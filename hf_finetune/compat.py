@@ -109,6 +109,23 @@ class TrainerReloadHooks:
         return super()._load_best_model()
 
 
+class TrainerSamplerHook:
+    """Trainer mixin: the Trainer's private `_get_train_sampler`, routed to a public hook a subclass overrides.
+
+    Checked on transformers 5.24.0: the training sampler is chosen in `_get_train_sampler(train_dataset)`,
+    which `get_train_dataloader` passes to the dataloader it builds; overriding the public
+    `get_train_dataloader` instead would mean copying its worker, pinning and accelerate preparation. The
+    default of `train_sampler(train_dataset)` is the Trainer's own choice. tests/test_compat.py fails once the
+    name or its signature changes.
+    """
+
+    def _get_train_sampler(self, train_dataset=None):
+        return self.train_sampler(train_dataset)
+
+    def train_sampler(self, train_dataset=None):
+        return super()._get_train_sampler(train_dataset)
+
+
 # --- accelerate -------------------------------------------------------------------------------------------
 
 

@@ -280,6 +280,31 @@ class FinetuneTrainingArguments(TrainingArguments):
         },
     )
 
+    sampler: str = field(
+        default="random",
+        metadata={
+            "help": "`balanced`: draw training pictures with replacement, each class equally often (torch's "
+            "WeightedRandomSampler, seeded per epoch), for imbalanced data; `random`: the Trainer's shuffling "
+            "(train_sampling_strategy)."
+        },
+    )
+    soup_last_k: int = field(
+        default=0,
+        metadata={
+            "help": "At the end, average the weights of the last k epoch checkpoints (a uniform soup) and keep "
+            "the average if it scores better on validation; 0 = off. Needs save_strategy: epoch; keeps at least "
+            "k + 1 checkpoints."
+        },
+    )
+    tta_flip: bool = field(
+        default=False,
+        metadata={
+            "help": "Also evaluate the test split (validation without one) with flip test-time augmentation: "
+            "the mean of the probabilities of each picture and its mirror image, reported as "
+            "test_accuracy_tta; the saved model stays plain. Only for classes a mirror image does not change."
+        },
+    )
+
     def __post_init__(self):
         # The process count is only known once the run starts (see apply_global_batch_size); what can be
         # checked now is checked now.
@@ -299,6 +324,19 @@ class FinetuneTrainingArguments(TrainingArguments):
                 raise UserError(f"{name}={getattr(self, name)} must be a probability in [0, 1].")
         if self.class_weights not in ("none", "auto"):
             raise UserError(f"class_weights={self.class_weights!r} is not valid: use `none` or `auto`.")
+        if self.sampler not in ("random", "balanced"):
+            raise UserError(f"sampler={self.sampler!r} is not valid: use `random` or `balanced`.")
+        if self.sampler == "balanced" and self.class_weights == "auto":
+            raise UserError(
+                "sampler: balanced and class_weights: auto both correct for imbalance, and together rare classes "
+                "count twice over. Keep one of the two."
+            )
+        if self.sampler == "balanced" and self.train_sampling_strategy != "random":
+            raise UserError(
+                f"sampler: balanced replaces the Trainer's sampler, but train_sampling_strategy is "
+                f"{self.train_sampling_strategy!r}. Remove one of the two."
+            )
+        self._check_soup()
         if not 0.0 < self.ema_decay < 1.0:
             raise UserError(f"ema_decay={self.ema_decay} must be between 0 and 1, e.g. 0.9998.")
         if str(self.channels_last).lower() not in ("auto", "true", "false"):
@@ -327,6 +365,30 @@ class FinetuneTrainingArguments(TrainingArguments):
                 f"early_stopping_patience={self.early_stopping_patience} needs evaluations to count, but "
                 "eval_strategy is `no`. Set eval_strategy to `epoch` or `steps`, or remove early_stopping_patience."
             )
+
+    def _check_soup(self) -> None:
+        """soup_last_k averages epoch checkpoints: there must be k of them, and they must not be rotated away."""
+        k = self.soup_last_k
+        if k == 0:
+            return
+        if not isinstance(k, int) or k < 2:
+            raise UserError(f"soup_last_k={k!r} must be 0 (off) or a whole number >= 2, e.g. 3.")
+        if schedule_name(self.save_strategy) != "epoch":
+            raise UserError(
+                f"soup_last_k={k} averages the epoch checkpoints, but save_strategy is "
+                f"{schedule_name(self.save_strategy)!r}. Set save_strategy: epoch."
+            )
+        if self.max_steps <= 0 and k > self.num_train_epochs:
+            raise UserError(
+                f"soup_last_k={k} needs at least {k} epochs, but num_train_epochs is {self.num_train_epochs}. "
+                "Train longer or average fewer checkpoints."
+            )
+        # The Trainer keeps the best checkpoint besides the newest ones: k + 1 guarantees the last k.
+        if self.save_total_limit is not None and self.save_total_limit < k + 1:
+            logger.info(
+                "Settings: save_total_limit %d raised to %d for soup_last_k.", self.save_total_limit, k + 1
+            )
+            self.save_total_limit = k + 1
 
 
 def schedule_name(value) -> str:

@@ -119,6 +119,17 @@ def test_trainer_still_reloads_through_the_two_private_methods_the_hooks_replace
     assert list(inspect.signature(Trainer._load_best_model).parameters) == ["self"]
 
 
+def test_trainer_still_picks_its_training_sampler_in_the_private_method_the_hook_replaces():
+    """`TrainerSamplerHook` overrides `_get_train_sampler`: if upstream renames it, `sampler: balanced` would
+    silently fall back to the Trainer's shuffling."""
+    import inspect
+
+    from transformers import Trainer
+
+    assert "sampler_fn=self._get_train_sampler" in inspect.getsource(Trainer.get_train_dataloader)
+    assert list(inspect.signature(Trainer._get_train_sampler).parameters) == ["self", "train_dataset"]
+
+
 def test_trainer_reload_still_misses_renamed_weights_and_ours_loads_them_all(tmp_path):
     """Fails once the Trainer's own reload applies transformers 5's key mapping (then the hooks can go)."""
     import torch

@@ -180,3 +180,24 @@ def test_quickstart_yaml_serves_the_probe_and_every_gradient_strategy():
     assert parse_probe_args(config)[2].strategy == "probe"
     for strategy in ("head", "full", "last_n", "gradual", "llrd", "lora"):
         assert parse_train_args([*config, "--strategy", strategy])[2].strategy == strategy
+
+
+@pytest.mark.slow
+def test_small_data_recipe_runs_its_yaml_on_the_real_weights(tmp_path):
+    """recipes/small_data.py with its own YAML (a sample of the digits, to keep it short): LP-FT starts from the
+    probe, and the end-of-training choices are recorded with their figures."""
+    import yaml
+
+    cwd = user_workdir(tmp_path)
+    env = {**ENV, "HF_FINETUNE_FEATURES_CACHE": str(tmp_path / "features")}
+    result = run([sys.executable, "recipes/small_data.py", "--max_train_samples", "300", "--disable_tqdm", "true"],
+                 cwd=cwd, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    values = yaml.safe_load((REPO / "recipes" / "small_data.yaml").read_text())
+    out = cwd / values["output_dir"]
+    results = json.loads((out / "all_results.json").read_text())
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["strategy"] == values["strategy"] == "lp_ft"
+    assert results["test_accuracy"] >= summary["lp_ft_probe"]["probe_eval_accuracy"] - 0.1, results
+    assert summary["weights_chosen"]["chosen"] and "## Weights" in (out / "README.md").read_text()
+    assert "Small data done: test accuracy" in result.stdout

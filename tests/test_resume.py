@@ -5,7 +5,7 @@ Every case launches the real command under `accelerate launch` (tiny ConvNeXt, 7
 random-resized-crop + flip augmentation, `full_determinism`), once without interruption and once killed at a
 chosen point and started again. The kill points: inside an epoch, at an epoch's end while its evaluation
 runs, while a checkpoint is being written, with 0, 1 and 2 dataloader workers, 1 and 2 processes, `gradual`
-with gradient accumulation, and early stopping.
+with gradient accumulation, the balanced sampler, and early stopping.
 """
 
 from __future__ import annotations
@@ -266,6 +266,13 @@ CASES = {
         ),
         complete(4),
     ),  # fmt: skip
+    # The balanced sampler draws each epoch from (seed, epoch): the resumed epoch draws the same pictures and
+    # skips the batches already trained on.
+    "balanced sampler, 1 worker, inside an epoch": (
+        1,
+        ("--dataloader_num_workers", "1", "--save_steps", "4", "--sampler", "balanced"),
+        complete(4),
+    ),
     "gradual, accumulation 2, 1 worker, inside the epoch after an unfreezing": (
         1,
         GRADUAL,

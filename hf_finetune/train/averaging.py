@@ -71,3 +71,104 @@ def choose_interpolation(
         ", ".join(f"{a:.2f}: {s:.4f}" for a, s in scores.items()), best,
     )  # fmt: skip
     return best, interpolate(start, end, best), scores
+
+
+# --------------------------------------------------------------------------------------------------------
+# The choices at the end of training, made on validation with the Trainer's own evaluation
+# --------------------------------------------------------------------------------------------------------
+def validation_score(trainer, eval_dataset, metric: str = "eval_accuracy") -> float:
+    return trainer.evaluate(eval_dataset=eval_dataset, metric_key_prefix="eval")[metric]
+
+
+def keep_if_better(trainer, candidate: dict, eval_dataset, metric: str = "eval_accuracy"):
+    """Scores `trainer.model` as it is and with the `candidate` state on validation; the candidate stays only
+    when it scores higher (a tie keeps the current weights). Returns (candidate kept, current, candidate)."""
+    current_state = snapshot(trainer.model)
+    current = validation_score(trainer, eval_dataset, metric)
+    trainer.model.load_state_dict(candidate, strict=True)
+    score = validation_score(trainer, eval_dataset, metric)
+    kept = score > current
+    if not kept:
+        trainer.model.load_state_dict(current_state, strict=True)
+    return kept, current, score
+
+
+def check_soup_strategy(soup_last_k: int, strategy: str) -> None:
+    from hf_finetune.errors import UserError
+
+    if soup_last_k and strategy == "lora":
+        raise UserError(
+            "soup_last_k averages whole-model checkpoints, but strategy lora checkpoints its adapters only. "
+            "Set soup_last_k: 0 with lora."
+        )
+
+
+def choose_soup(trainer, output_dir, k: int, eval_dataset, metric: str = "eval_accuracy") -> dict:
+    """The uniform soup of the last `k` complete checkpoints of `output_dir` (the epoch ends), kept in
+    `trainer.model` when it scores better on validation than the weights there. Returns the figures."""
+    from hf_finetune.train.checkpoints import COMPLETE_MARKER, checkpoint_dirs, checkpoint_state_dict
+
+    newest = [path for path in checkpoint_dirs(output_dir) if (path / COMPLETE_MARKER).is_file()][:k]
+    names = [path.name for path in reversed(newest)]  # oldest first
+    if len(newest) < 2:
+        logger.warning(
+            "Soup: %d complete checkpoint(s) in %s, fewer than 2; no soup made.", len(newest), output_dir
+        )
+        return {"soup_used": False, "soup_checkpoints": ", ".join(names)}
+    if len(newest) < k:
+        logger.warning(
+            "Soup: only %d of the %d checkpoints asked for are there; averaging those.", len(newest), k
+        )
+    # Oldest first: the integer buffers (BatchNorm's counts) come from the newest, the last state.
+    soup = uniform_soup([checkpoint_state_dict(trainer.model, path) for path in reversed(newest)])
+    kept, current, score = keep_if_better(trainer, soup, eval_dataset, metric)
+    name = metric.removeprefix("eval_")
+    logger.info(
+        "Uniform soup of %s: validation %s %.4f against %.4f; keeping the %s.",
+        ", ".join(names), name, score, current, "soup" if kept else "weights as they were",
+    )  # fmt: skip
+    return {"soup_used": kept, f"eval_soup_{name}": score, "soup_checkpoints": ", ".join(names)}
+
+
+def choose_wise_ft(trainer, start_state: dict, eval_dataset, metric: str = "eval_accuracy") -> dict:
+    """WiSE-FT: the interpolation between the LP-FT start and the trained weights that scores best on
+    validation becomes the model. Returns the chosen alpha and its validation score for the results."""
+    model = trainer.model
+
+    def score(state):
+        model.load_state_dict(state, strict=True)
+        return validation_score(trainer, eval_dataset, metric)
+
+    alpha, state, scores = choose_interpolation(start_state, snapshot(model), score)
+    model.load_state_dict(state, strict=True)
+    return {"wise_ft_alpha": alpha, f"eval_wise_ft_{metric.removeprefix('eval_')}": scores[alpha]}
+
+
+def weights_chosen(results: dict) -> dict | None:
+    """Which weights became the model (EMA, soup, WiSE-FT choices) and the validation accuracies they rest on,
+    from a run's results; None when the run made no such choice."""
+    if not any(key in results for key in ("ema_used", "soup_used", "wise_ft_alpha")):
+        return None
+    chosen, scores = "the trained weights", {}
+    if "ema_used" in results:
+        scores.update(trained=results["eval_raw_accuracy"], ema=results["eval_ema_accuracy"])
+        chosen = "the EMA of the weights" if results["ema_used"] else chosen
+    if "eval_soup_accuracy" in results:
+        scores["soup"] = results["eval_soup_accuracy"]
+        if results["soup_used"]:
+            chosen = f"the uniform soup of {results['soup_checkpoints']}"
+    if "wise_ft_alpha" in results:
+        alpha = results["wise_ft_alpha"]
+        scores[f"wise_ft alpha {alpha:g}"] = results["eval_wise_ft_accuracy"]
+        if alpha < 1.0:
+            chosen = f"WiSE-FT, {alpha:g} x ({chosen}) + {1 - alpha:g} x the LP-FT start"
+    return {"chosen": chosen, "validation_accuracy": scores}
+
+
+def card_text(choice: dict) -> str:
+    """The model card's Weights section."""
+    rows = "\n".join(f"| {name} | {score:.4f} |" for name, score in choice["validation_accuracy"].items())
+    return (
+        f"The saved model is {choice['chosen']}, chosen on the validation split:\n\n"
+        f"| candidate | validation accuracy |\n|---|---|\n{rows}"
+    )

@@ -82,14 +82,19 @@ def wait_for_every_process() -> None:
         state.wait_for_everyone()
 
 
+def checkpoint_state_dict(model, checkpoint_dir: str | os.PathLike) -> dict:
+    """A checkpoint's weights (parameters and buffers) under `model`'s own keys, read through `from_pretrained`
+    (which maps the serialised names), in `model`'s dtype."""
+    dtype = next(model.parameters()).dtype
+    return type(model).from_pretrained(str(checkpoint_dir), dtype=dtype, use_safetensors=True).state_dict()
+
+
 def load_weights_from_checkpoint(model, checkpoint_dir: str) -> None:
     """Copy a checkpoint's weights (parameters and buffers) into `model`, through `from_pretrained`."""
     import torch
 
-    dtype = next(model.parameters()).dtype
-    reference = type(model).from_pretrained(checkpoint_dir, dtype=dtype, use_safetensors=True)
     with torch.no_grad():
-        model.load_state_dict(reference.state_dict(), strict=True)
+        model.load_state_dict(checkpoint_state_dict(model, checkpoint_dir), strict=True)
 
 
 class CheckpointLoadingMixin(TrainerReloadHooks):

@@ -65,15 +65,9 @@ def choose_ema_or_raw(trainer, ema: EmaCallback, eval_dataset, metric: str = "ev
     Returns {"ema_used": bool, "eval_raw_<metric>": ..., "eval_ema_<metric>": ...} for the results. A tie
     keeps the raw weights (what the run trained).
     """
-    from hf_finetune.train.averaging import snapshot
+    from hf_finetune.train.averaging import keep_if_better
 
-    raw_state = snapshot(trainer.model)
-    raw = trainer.evaluate(eval_dataset=eval_dataset, metric_key_prefix="eval")[metric]
-    trainer.model.load_state_dict(ema.ema.module.state_dict(), strict=True)
-    averaged = trainer.evaluate(eval_dataset=eval_dataset, metric_key_prefix="eval")[metric]
-    use_ema = averaged > raw
-    if not use_ema:
-        trainer.model.load_state_dict(raw_state, strict=True)
+    use_ema, raw, averaged = keep_if_better(trainer, ema.ema.module.state_dict(), eval_dataset, metric)
     name = metric.removeprefix("eval_")
     logger.info(
         "Weight average (EMA, decay %g): validation %s %.4f against %.4f for the raw weights; keeping the %s.",

@@ -12,6 +12,7 @@ finishes it. The Trainer itself is assembled in `hf_finetune.train.trainer`.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +95,9 @@ def configure(model_args, data_args, training_args, strategy_args, extra_args=()
     from transformers import set_seed
 
     from hf_finetune.strategies.arguments import StrategyArguments
+    from hf_finetune.train.averaging import check_soup_strategy
 
+    check_soup_strategy(training_args.soup_last_k, strategy_args.strategy)
     extra_args = (strategy_args, *(a for a in extra_args if not isinstance(a, StrategyArguments)))
     set_seed(training_args.seed)
     output_dir = Path(expand_output_dir(training_args, model_args, data_args, *extra_args))
@@ -241,10 +244,11 @@ def train_and_save(
     trainer, settings: RunSettings, training_args, splits, train: bool = True, start_state=None
 ) -> dict:
     """Trainer: train (resuming from the newest complete checkpoint), then choose between the trained weights
-    and their averages (EMA; WiSE-FT from `start_state`) on validation, and save the weights and the state.
+    and their averages (EMA; the soup of the last checkpoints; WiSE-FT from `start_state`) on validation, and save the weights and the state.
     Returns the training metrics (none when `train` is false)."""
     from hf_finetune.strategies.registry import STRATEGY_SUMMARY
     from hf_finetune.time_budget import TRAINING_STEPS, budget_callback, split_training
+    from hf_finetune.train.averaging import choose_soup, choose_wise_ft
     from hf_finetune.train.checkpoints import last_complete_checkpoint
     from hf_finetune.train.ema import EmaCallback, choose_ema_or_raw
     from hf_finetune.train.resume import ResumeReport
@@ -268,9 +272,13 @@ def train_and_save(
             timing
         )  # per-epoch evaluation, checkpoint saves, best-model reload: phases of their own
         metrics = {**train_result.metrics, "train_samples": len(splits["train"])}
-        with timed("EMA / WiSE-FT choice on validation"):
+        with timed("EMA / soup / WiSE-FT choice on validation"):
             if ema is not None:
                 metrics.update(choose_ema_or_raw(trainer, ema, splits["validation"]))
+            if training_args.soup_last_k:
+                metrics.update(
+                    choose_soup(trainer, output_dir, training_args.soup_last_k, splits["validation"])
+                )
             if start_state is not None:
                 metrics.update(choose_wise_ft(trainer, start_state, splits["validation"]))
     with timed("saving weights and state"):
@@ -285,23 +293,6 @@ def train_and_save(
             trainer.save_model()
         trainer.save_state()
     return metrics
-
-
-def choose_wise_ft(trainer, start_state: dict, validation) -> dict:
-    """WiSE-FT: the interpolation between the LP-FT start and the trained weights that scores best on
-    validation becomes the model. Returns the chosen alpha and its validation accuracy for the results."""
-    from hf_finetune.train.averaging import choose_interpolation, snapshot
-
-    model = trainer.model
-
-    def validation_accuracy(state):
-        model.load_state_dict(state, strict=True)
-        return trainer.evaluate(eval_dataset=validation, metric_key_prefix="eval")["eval_accuracy"]
-
-    end = snapshot(model)
-    alpha, state, scores = choose_interpolation(start_state, end, validation_accuracy)
-    model.load_state_dict(state, strict=True)
-    return {"wise_ft_alpha": alpha, "eval_wise_ft_accuracy": scores[alpha]}
 
 
 def evaluate_splits(
@@ -328,6 +319,11 @@ def evaluate_splits(
     sections = ([("train", train_metrics)] if train else []) + [("eval", eval_metrics)]
     if report_split == "test":
         sections.append(("test", {**predictions.metrics, "test_samples": len(splits["test"])}))
+    if trainer.args.tta_flip:  # reported beside the plain figures; the saved model stays plain
+        from hf_finetune.train.tta import flip_tta_metrics
+
+        prefix = "test" if report_split == "test" else "eval"
+        dict(sections)[prefix].update(flip_tta_metrics(trainer, splits[report_split], predictions, prefix))
     calibration = calibrate_trainer(
         trainer, splits, predictions if report_split == "test" else None, validation=(val_logits, val_labels)
     )
@@ -375,6 +371,7 @@ def finish_outputs(
         )  # fmt: skip
         if evaluation.calibration is not None:  # ECE before / after, T and the diagram, as a card section
             card.add_card_section(output_dir, card_section(evaluation.calibration))
+        write_weights_choice(output_dir, evaluation.results)
     if budget is not None:
         output.add_to_run_summary(output_dir, {"time_budget": budget.as_dict()})
         budget.log()
@@ -388,6 +385,19 @@ def finish_outputs(
 
         repo_id = training_args.hub_model_id or output_dir.name
         publish_dir(output_dir, repo_id, private=training_args.hub_private_repo, token=settings.hub_token)
+
+
+def write_weights_choice(output_dir: Path, results: dict) -> None:
+    """Which weights became the model (EMA, soup, WiSE-FT), into run_summary.json and the card's Weights section."""
+    from hf_finetune.train.averaging import card_text, weights_chosen
+
+    choice = weights_chosen(results)
+    if choice is None:
+        return
+    summary_path = output_dir / output.RUN_SUMMARY
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    atomic.write_json(summary_path, {**summary, "weights_chosen": choice})
+    card.add_card_section(output_dir, card.CardSection("Weights", card_text(choice)))
 
 
 def run(
@@ -468,7 +478,7 @@ def run(
         )
         with timed("final evaluation (validation, test)"):
             replaced = (
-                training_args.ema or stage.start_state is not None
+                training_args.ema or training_args.soup_last_k or stage.start_state is not None
             )  # the final weights chosen after training
             evaluation = evaluate_splits(trainer, data.splits, train_metrics, train, replaced)
         finish_outputs(

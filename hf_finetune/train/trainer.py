@@ -31,6 +31,7 @@ def build_trainer(
     from hf_finetune.train.metrics import ComputeMetrics
     from hf_finetune.train.mixing import BatchMixing, MixingSettings, MixingTrainerMixin
     from hf_finetune.train.resume import AugmentationEpochCallback, StepSeedCallback
+    from hf_finetune.train.sampling import BalancedSamplerMixin
     from hf_finetune.train.validation_pass import KeepValidationPassesMixin
 
     callbacks = list(callbacks or [])
@@ -54,7 +55,7 @@ def build_trainer(
         # Soft targets and weights need our loss; it applies label_smoothing_factor itself.
         extra["compute_loss_func"] = ClassificationLoss(training_args.label_smoothing_factor, class_weights)
     # KeepValidationPassesMixin: the final evaluation reuses the per-epoch pass of the final weights.
-    mixins = (KeepValidationPassesMixin, CheckpointLoadingMixin, MixingTrainerMixin)
+    mixins = (KeepValidationPassesMixin, CheckpointLoadingMixin, MixingTrainerMixin, BalancedSamplerMixin)
     trainer_cls = type("FinetuneTrainer", (*mixins, base_cls), {})
     if training_args.ema:
         # Before the completeness marker: a checkpoint is complete once its EMA copy is written too.
@@ -77,6 +78,9 @@ def build_trainer(
         **extra,
     )
     trainer.batch_mixing = BatchMixing(mixing, num_labels) if mixing.enabled else None
+    if training_args.sampler == "balanced":
+        trainer.balanced_label_ids = list(train_label_ids)
+        logger.info("Balanced sampler: each of the %d classes drawn equally often per epoch.", num_labels)
     return trainer
 
 
@@ -91,7 +95,8 @@ def assemble_trainer(model, plan, training_args, data, image_processor):
     apply_global_batch_size(training_args)
     logger.info(global_batch_description(training_args))
     prepared = data.prepared
-    weighted = training_args.class_weights == "auto"  # the only user of the training labels here
+    # The only users of the training labels here: the class weights and the balanced sampler.
+    weighted = training_args.class_weights == "auto" or training_args.sampler == "balanced"
     return build_trainer(
         model,
         training_args,
