@@ -368,8 +368,12 @@ def run_probe(
     probe_args: ProbeArguments,
     training_args: FinetuneTrainingArguments,
     dataset=None,
+    several_processes: bool = False,
 ) -> dict[str, Any]:
-    """Features (cached), classifier, metrics, export: a complete output directory. Returns all metrics."""
+    """Features (cached), classifier, metrics, export: a complete output directory. Returns all metrics.
+
+    `several_processes` (strategy auto under a multi-process launch): every process fits, the main one writes.
+    """
     from transformers import set_seed
 
     from hf_finetune.config_resolved import expand_output_dir
@@ -382,7 +386,11 @@ def run_probe(
     prepare_output_dir(training_args)
     # The token is only handed to the publisher: it never reaches a file or a log.
     hub_token, training_args.hub_token = training_args.hub_token, None
-    result = fit_probe(model_args, data_args, probe_args, training_args, dataset=dataset)
+    result = fit_probe(
+        model_args, data_args, probe_args, training_args, dataset=dataset, several_processes=several_processes
+    )
+    if several_processes and training_args.process_index != 0:
+        return result.results
     # Fitted: only now are the previous run's files replaced (a run that fails earlier leaves them as they were).
     record = start_output(training_args)
     save_probe(result, model_args, data_args, probe_args, training_args, started=started, hub_token=hub_token,

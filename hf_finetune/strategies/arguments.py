@@ -15,7 +15,19 @@ import hf_finetune.strategies.blockwise  # noqa: F401
 import hf_finetune.strategies.lora  # noqa: F401
 import hf_finetune.strategies.lp_ft  # noqa: F401
 from hf_finetune.errors import UserError
-from hf_finetune.strategies.registry import FEATURE_STRATEGY, FEATURE_STRATEGY_DESCRIPTION, STRATEGIES
+from hf_finetune.strategies.registry import (
+    AUTO_STRATEGY,
+    AUTO_STRATEGY_DESCRIPTION,
+    FEATURE_STRATEGY,
+    FEATURE_STRATEGY_DESCRIPTION,
+    STRATEGIES,
+)
+
+# Every `strategy` value: the gradient strategies, the frozen-feature path and the budgeted choice among them.
+SPECIAL_STRATEGIES = {
+    FEATURE_STRATEGY: FEATURE_STRATEGY_DESCRIPTION,
+    AUTO_STRATEGY: AUTO_STRATEGY_DESCRIPTION,
+}
 
 
 @dataclass
@@ -28,7 +40,14 @@ class StrategyArguments:
         metadata={
             "help": "What trains. "
             + "; ".join(f"{s.name}: {s.description}" for s in STRATEGIES.values())
-            + f"; {FEATURE_STRATEGY}: {FEATURE_STRATEGY_DESCRIPTION}"
+            + "".join(f"; {name}: {text}" for name, text in SPECIAL_STRATEGIES.items())
+        },
+    )
+    time_budget_minutes: float | None = field(
+        default=None,
+        metadata={
+            "help": "auto: wall-clock minutes for the whole run (measuring, training, evaluation, outputs); "
+            "required with strategy auto, e.g. 5."
         },
     )
     unfreeze_last_n: int = field(
@@ -105,14 +124,25 @@ class StrategyArguments:
     )
 
     def __post_init__(self):
-        if self.strategy not in STRATEGIES and self.strategy != FEATURE_STRATEGY:
-            names = [*STRATEGIES, FEATURE_STRATEGY]
+        if self.strategy not in STRATEGIES and self.strategy not in SPECIAL_STRATEGIES:
+            names = [*STRATEGIES, *SPECIAL_STRATEGIES]
             close = difflib.get_close_matches(str(self.strategy), names, n=1, cutoff=0.5)
             hint = f" Did you mean `{close[0]}`?" if close else ""
             raise UserError(
                 f"strategy={self.strategy!r} is not a known strategy.{hint} Valid strategies: "
                 + "; ".join(f"`{s.name}` ({s.description})" for s in STRATEGIES.values())
-                + f"; `{FEATURE_STRATEGY}` ({FEATURE_STRATEGY_DESCRIPTION})."
+                + "".join(f"; `{name}` ({text})" for name, text in SPECIAL_STRATEGIES.items())
+                + "."
+            )
+        if self.strategy == AUTO_STRATEGY and not (self.time_budget_minutes or 0) > 0:
+            raise UserError(
+                f"strategy auto needs time_budget_minutes > 0 (got {self.time_budget_minutes!r}): the minutes the "
+                "whole run may take, e.g. time_budget_minutes: 5."
+            )
+        if self.time_budget_minutes is not None and self.strategy != AUTO_STRATEGY:
+            raise UserError(
+                f"time_budget_minutes={self.time_budget_minutes} is read only by strategy auto, and strategy is "
+                f"{self.strategy!r}. Set strategy: auto, or remove time_budget_minutes."
             )
         for name, low in (("unfreeze_last_n", 0), ("unfreeze_every", 1)):
             value = getattr(self, name)
@@ -122,7 +152,7 @@ class StrategyArguments:
             raise UserError(f"layer_decay={self.layer_decay} must be in (0, 1], e.g. 0.75 (BEiT, timm).")
         if self.lp_ft_then not in ("full", "llrd"):
             raise UserError(f"lp_ft_then={self.lp_ft_then!r} is not valid: use `full` or `llrd`.")
-        if self.wise_ft and self.strategy != "lp_ft":
+        if self.wise_ft and self.strategy not in ("lp_ft", AUTO_STRATEGY):
             raise UserError(
                 f"wise_ft interpolates from the LP-FT start, but strategy is {self.strategy!r}: its start has a "
                 "random head, so the interpolation would mix in a model that predicts nothing. Use strategy lp_ft."

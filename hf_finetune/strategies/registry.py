@@ -40,6 +40,12 @@ FEATURE_STRATEGY = "probe"
 FEATURE_STRATEGY_DESCRIPTION = (
     "nothing trains by gradient: frozen features computed once, a classic classifier on them"
 )
+# Not a strategy of its own either: `strategies.auto` measures, then runs one of the others (or the probe).
+AUTO_STRATEGY = "auto"
+AUTO_STRATEGY_DESCRIPTION = (
+    "the probe, then the way expected to score best on validation that fits `time_budget_minutes` (lp_ft, "
+    "full, llrd, last_n or the probe, from timed steps); the decision and its evidence go into the card"
+)
 
 
 @dataclass(frozen=True)

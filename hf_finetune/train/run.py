@@ -408,6 +408,7 @@ def run(
     extra_args: tuple = (),
     strategy_args=None,
     train: bool = True,
+    callbacks=(),
 ) -> dict[str, Any]:
     """Train, evaluate on validation and test, and write the output directory. Returns all metrics.
 
@@ -420,11 +421,20 @@ def run(
 
     `train=False` evaluates and writes the checkpoint as it is (its labels must already be the data's): the
     "use the checkpoint as it is" way to transfer.
+
+    `strategy_args.strategy == "auto"` measures first and then runs its choice (`strategies.auto`). `callbacks`:
+    more Trainer callbacks (auto's budget guard).
     """
     from hf_finetune.strategies.arguments import StrategyArguments
-    from hf_finetune.strategies.registry import FEATURE_STRATEGY
+    from hf_finetune.strategies.registry import AUTO_STRATEGY, FEATURE_STRATEGY
 
     strategy_args = strategy_args or StrategyArguments()
+    if strategy_args.strategy == AUTO_STRATEGY:
+        from hf_finetune.strategies.auto import RunStages, run_auto
+
+        # This module's stages are handed over, so that strategies.auto does not import it back.
+        stages = RunStages(open_checkpoint, prepare_run_data, load_run_model, apply_strategy, run)
+        return run_auto(stages, model_args, data_args, training_args, strategy_args, dataset, extra_args)
     if strategy_args.strategy == FEATURE_STRATEGY:
         # The one strategy switch: `probe` is the frozen-feature path (features once, a classic classifier).
         from hf_finetune.inspection.run import refuse_inspection_for_probe
@@ -458,7 +468,7 @@ def run(
             stage = apply_strategy(model, strategy_args, training_args, data, model_args, data_args)
         with timed("trainer assembly"):
             trainer = assemble_trainer(
-                stage.model, stage.plan, training_args, data, checkpoint.image_processor
+                stage.model, stage.plan, training_args, data, checkpoint.image_processor, callbacks=callbacks
             )
         with timed("output folder"):
             record = open_output_dir(

@@ -84,9 +84,9 @@ def build_trainer(
     return trainer
 
 
-def assemble_trainer(model, plan, training_args, data, image_processor):
-    """Trainer: speed settings, the global batch size, and the Trainer with our callbacks (`data`: the data
-    stage's `RunData`)."""
+def assemble_trainer(model, plan, training_args, data, image_processor, callbacks=()):
+    """Trainer: speed settings, the global batch size, and the Trainer with our callbacks and `callbacks`
+    (`data`: the data stage's `RunData`)."""
     from hf_finetune.train.speed import apply_channels_last, log_input_pipeline
 
     channels_last = apply_channels_last(model, training_args)
@@ -103,6 +103,7 @@ def assemble_trainer(model, plan, training_args, data, image_processor):
         data.splits,
         image_processor,
         len(prepared.labels),
+        callbacks=list(callbacks),
         plan=plan,
         channels_last=channels_last,
         train_label_ids=prepared.splits["train"][prepared.label_column] if weighted else None,
