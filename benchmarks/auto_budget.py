@@ -70,7 +70,10 @@ def main(argv=None) -> None:
     gradient = ["--num_train_epochs", str(args.num_train_epochs), *TRAINING]
     rows = {way: ["--strategy", way] + ([] if way == "probe" else gradient) for way in args.ways}
     rows.update(
-        {f"auto {b:g} min": ["--strategy", "auto", "--time_budget_minutes", str(b), *gradient] for b in args.budgets}
+        {
+            f"auto {b:g} min": ["--strategy", "auto", "--time_budget_minutes", str(b), *gradient]
+            for b in args.budgets
+        }
     )
     print(
         f"auto_budget: real EfficientNet-Lite0 at {args.image_size} px, digits, {args.num_train_epochs:g} epochs; "
@@ -97,7 +100,13 @@ def main(argv=None) -> None:
 
     print()
     table = [
-        [name, f"{r['test_accuracy']:.3f}", f"{r['wall_s']:.0f}", f"{r['cpu_s'] / 60:.1f}", r.get("chosen", "")]
+        [
+            name,
+            f"{r['test_accuracy']:.3f}",
+            f"{r['wall_s']:.0f}",
+            f"{r['cpu_s'] / 60:.1f}",
+            r.get("chosen", ""),
+        ]
         for name, r in measured.items()
     ]
     _common.print_table(["row", "test acc", "wall s", "CPU min", "auto chose"], table)
