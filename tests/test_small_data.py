@@ -60,7 +60,7 @@ def test_the_trainer_draws_training_batches_from_the_balanced_sampler(tmp_path, 
     for sampler, balanced in (("random", False), ("balanced", True)):
         argv = ["--model_name_or_path", str(tiny_vit), "--output_dir", str(tmp_path / sampler), *FAST_RUN,
                 "--train_val_split", "0.25", "--sampler", sampler, "--per_device_train_batch_size", "8"]  # fmt: skip
-        model_args, data_args, strategy_args, training_args = parse_train_args(argv)
+        model_args, data_args, strategy_args, training_args, *_ = parse_train_args(argv)
         trainer, prepared, _, _ = prepare_trainer(
             model_args, data_args, training_args, strategy_args, dataset=data
         )
