@@ -35,14 +35,16 @@ def test_recipe_without_config_reads_its_own_yaml_from_any_directory(recipe, tmp
     assert recipe_config(module.__file__) == str(recipe.with_suffix(".yaml"))
     parsed = _parser_of(recipe.stem)([], default_config=recipe_config(module.__file__))
     assert parsed[0].model_name_or_path == values["model_name_or_path"]
-    assert parsed[-1].output_dir == values["output_dir"]
+    training_args = next(part for part in parsed if hasattr(part, "output_dir"))
+    assert training_args.output_dir == values["output_dir"]
     # --config replaces it, and a flag overrides either.
     other = tmp_path / "other.yaml"
     other.write_text(yaml.safe_dump({**values, "output_dir": "elsewhere", "seed": 7}))
     parsed = _parser_of(recipe.stem)(
         ["--config", str(other), "--seed", "8"], default_config=recipe_config(module.__file__)
     )
-    assert parsed[-1].output_dir == "elsewhere" and parsed[-1].seed == 8
+    training_args = next(part for part in parsed if hasattr(part, "output_dir"))
+    assert training_args.output_dir == "elsewhere" and training_args.seed == 8
 
 
 def _parser_of(name: str):
@@ -75,7 +77,7 @@ def _parser_of(name: str):
 )  # fmt: skip
 def test_project_defaults_give_way_to_user_settings(flags, expected, dropped, caplog):
     caplog.set_level(logging.INFO, logger="hf_finetune")
-    training_args = parse_train_args(["--model_name_or_path", "x", *flags])[-1]
+    training_args = parse_train_args(["--model_name_or_path", "x", *flags])[3]
     for key, value in expected.items():
         actual = getattr(training_args, key)
         assert getattr(actual, "value", actual) == value, key
@@ -89,7 +91,7 @@ def test_project_defaults_give_way_to_user_settings(flags, expected, dropped, ca
 def test_the_same_settings_from_yaml_count_as_the_users(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("model_name_or_path: x\nsave_strategy: 'no'\n")
-    assert parse_train_args(["--config", str(config)])[-1].load_best_model_at_end is False
+    assert parse_train_args(["--config", str(config)])[3].load_best_model_at_end is False
 
 
 def test_a_contradiction_between_two_user_settings_is_reported_not_resolved():
