@@ -155,6 +155,9 @@ def time_evaluation(trainer, validation) -> float:
     return (time.perf_counter() - start) / max(1, len(subset))
 
 
+SKIP_TIMING_FRACTION = 0.5  # of the budget, spent by the probe: the candidates are not timed
+
+
 def gather_evidence(
     stages, model_args, data_args, training_args, strategy_args, started: float, dataset=None
 ):
@@ -171,6 +174,14 @@ def gather_evidence(
     evidence.probe_eval_accuracy = probe.results.get("eval_accuracy")
     evidence.probe_fit_seconds = probe.results["probe_fit_seconds"]
     evidence.probe_seconds = probe.results["probe_feature_seconds"] + evidence.probe_fit_seconds
+    # When the probe alone took half the budget, preparing the data again and timing steps would only overrun
+    # it: no gradient way can fit what is left, so the probe is the model without more measuring.
+    spent = all_reduce_max([time.perf_counter() - started], training_args)[0]
+    if spent >= SKIP_TIMING_FRACTION * evidence.budget_seconds:
+        why = f"not timed: the probe alone took {spent:.0f} s of the {evidence.budget_seconds:.0f} s budget"
+        evidence.unavailable = dict.fromkeys(TIMED_AS.values(), why)
+        evidence.elapsed_seconds = spent
+        return evidence
 
     prepare_start = time.perf_counter()
     checkpoint = stages.open_checkpoint(model_args)
