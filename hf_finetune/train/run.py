@@ -1,4 +1,4 @@
-"""One training run, as a list of stages each entered once, data flowing one way (about 440 lines because
+"""One training run, as a list of stages each entered once, data flowing one way (about 480 lines because
 the stages stay in one file, in order, so that a run reads top to bottom):
 
     config -> data -> model -> strategy -> Trainer -> evaluation -> outputs
@@ -85,6 +85,7 @@ class Evaluation:
     predictions: Any
     report_split: str
     calibration: Any = None  # train.calibration.Calibration: T fitted on validation, ECE before / after
+    thresholds: list | None = None  # multi-label: each label's threshold, chosen on validation
 
 
 def configure(model_args, data_args, training_args, strategy_args, extra_args=()) -> RunSettings:
@@ -149,13 +150,15 @@ def prepare_run_data(
     return RunData(prepared, splits)
 
 
-def load_run_model(model_args, labels: list[str], checkpoint: Checkpoint, as_is: bool = False):
+def load_run_model(
+    model_args, labels: list[str], checkpoint: Checkpoint, as_is: bool = False, multi_label: bool = False
+):
     """Model: the checkpoint for the data's labels; (model, load report). `as_is` (evaluation only) requires
     the checkpoint's own labels to be the data's."""
     from hf_finetune.errors import UserError
     from hf_finetune.models.loading import load_model
 
-    model, load_report = load_model(model_args, labels, checkpoint.config)
+    model, load_report = load_model(model_args, labels, checkpoint.config, multi_label=multi_label)
     if as_is and not load_report.kept_head:
         raise UserError(
             f"The checkpoint `{model_args.model_name_or_path}` cannot be used as it is: its labels "
@@ -200,7 +203,9 @@ def prepare_trainer(model_args, data_args, training_args, strategy_args, dataset
     data = prepare_run_data(
         data_args, training_args, checkpoint.image_processor, model_args.cache_dir, dataset, train
     )
-    model, load_report = load_run_model(model_args, data.prepared.labels, checkpoint)
+    model, load_report = load_run_model(
+        model_args, data.prepared.labels, checkpoint, multi_label=data.prepared.multi_label
+    )
     stage = apply_strategy(model, strategy_args, training_args, data, model_args, data_args, dataset)
     trainer = assemble_trainer(stage.model, stage.plan, training_args, data, checkpoint.image_processor)
     return trainer, data.prepared, data.splits, load_report
@@ -254,15 +259,17 @@ def train_and_save(
     trainer.add_callback(ResumeReport(resume))  # logs where it resumes from and what it restored
     ema = next((c for c in trainer.callback_handler.callbacks if isinstance(c, EmaCallback)), None)
     metrics = {}
+    # Which validation metric chooses between weights: mAP for multi-label data, else accuracy.
+    chooser = "mAP" if getattr(trainer.compute_metrics, "multi_label", False) else "accuracy"
     if train:
         if ema is not None:
             ema.resume_from = resume  # the average continues from the checkpoint's
         train_result = trainer.train(resume_from_checkpoint=resume)
         metrics = {**train_result.metrics, "train_samples": len(splits["train"])}
         if ema is not None:
-            metrics.update(choose_ema_or_raw(trainer, ema, splits["validation"]))
+            metrics.update(choose_ema_or_raw(trainer, ema, splits["validation"], f"eval_{chooser}"))
         if start_state is not None:
-            metrics.update(choose_wise_ft(trainer, start_state, splits["validation"]))
+            metrics.update(choose_wise_ft(trainer, start_state, splits["validation"], chooser))
     if trainer.is_world_process_zero():
         # Again after training: the optimizer's real groups and, for gradual, the schedule as it happened.
         atomic.write_json(output_dir / STRATEGY_SUMMARY, trainer.strategy_summary())
@@ -276,7 +283,7 @@ def train_and_save(
     return metrics
 
 
-def choose_wise_ft(trainer, start_state: dict, validation) -> dict:
+def choose_wise_ft(trainer, start_state: dict, validation, metric: str = "accuracy") -> dict:
     """WiSE-FT: the interpolation between the LP-FT start and the trained weights that scores best on
     validation becomes the model. Returns the chosen alpha and its validation accuracy for the results."""
     from hf_finetune.train.averaging import choose_interpolation, snapshot
@@ -285,16 +292,29 @@ def choose_wise_ft(trainer, start_state: dict, validation) -> dict:
 
     def validation_accuracy(state):
         model.load_state_dict(state, strict=True)
-        return trainer.evaluate(eval_dataset=validation, metric_key_prefix="eval")["eval_accuracy"]
+        return trainer.evaluate(eval_dataset=validation, metric_key_prefix="eval")[f"eval_{metric}"]
 
     end = snapshot(model)
     alpha, state, scores = choose_interpolation(start_state, end, validation_accuracy)
     model.load_state_dict(state, strict=True)
-    return {"wise_ft_alpha": alpha, "eval_wise_ft_accuracy": scores[alpha]}
+    return {"wise_ft_alpha": alpha, f"eval_wise_ft_{metric}": scores[alpha]}
 
 
-def evaluate_splits(trainer, splits, train_metrics: dict, train: bool = True) -> Evaluation:
-    """Evaluation: validation metrics, and the test split's (or, without one, validation's) predictions."""
+def evaluate_splits(
+    trainer, splits, train_metrics: dict, train: bool = True, multi_label: bool = False
+) -> Evaluation:
+    """Evaluation: validation metrics, and the test split's (or, without one, validation's) predictions.
+
+    Multi-label: per-label thresholds chosen on the validation predictions, and every split's decision metrics
+    at them too (`_at_thresholds`); no temperature scaling (it is fitted for one softmax)."""
+    if multi_label:
+        from hf_finetune.train.multilabel import evaluate_multi_label
+
+        sections, predictions, report_split, thresholds = evaluate_multi_label(
+            trainer, splits, train_metrics, train
+        )
+        results = {key: value for _, part in sections for key, value in part.items()}
+        return Evaluation(sections, results, predictions, report_split, None, thresholds)
     eval_metrics = trainer.evaluate(eval_dataset=splits["validation"], metric_key_prefix="eval")
     eval_metrics["eval_samples"] = len(splits["validation"])
     # Reports are drawn on the test split, or on validation when there is no test split.
@@ -317,22 +337,31 @@ def evaluate_splits(trainer, splits, train_metrics: dict, train: bool = True) ->
 def finish_outputs(
     trainer, settings: RunSettings, record, evaluation: Evaluation, data, model_args, data_args, training_args
 ) -> None:
-    """Outputs: reports, the model card, the metrics (last: they mark a finished run), then publishing."""
+    """Outputs: reports (multi-label: per-label report and AP plot, thresholds in config.json), the model card,
+    the metrics (last: they mark a finished run), then publishing."""
     if not trainer.is_world_process_zero():
         return
     from hf_finetune.outputs.reports import report_section, write_reports
 
     output_dir, predictions = settings.output_dir, evaluation.predictions
-    report_files = write_reports(
-        output_dir,
-        logits=predictions.predictions,
-        labels=predictions.label_ids,
-        label_names=data.labels,
-        images=undecoded_images(data.splits[evaluation.report_split], data.image_column),
-        log_history=trainer.state.log_history,
-        split=evaluation.report_split,
-        locate=data.image_name,
-    )
+    if evaluation.thresholds is not None:
+        from hf_finetune.outputs import multilabel
+
+        report_files = multilabel.write_multi_label_outputs(
+            output_dir, predictions, data.labels, evaluation.thresholds, evaluation.report_split,
+            trainer.state.log_history,
+        )  # fmt: skip
+    else:
+        report_files = write_reports(
+            output_dir,
+            logits=predictions.predictions,
+            labels=predictions.label_ids,
+            label_names=data.labels,
+            images=undecoded_images(data.splits[evaluation.report_split], data.image_column),
+            log_history=trainer.state.log_history,
+            split=evaluation.report_split,
+            locate=data.image_name,
+        )
     output.relativize_trainer_state(output_dir)
     from hf_finetune.outputs.reliability import card_section, write_calibration
 
@@ -343,6 +372,10 @@ def finish_outputs(
     )  # fmt: skip
     if evaluation.calibration is not None:  # ECE before / after, T and the diagram, as a section of the card
         card.add_card_section(output_dir, card_section(evaluation.calibration))
+    if evaluation.thresholds is not None:  # what the thresholds are and how they were chosen
+        card.add_card_section(
+            output_dir, multilabel.card_section(data.labels, evaluation.thresholds, evaluation.results)
+        )
     # Metrics last: all_results.json marks a finished run (see prepare_output_dir).
     for name, part in evaluation.sections:
         trainer.save_metrics(name, part)
@@ -399,7 +432,9 @@ def run(
     data = prepare_run_data(
         data_args, training_args, checkpoint.image_processor, model_args.cache_dir, dataset, train, inspection
     )
-    model, load_report = load_run_model(model_args, data.prepared.labels, checkpoint, as_is=not train)
+    model, load_report = load_run_model(
+        model_args, data.prepared.labels, checkpoint, as_is=not train, multi_label=data.prepared.multi_label
+    )
     stage = apply_strategy(model, strategy_args, training_args, data, model_args, data_args, dataset)
     trainer = assemble_trainer(stage.model, stage.plan, training_args, data, checkpoint.image_processor)
     record = open_output_dir(
@@ -408,7 +443,7 @@ def run(
     if trainer.is_world_process_zero():
         write_training_report(settings.output_dir, inspection)  # inspect: true: data_report.md / .json / PNGs
     train_metrics = train_and_save(trainer, settings, training_args, data.splits, train, stage.start_state)
-    evaluation = evaluate_splits(trainer, data.splits, train_metrics, train)
+    evaluation = evaluate_splits(trainer, data.splits, train_metrics, train, data.prepared.multi_label)
     finish_outputs(trainer, settings, record, evaluation, data.prepared, model_args, data_args, training_args)
     return evaluation.results
 
