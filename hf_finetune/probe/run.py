@@ -112,6 +112,14 @@ def fit_probe(
     backbones = [Backbone(args) for args in split_checkpoints(model_args)]
     data = prepare_data(data_args, training_args.seed, cache_dir=model_args.cache_dir, dataset=dataset)
     num_labels = len(data.labels)
+    if data.multi_label:
+        # The frozen-feature classifiers and their export into the head are fitted for one class per picture.
+        raise UserError(
+            "The data is multi-label (a set of labels per picture), and the frozen-feature path (strategy probe, "
+            "lp_ft's probe, inspect's label issues) fits one class per picture. Train a gradient strategy "
+            "(head, last_n, gradual, llrd, lora, full) for multi-label data, or set `task: single_label` if each "
+            "row holds one class name."
+        )
     if probe_args.refit_on_validation and "test" not in data.splits:
         raise UserError(
             "refit_on_validation fits the saved classifier on train + validation, so without a test split no "
