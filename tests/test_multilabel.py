@@ -316,3 +316,14 @@ def test_feature_path_refuses_multi_label_clearly(tmp_path, checkpoints, mosaics
         run(parsed["ModelArguments"], parsed["DataArguments"], parsed["FinetuneTrainingArguments"],
             strategy_args=strategy_args)  # fmt: skip
     assert not (tmp_path / strategy / "all_results.json").exists()
+
+
+def test_best_checkpoint_and_ema_are_chosen_on_validation_map(tmp_path, checkpoints, mosaics):
+    out = tmp_path / "run"
+    results = _run(
+        checkpoints("vit"), out, mosaics, "--eval_strategy", "epoch", "--save_strategy", "epoch",
+        "--load_best_model_at_end", "true", "--ema", "true", epochs=2,
+    )  # fmt: skip
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["best_metric"] is not None and "eval_mAP" in state["log_history"][0]
+    assert {"eval_ema_mAP", "eval_raw_mAP", "ema_used"} <= set(results)

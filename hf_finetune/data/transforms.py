@@ -224,6 +224,14 @@ def build_transforms(
     return v2.Compose(train_steps + tail), eval_transform
 
 
+def multi_hot_row(ids, num_labels: int) -> list[float]:
+    """A multi-label row's label ids as 0/1 floats, one per label (the BCE target)."""
+    row = [0.0] * num_labels
+    for i in ids:
+        row[i] = 1.0
+    return row
+
+
 class BatchTransform:
     """`Dataset.with_transform` callable: image column -> `pixel_values`, label column -> `labels`.
 
@@ -256,9 +264,7 @@ class BatchTransform:
         if self.label_column is not None and self.label_column in batch:
             out["labels"] = batch[self.label_column]
             if self.multi_hot is not None:
-                out["labels"] = [
-                    [float(i in set(ids)) for i in range(self.multi_hot)] for ids in out["labels"]
-                ]
+                out["labels"] = [multi_hot_row(ids, self.multi_hot) for ids in out["labels"]]
         return out
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
