@@ -194,6 +194,24 @@ def read_results(output_dir: str | Path) -> dict:
     return json.loads((Path(output_dir) / "all_results.json").read_text())
 
 
+def run_train_rows(rows: dict[str, list[str]], data_flags: list[str], runs: Path) -> dict[str, dict]:
+    """Each row a fresh `hf_finetune.commands.cli train` subprocess (CPU, no workers) with the shared
+    `data_flags` and its own flags, measured; returns {row: its all_results.json + cpu_s}."""
+    results = {}
+    for name, flags in rows.items():
+        run_dir = runs / name
+        print(f"  running {name} (log: {run_dir / 'log.txt'}) ...", flush=True)
+        output_dir = run_dir / "output"
+        command = [
+            sys.executable, "-m", "hf_finetune.commands.cli", "train", *data_flags, "--use_cpu", "true",
+            "--dataloader_num_workers", "0", "--disable_tqdm", "true", *flags, "--output_dir", str(output_dir),
+        ]  # fmt: skip
+        stats = run_measured(command, log=run_dir / "log.txt", env=offline_env(run_dir / "datasets-cache"))
+        check_ok(stats, name)
+        results[name] = {**read_results(output_dir), "cpu_s": stats.cpu_s}
+    return results
+
+
 # --------------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------------

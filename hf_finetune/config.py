@@ -88,6 +88,7 @@ class ModelArguments:
 
 
 AUTO_AUGMENT_POLICIES = ("none", "randaugment", "trivialaugment")
+TASKS = ("auto", "single_label", "multi_label")
 
 
 @dataclass
@@ -126,6 +127,19 @@ class DataArguments:
     test_file: str | None = field(default=None, metadata={"help": "Test CSV / JSON-lines file."})
     image_column: str | None = field(default=None, metadata={"help": "Image column (default: detected)."})
     label_column: str | None = field(default=None, metadata={"help": "Label column (default: detected)."})
+    task: str = field(
+        default="auto",
+        metadata={
+            "help": "`auto` (a list-valued label column, or labels holding label_separator, mean multi-label), "
+            "`single_label` (one class per picture) or `multi_label` (a set of labels per picture)."
+        },
+    )
+    label_separator: str = field(
+        default=";",
+        metadata={
+            "help": "Multi-label only: what separates the labels of one row in a CSV cell, e.g. `3;7`."
+        },
+    )
     train_val_split: float = field(
         default=0.15,
         metadata={"help": "Fraction of train held out (stratified) when there is no validation split."},
@@ -179,6 +193,13 @@ class DataArguments:
         for f in fields(self):
             if getattr(self, f.name) == "" and f.default is None:
                 setattr(self, f.name, None)  # `--dataset_name ""` on the command line means "unset"
+        if self.task not in TASKS:
+            raise UserError(f"task={self.task!r} is not valid: use `auto`, `single_label` or `multi_label`.")
+        if not self.label_separator or self.label_separator != self.label_separator.strip():
+            raise UserError(
+                f"label_separator={self.label_separator!r} must be a non-empty string without surrounding spaces, "
+                "e.g. `;` or `|`."
+            )
         if self.on_bad_image not in ("skip", "error"):
             raise UserError(f"on_bad_image={self.on_bad_image!r} is not valid: use `skip` or `error`.")
         for name in ("train_val_split", "train_test_split"):

@@ -15,7 +15,9 @@ stopping the whole run. Output directories of the feature path that are not tran
 directories: naive Bayes, kNN, MLP, fused backbones) are recognised by their `probe.json` and loaded with
 `hf_finetune.probe.load.load_probe`. When the run saved a `calibration_temperature` (temperature scaling fitted
 on its validation split, `hf_finetune.train.calibration`), the logits are divided by it before the softmax, so
-the scores are calibrated; `--no_calibration` gives the raw ones.
+the scores are calibrated; `--no_calibration` gives the raw ones. A multi-label model (`problem_type:
+multi_label_classification`) gives one sigmoid score per label, and a row lists every label whose score reaches
+its threshold (`multi_label_thresholds` in config.json, chosen on the run's validation split; 0.5 without).
 
 Heavy libraries are imported only after the arguments are parsed, so `--help` is instant.
 """
@@ -147,6 +149,16 @@ class _TransformersClassifier:
         # The very callable the evaluation splits of a training run use (to_rgb, aspect limit, full decode).
         self.transform = BatchTransform(build_transforms(self.processor, augment=False)[1], "image", None)
         self.temperature = _temperature(getattr(self.model.config, TEMPERATURE_KEY, None), name, calibrated)
+        self.multi_label = getattr(self.model.config, "problem_type", None) == "multi_label_classification"
+        if self.multi_label:
+            from hf_finetune.train.multilabel import DEFAULT_THRESHOLD, THRESHOLDS_KEY
+
+            saved = getattr(self.model.config, THRESHOLDS_KEY, None)
+            self.thresholds = list(saved) if saved else [DEFAULT_THRESHOLD] * len(self.labels)
+            logger.info(
+                "Multi-label model: a label is predicted when its sigmoid score reaches %s.",
+                "its saved threshold" if saved else "0.5 (no thresholds saved)",
+            )
 
     def load(self, path: str):
         return self.transform({"image": [path]})["pixel_values"][0]
@@ -156,6 +168,8 @@ class _TransformersClassifier:
 
         with torch.inference_mode():
             logits = self.model(pixel_values=torch.stack(inputs).to(self.device)).logits
+        if self.multi_label:
+            return torch.sigmoid(logits.double()).cpu().numpy()
         return torch.softmax(logits.double() / (self.temperature or 1.0), dim=-1).cpu().numpy()
 
 
@@ -245,6 +259,7 @@ def predict_paths(
     Scores are calibrated with the run's saved `calibration_temperature` unless `calibrated=False`.
 
     Row: {"path", "labels": top_k class names, best first, "scores": their probabilities, "error": None}, or
+    for a multi-label model every label whose sigmoid score reaches its saved threshold, best first; or
     for a file that cannot be read {"path", "labels": [], "scores": [], "error": reason}.
     """
     import numpy as np
@@ -268,6 +283,8 @@ def predict_paths(
         probabilities = np.asarray(classifier.probabilities([loaded for _, loaded in pending]))
         for (path, _), row in zip(pending, probabilities, strict=True):
             order = np.argsort(-row, kind="stable")[:k]
+            if getattr(classifier, "multi_label", False):  # every label that reaches its threshold
+                order = [i for i in np.argsort(-row, kind="stable") if row[i] >= classifier.thresholds[i]]
             rows[path] = {
                 "path": path,
                 "labels": [classifier.labels[i] for i in order],
@@ -326,6 +343,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         path = row["path"] if len(row["path"]) <= width else "…" + row["path"][-(width - 1) :]
         if row["error"] is not None:
             lines.append(f"{path:<{width}}  error: {row['error']}")
+        elif not row["labels"]:
+            lines.append(f"{path:<{width}}  (no label reaches its threshold)")
         else:
             ranked = ", ".join(
                 f"{label} ({score:.3f})" for label, score in zip(row["labels"], row["scores"], strict=True)

@@ -49,7 +49,13 @@ def detect_columns(
                 "Set `label_column` to one of them."
             )
         return image_column, label_column
-    class_labels = [c for c in columns if isinstance(features[c], ClassLabel)]
+    # A Hub multi-label dataset's label column is a Sequence(ClassLabel).
+    class_labels = [
+        c
+        for c in columns
+        if isinstance(features[c], ClassLabel)
+        or isinstance(getattr(features[c], "feature", None), ClassLabel)
+    ]
     if len(class_labels) == 1:
         return image_column, class_labels[0]
     named = [c for c in columns if c.lower() in LABEL_COLUMN_NAMES and c != image_column]
@@ -94,10 +100,7 @@ def encode_labels(splits, label_column: str, where: str):
         # ` grass` and `grass` are one class: spaces around a name in a table are never meant.
         logger.info("Labels stripped of surrounding spaces: %s", ", ".join(map(repr, padded[:10])))
         values = {v.strip() for v in values}
-    if "int" in feature.dtype or all(_INTEGER.fullmatch(v) for v in values):
-        names = _class_id_names(values, label_column)
-    else:
-        names = sorted(values)
+    names = class_names(values, label_column, integer="int" in feature.dtype)
     # One pass per split: each label as its text, stripped, which the ClassLabel feature then encodes by name,
     # so every split gets the same ids. Not `DatasetDict.class_encode_column` (datasets 5.2): it numbers each
     # split's classes on its own (a validation file without one of the classes would get other ids for the
@@ -123,6 +126,14 @@ def encode_labels(splits, label_column: str, where: str):
 
 
 _INTEGER = re.compile(r"\s*[+-]?\d+\s*")
+
+
+def class_names(values, label_column: str, integer: bool = False) -> list[str]:
+    """The class names for a set of label values: integer class ids (or strings of digits) in numeric order,
+    else names sorted."""
+    if integer or all(_INTEGER.fullmatch(str(v)) for v in values):
+        return _class_id_names(values, label_column)
+    return sorted(values)
 
 
 def _class_id_names(values, label_column: str) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Any
 from hf_finetune.config import DataArguments
 from hf_finetune.data.images import DecodeSizes, image_location
 from hf_finetune.data.labels import check_labels, detect_columns, encode_labels
+from hf_finetune.data.multilabel import check_multi_labels, encode_multi_labels, wants_multi_label
 from hf_finetune.data.scan import scan_images
 from hf_finetune.data.sources import load_raw_splits, source_roots
 from hf_finetune.data.splits import check_split_overlap, make_splits
@@ -41,6 +42,8 @@ class PreparedData:
     roots: list[str] = field(default_factory=list)
     # Per split, the content digest of each row (rows as in `splits`), from the image check's one read.
     digests: dict[str, list[str | None]] = field(default_factory=dict)
+    # A set of labels per picture (`Sequence(ClassLabel)` label column): sigmoid scores, BCE, thresholds.
+    multi_label: bool = False
 
     def image_name(self, value: Any) -> str:
         """How a picture is named in files that can be published: its path relative to the data source (the
@@ -98,8 +101,12 @@ def prepare_data(
     image_column, label_column = detect_columns(first.features, args.image_column, args.label_column, where)
     extra = [c for c in first.column_names if c not in (image_column, label_column)]
     raw = raw.remove_columns(extra) if extra else raw
-    raw = encode_labels(raw, label_column, where)
-    labels = list(next(iter(raw.values())).features[label_column].names)
+    multi_label = wants_multi_label(raw, label_column, args.task, args.label_separator, where)
+    if multi_label:
+        raw, labels = encode_multi_labels(raw, label_column, args.label_separator, where)
+    else:
+        raw = encode_labels(raw, label_column, where)
+        labels = list(next(iter(raw.values())).features[label_column].names)
     # The row of the user's file, so that bad_images.json names it whichever split the picture ends up in.
     raw = DatasetDict({name: d.add_column(SOURCE_ROW_COLUMN, list(range(len(d)))) for name, d in raw.items()})
 
@@ -123,6 +130,7 @@ def prepare_data(
         report,
         roots=source_roots(args),
         digests=kept_digests,
+        multi_label=multi_label,
     )
     _report_bad_images(found, rows, args.on_bad_image)
     for name, dataset in splits.items():
@@ -131,12 +139,13 @@ def prepare_data(
                 f"The {name} split is empty after removing {sum(b['split'] == name for b in bad)} unreadable "
                 "image(s) and applying max_*_samples. Check the data source."
             )
-    check_labels(splits, label_column, labels)
+    (check_multi_labels if multi_label else check_labels)(splits, label_column, labels)
     for name, dataset in splits.items():
         report.setdefault(name, {})["size"] = len(dataset)
     logger.info(
-        "Data: %d classes; %s",
+        "Data: %d %s; %s",
         len(labels),
+        "labels (multi-label)" if multi_label else "classes",
         ", ".join(f"{name} {len(d)} ({report[name]['source']})" for name, d in splits.items()),
     )
     return found

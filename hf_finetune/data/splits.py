@@ -25,17 +25,110 @@ def _pick_split(raw, wanted: str | None, defaults: tuple[str, ...], kind: str) -
     return next((name for name in defaults if name in raw), None)
 
 
+def iterative_stratification(labels, proportions, seed: int):
+    """The fold (0 .. len(proportions) - 1) of each row of a (rows, labels) 0/1 matrix, so that each fold gets
+    its proportion of the rows and of every label's positives.
+
+    Iterative stratification (Sechidis, Tsoumakas and Vlahavas, "On the Stratification of Multi-Label Data",
+    ECML PKDD 2011; what scikit-multilearn's and iterative-stratification's splitters implement): take the
+    label with the fewest rows left, deal its rows one by one to the fold that wants most of that label (ties:
+    the fold that wants most rows, then at random), update what each fold still wants, repeat; rows with no
+    label go to the folds that still want most rows. Rare labels are placed first, so every label reaches
+    every fold whenever it has enough rows."""
+    import numpy as np
+
+    labels = np.asarray(labels, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    proportions = np.asarray(proportions, dtype=float)
+    wanted_rows = proportions * len(labels)
+    wanted_labels = np.outer(proportions, labels.sum(0))
+    fold = np.full(len(labels), -1)
+
+    def deal(row, best):
+        if len(best) > 1:
+            best = best[np.isclose(wanted_rows[best], wanted_rows[best].max())]
+        chosen = rng.choice(best)
+        fold[row] = chosen
+        wanted_rows[chosen] -= 1
+        wanted_labels[chosen] -= labels[row]
+
+    while True:
+        left = labels[fold < 0].sum(0)
+        if not left.any():
+            break
+        rarest = np.flatnonzero(left == left[left > 0].min())
+        label = rng.choice(rarest)
+        rows = np.flatnonzero((fold < 0) & (labels[:, label] > 0))
+        for row in rng.permutation(rows):
+            want = wanted_labels[:, label]
+            deal(row, np.flatnonzero(np.isclose(want, want.max())))
+    for row in rng.permutation(np.flatnonzero(fold < 0)):
+        deal(row, np.flatnonzero(np.isclose(wanted_rows, wanted_rows.max())))
+    return fold
+
+
+def _multi_label_parts(dataset, fractions, label_column: str, seed: int):
+    """`dataset` cut into len(fractions) parts by iterative stratification; the second part is exactly
+    round(len * fractions[1]) rows (rows move from or to the first part at random to make it so)."""
+    import numpy as np
+
+    from hf_finetune.data.multilabel import label_matrix
+
+    num_labels = dataset.features[label_column].feature.num_classes
+    fold = iterative_stratification(label_matrix(dataset[label_column], num_labels), fractions, seed)
+    target = round(len(dataset) * fractions[1])
+    second = np.flatnonzero(fold == 1)
+    rng = np.random.default_rng(seed)
+    if len(second) > target:
+        second = np.sort(rng.choice(second, target, replace=False))
+    elif len(second) < target:
+        extra = rng.choice(np.flatnonzero(fold != 1), target - len(second), replace=False)
+        second = np.sort(np.concatenate([second, extra]))
+    first = np.setdiff1d(np.arange(len(dataset)), second)
+    return dataset.select(first), dataset.select(second)
+
+
+def labels_missing(dataset, label_column: str, num_labels: int) -> list[int]:
+    """Label ids of a multi-label split that none of its rows has."""
+    from hf_finetune.data.multilabel import label_matrix
+
+    counts = label_matrix(dataset[label_column], num_labels).sum(0)
+    return [i for i in range(num_labels) if not counts[i]]
+
+
+def _multi_label_holdout(dataset, fraction: float, label_column: str, seed: int, name: str):
+    train, held = _multi_label_parts(dataset, [1.0 - fraction, fraction], label_column, seed)
+    feature = dataset.features[label_column].feature
+    for part_name, part in (("train", train), (name, held)):
+        missing = labels_missing(part, label_column, feature.num_classes)
+        present = set(labels_missing(dataset, label_column, feature.num_classes))
+        missing = [feature.names[i] for i in missing if i not in present]
+        if missing:
+            logger.warning(
+                "Iterative stratification could not give the %s split every label: %s have too few pictures "
+                "(%s missing there).",
+                part_name,
+                ", ".join(missing[:10]),
+                len(missing),
+            )
+    return train, held, "iterative"
+
+
 def _stratified_holdout(dataset, fraction: float, label_column: str, seed: int, name: str):
     import numpy as np
 
-    counts = np.bincount(dataset[label_column], minlength=dataset.features[label_column].num_classes)
-    present = counts[counts > 0]
+    from hf_finetune.data.multilabel import is_multi_label_feature
+
     n_holdout = round(len(dataset) * fraction)
     if n_holdout < 1:
         raise UserError(
             f"Holding out {fraction:.0%} of {len(dataset)} training images as {name} leaves no {name} images. "
             f"Raise the fraction, add data, or give a {name} split."
         )
+    if is_multi_label_feature(dataset.features[label_column]):
+        return _multi_label_holdout(dataset, fraction, label_column, seed, name)
+    counts = np.bincount(dataset[label_column], minlength=dataset.features[label_column].num_classes)
+    present = counts[counts > 0]
     stratify = present.min() >= 2 and n_holdout >= len(present)
     if not stratify:
         logger.warning(
@@ -56,6 +149,13 @@ def _subset(dataset, size: int | None, label_column: str, seed: int, name: str, 
         return dataset
     if size < 1:
         raise UserError(f"max_*_samples={size} for the {name} split must be at least 1.")
+    from hf_finetune.data.multilabel import is_multi_label_feature
+
+    if is_multi_label_feature(dataset.features[label_column]):
+        fraction = size / len(dataset)
+        _, kept = _multi_label_parts(dataset, [1.0 - fraction, fraction], label_column, seed)
+        report.setdefault(name, {})["subset"] = f"{size} of {len(dataset)} (iterative stratification)"
+        return kept
     counts = Counter(dataset[label_column])
     # Stratified needs at least one row per class on each side of the cut, and two rows in every class.
     stratify = len(counts) <= min(size, len(dataset) - size) and min(counts.values()) >= 2

@@ -224,6 +224,14 @@ def build_transforms(
     return v2.Compose(train_steps + tail), eval_transform
 
 
+def multi_hot_row(ids, num_labels: int) -> list[float]:
+    """A multi-label row's label ids as 0/1 floats, one per label (the BCE target)."""
+    row = [0.0] * num_labels
+    for i in ids:
+        row[i] = 1.0
+    return row
+
+
 class BatchTransform:
     """`Dataset.with_transform` callable: image column -> `pixel_values`, label column -> `labels`.
 
@@ -232,11 +240,20 @@ class BatchTransform:
     `draft_size` (width, height). A class rather than a closure so that dataloader worker processes can pickle it.
     """
 
-    def __init__(self, transform, image_column: str, label_column: str | None, draft_size=None):
+    def __init__(
+        self,
+        transform,
+        image_column: str,
+        label_column: str | None,
+        draft_size=None,
+        multi_hot: int | None = None,
+    ):
         self.transform = transform
         self.image_column = image_column
         self.label_column = label_column
         self.draft_size = tuple(draft_size) if draft_size else None
+        # Multi-label data: each row's list of label ids becomes a 0/1 float row of `multi_hot` labels.
+        self.multi_hot = multi_hot
 
     def images(self, batch: dict[str, list]):
         """The batch's pictures, upright RGB and aspect-limited, decoded one at a time."""
@@ -246,6 +263,8 @@ class BatchTransform:
         out = {"pixel_values": pixels}
         if self.label_column is not None and self.label_column in batch:
             out["labels"] = batch[self.label_column]
+            if self.multi_hot is not None:
+                out["labels"] = [multi_hot_row(ids, self.multi_hot) for ids in out["labels"]]
         return out
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
@@ -345,7 +364,10 @@ def collate(examples: list[dict], channels_last: bool = False) -> dict:
         pixels = pixels.contiguous(memory_format=torch.channels_last)
     batch = {"pixel_values": pixels}
     if "labels" in examples[0]:
-        batch["labels"] = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
+        labels = [e["labels"] for e in examples]
+        # Multi-label rows are 0/1 float lists (BCE targets); class ids stay integers (cross-entropy).
+        multi_hot = isinstance(labels[0], (list, tuple)) or getattr(labels[0], "ndim", 0) > 0
+        batch["labels"] = torch.tensor(labels, dtype=torch.float if multi_hot else torch.long)
     return batch
 
 
@@ -404,6 +426,8 @@ def attach_transforms(
     """
     from datasets import Image
 
+    from hf_finetune.data.multilabel import is_multi_label_feature
+
     train_tf, eval_tf = build_transforms(
         image_processor,
         data_args.augment,
@@ -418,6 +442,8 @@ def attach_transforms(
     attached = {}
     for name, dataset in splits.items():
         train = name == "train"
+        feature = dataset.features.get(label_column) if label_column else None
+        multi_hot = feature.feature.num_classes if is_multi_label_feature(feature) else None
         undecoded = dataset.cast_column(image_column, Image(decode=False))
         # Only training decodes JPEGs at reduced size: evaluation decodes in full, as pipeline() does, so that
         # its pixels are the processor's own (a reduced-size decode changes them visibly).
@@ -425,9 +451,11 @@ def attach_transforms(
         if train and data_args.augment:
             augment = SeededAugmentation(train_tf, seed)
             attached[name] = SeededTrainSet(
-                undecoded, BatchTransform(augment, image_column, label_column, draft)
+                undecoded, BatchTransform(augment, image_column, label_column, draft, multi_hot)
             )
         else:
-            transform = BatchTransform(train_tf if train else eval_tf, image_column, label_column, draft)
+            transform = BatchTransform(
+                train_tf if train else eval_tf, image_column, label_column, draft, multi_hot
+            )
             attached[name] = undecoded.with_transform(transform)
     return attached

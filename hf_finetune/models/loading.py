@@ -231,6 +231,15 @@ def set_labels(config, labels: list[str]) -> None:
         config.pretrained_cfg = pretrained_cfg
 
 
+def set_problem_type(config, multi_label: bool) -> None:
+    """`multi_label_classification` for multi-label data; a checkpoint's own multi-label setting is removed for
+    single-label data (its head is for other labels anyway)."""
+    if multi_label:
+        config.problem_type = "multi_label_classification"
+    elif getattr(config, "problem_type", None) == "multi_label_classification":
+        config.problem_type = None
+
+
 def _model_from_scratch(config, labels: list[str], old_labels: list[str]):
     """The checkpoint's architecture with every weight freshly initialised: the baseline transfer must beat."""
     import torch
@@ -245,18 +254,22 @@ def _model_from_scratch(config, labels: list[str], old_labels: list[str]):
     return model, LoadReport(kept_head=False, reinitialised=names, checkpoint_labels=old_labels)
 
 
-def load_model(model_args: ModelArguments, labels: list[str], config=None):
+def load_model(model_args: ModelArguments, labels: list[str], config=None, multi_label: bool = False):
     """`AutoModelForImageClassification` for `labels`, keeping the checkpoint's head only when labels are equal.
 
     `ignore_mismatched_sizes` alone re-initialises the classifier only when the class count changes; a checkpoint
     with the same number of different classes would silently keep a head that predicts the wrong names, so the
     head is re-initialised whenever the label names or their order differ.
+
+    `multi_label`: the config says `problem_type: multi_label_classification`, so that `pipeline()` gives
+    sigmoid scores (one per label) and transformers' own losses are BCE.
     """
     import torch
     from transformers import AutoModelForImageClassification
 
     config = copy.deepcopy(config or load_config(model_args))
     apply_drop_path_rate(config, model_args.drop_path_rate, model_args.model_name_or_path)
+    set_problem_type(config, multi_label)
     old_labels = checkpoint_labels(config)
     if model_args.from_scratch:
         return _model_from_scratch(config, labels, old_labels)

@@ -32,7 +32,8 @@ CARD = "README.md"
 # What the card was rendered from (hidden: dot files are not published, see publish.UPLOAD_IGNORE_PATTERNS).
 CARD_DATA = ".hf_finetune_card.json"
 # The model-index lists these metrics of the evaluated split, in this order, when the results have them.
-INDEXED_METRICS = ("accuracy", "macro_f1", "top5_accuracy")
+# Multi-label runs index mAP and the F1s (at 0.5 and at the validation-chosen thresholds) instead.
+INDEXED_METRICS = ("accuracy", "macro_f1", "top5_accuracy", "mAP", "micro_f1", "macro_f1_at_thresholds")
 
 
 @dataclass
@@ -147,7 +148,7 @@ def card_data(content: ModelCardContent) -> Any:
     from huggingface_hub import EvalResult, ModelCardData
 
     results = content.results
-    split = "test" if "test_accuracy" in results else "eval"
+    split = "test" if any(f"test_{metric}" in results for metric in INDEXED_METRICS) else "eval"
     eval_results = [
         EvalResult(
             task_type="image-classification",
@@ -181,7 +182,7 @@ def results_table(results: dict[str, Any]) -> str:
                 key.startswith(f"{split}_")
                 and isinstance(value, float)
                 and not key.endswith(("_runtime", "per_second"))
-            ) and key.endswith(("_loss", "accuracy", "_f1")):
+            ) and key.endswith(("_loss", "accuracy", "_f1", "mAP", "_at_thresholds")):
                 name = "validation" if split == "eval" else "test"
                 rows.append(f"| {name} | {key[len(split) + 1 :]} | {value:.4f} |")
     return "\n".join(rows)

@@ -1,4 +1,5 @@
-"""One probe run, as data flows through it: the frozen-feature path.
+"""One probe run, as data flows through it: the frozen-feature path (about 405 lines: the flow below stays in
+one file, in order, so that it reads top to bottom).
 
     data (prepare_data) ──▶ features of each checkpoint, per split (features.py: cached by fingerprint)
         ──▶ per-backbone standardisation, concatenation when several checkpoints are fused
@@ -116,6 +117,14 @@ def fit_probe(
     if data is None:
         data = prepare_data(data_args, training_args.seed, cache_dir=model_args.cache_dir, dataset=dataset)
     num_labels = len(data.labels)
+    if data.multi_label:
+        # The frozen-feature classifiers and their export into the head are fitted for one class per picture.
+        raise UserError(
+            "The data is multi-label (a set of labels per picture), and the frozen-feature path (strategy probe, "
+            "lp_ft's probe, inspect's label issues) fits one class per picture. Train a gradient strategy "
+            "(head, last_n, gradual, llrd, lora, full) for multi-label data, or set `task: single_label` if each "
+            "row holds one class name."
+        )
     if probe_args.refit_on_validation and "test" not in data.splits:
         raise UserError(
             "refit_on_validation fits the saved classifier on train + validation, so without a test split no "

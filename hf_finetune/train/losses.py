@@ -1,4 +1,5 @@
-"""The training loss: cross-entropy on hard or soft targets, with label smoothing and class weights.
+"""The training loss: cross-entropy on hard or soft targets, with label smoothing and class weights; binary
+cross-entropy for multi-label data (`MultiLabelLoss`).
 
 One function serves every regularisation that changes the targets: MixUp / CutMix give soft targets (a
 probability row per picture), `label_smoothing_factor` blends them with the uniform distribution, and
@@ -59,3 +60,32 @@ class ClassificationLoss:
         if isinstance(pictures, torch.Tensor):
             pictures = pictures.to(per_picture.device)
         return per_picture.sum() / pictures
+
+
+class MultiLabelLoss:
+    """`compute_loss_func` for multi-label data: binary cross-entropy on the logits (one sigmoid per label).
+
+    Targets are 0/1 float rows (MixUp makes them fractions: the mixed picture shows each label in proportion).
+    `label_smoothing` pulls each target towards 1/2 (0 -> s/2, 1 -> 1 - s/2). The Trainer counts every element
+    of the float targets (pictures x labels) in `num_items_in_batch`, so the sum divided by it is the mean per
+    picture and label, whatever the accumulation.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0):
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = float(label_smoothing)
+
+    def __call__(self, outputs, labels, num_items_in_batch=None):
+        import torch
+
+        logits = (outputs["logits"] if isinstance(outputs, dict) else outputs[0]).float()
+        targets = labels.float()
+        if self.label_smoothing:
+            targets = targets * (1 - self.label_smoothing) + self.label_smoothing / 2
+        losses = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+        if num_items_in_batch is None:
+            return losses.mean()
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(losses.device)
+        return losses.sum() / num_items_in_batch

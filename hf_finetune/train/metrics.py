@@ -43,10 +43,13 @@ def classification_metrics(logits, labels, num_labels: int) -> dict[str, float]:
 
 
 class ComputeMetrics:
-    """`Trainer(compute_metrics=...)` adapter."""
+    """`Trainer(compute_metrics=...)` adapter; multi-label data gets `train.multilabel`'s metrics."""
 
-    def __init__(self, num_labels: int):
+    def __init__(self, num_labels: int, multi_label: bool = False):
         self.num_labels = num_labels
+        self.multi_label = multi_label
+        if multi_label:
+            return
         # Load the metric modules now, while the Trainer is being built: `import evaluate` and the module loads
         # take about a second, which would otherwise land inside the first evaluation and the training time.
         for name in ("accuracy", "f1", "top_k_accuracy") if num_labels > TOP_K else ("accuracy", "f1"):
@@ -56,4 +59,8 @@ class ComputeMetrics:
         logits = eval_prediction.predictions
         if isinstance(logits, tuple):
             logits = logits[0]
+        if self.multi_label:
+            from hf_finetune.train.multilabel import multi_label_metrics
+
+            return multi_label_metrics(logits, eval_prediction.label_ids)
         return classification_metrics(logits, eval_prediction.label_ids, self.num_labels)

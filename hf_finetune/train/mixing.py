@@ -56,6 +56,19 @@ class BatchMixing:
         use_cutmix = self._cutmix is not None and (
             self._mixup is None or torch.rand(()).item() < self.settings.switch_prob
         )
+        if labels.is_floating_point():  # multi-hot rows (multi-label data; CutMix is refused for it)
+            if not mixed:
+                return batch
+            # MixUp as torchvision does it (each picture with the batch rolled by one, one weight per batch),
+            # on the 0/1 rows directly: the mixed picture shows each label in proportion.
+            lam = (
+                torch.distributions.Beta(self.settings.mixup_alpha, self.settings.mixup_alpha).sample().item()
+            )
+            return {
+                **batch,
+                "pixel_values": pixels.roll(1, 0).mul_(1.0 - lam).add_(pixels.mul(lam)),
+                "labels": labels.roll(1, 0).mul_(1.0 - lam).add_(labels.mul(lam)),
+            }
         if not mixed:
             soft = torch.nn.functional.one_hot(labels, self.num_labels).float()
             return {**batch, "labels": soft}

@@ -1,4 +1,4 @@
-"""One training run, as a list of stages each entered once, data flowing one way (about 510 lines because
+"""One training run, as a list of stages each entered once, data flowing one way (about 575 lines because
 the stages stay in one file, in order, so that a run reads top to bottom):
 
     config -> data -> model -> strategy -> Trainer -> evaluation -> outputs
@@ -87,6 +87,7 @@ class Evaluation:
     predictions: Any
     report_split: str
     calibration: Any = None  # train.calibration.Calibration: T fitted on validation, ECE before / after
+    thresholds: list | None = None  # multi-label: each label's threshold, chosen on validation
 
 
 def configure(model_args, data_args, training_args, strategy_args, extra_args=()) -> RunSettings:
@@ -153,13 +154,15 @@ def prepare_run_data(
     return RunData(prepared, splits)
 
 
-def load_run_model(model_args, labels: list[str], checkpoint: Checkpoint, as_is: bool = False):
+def load_run_model(
+    model_args, labels: list[str], checkpoint: Checkpoint, as_is: bool = False, multi_label: bool = False
+):
     """Model: the checkpoint for the data's labels; (model, load report). `as_is` (evaluation only) requires
     the checkpoint's own labels to be the data's."""
     from hf_finetune.errors import UserError
     from hf_finetune.models.loading import load_model
 
-    model, load_report = load_model(model_args, labels, checkpoint.config)
+    model, load_report = load_model(model_args, labels, checkpoint.config, multi_label=multi_label)
     if as_is and not load_report.kept_head:
         raise UserError(
             f"The checkpoint `{model_args.model_name_or_path}` cannot be used as it is: its labels "
@@ -205,7 +208,9 @@ def prepare_trainer(model_args, data_args, training_args, strategy_args, dataset
     data = prepare_run_data(
         data_args, training_args, checkpoint.image_processor, model_args.cache_dir, dataset, train
     )
-    model, load_report = load_run_model(model_args, data.prepared.labels, checkpoint)
+    model, load_report = load_run_model(
+        model_args, data.prepared.labels, checkpoint, multi_label=data.prepared.multi_label
+    )
     stage = apply_strategy(model, strategy_args, training_args, data, model_args, data_args)
     trainer = assemble_trainer(stage.model, stage.plan, training_args, data, checkpoint.image_processor)
     return trainer, data.prepared, data.splits, load_report
@@ -261,6 +266,8 @@ def train_and_save(
     trainer.add_callback(ResumeReport(resume))  # logs where it resumes from and what it restored
     ema = next((c for c in trainer.callback_handler.callbacks if isinstance(c, EmaCallback)), None)
     metrics = {}
+    # Which validation metric chooses between weights: mAP for multi-label data, else accuracy.
+    chooser = "mAP" if getattr(trainer.compute_metrics, "multi_label", False) else "accuracy"
     if train:
         if ema is not None:
             ema.resume_from = resume  # the average continues from the checkpoint's
@@ -274,13 +281,19 @@ def train_and_save(
         metrics = {**train_result.metrics, "train_samples": len(splits["train"])}
         with timed("EMA / soup / WiSE-FT choice on validation"):
             if ema is not None:
-                metrics.update(choose_ema_or_raw(trainer, ema, splits["validation"]))
+                metrics.update(choose_ema_or_raw(trainer, ema, splits["validation"], f"eval_{chooser}"))
             if training_args.soup_last_k:
                 metrics.update(
-                    choose_soup(trainer, output_dir, training_args.soup_last_k, splits["validation"])
+                    choose_soup(
+                        trainer,
+                        output_dir,
+                        training_args.soup_last_k,
+                        splits["validation"],
+                        f"eval_{chooser}",
+                    )
                 )
             if start_state is not None:
-                metrics.update(choose_wise_ft(trainer, start_state, splits["validation"]))
+                metrics.update(choose_wise_ft(trainer, start_state, splits["validation"], f"eval_{chooser}"))
     with timed("saving weights and state"):
         if trainer.is_world_process_zero():
             # Again after training: the optimizer's real groups and, for gradual, the schedule as it happened.
@@ -296,11 +309,22 @@ def train_and_save(
 
 
 def evaluate_splits(
-    trainer, splits, train_metrics: dict, train: bool = True, weights_replaced=False
+    trainer, splits, train_metrics: dict, train: bool = True, weights_replaced=False, multi_label=False
 ) -> Evaluation:
     """Evaluation: validation metrics and logits (one pass, or none when a per-epoch evaluation already saw the
     final weights; `weights_replaced`: the EMA or WiSE-FT choice set them), and the test split's (or, without
-    one, validation's) predictions."""
+    one, validation's) predictions.
+
+    Multi-label: per-label thresholds chosen on the validation predictions, and every split's decision metrics
+    at them too (`_at_thresholds`); no temperature scaling (it is fitted for one softmax)."""
+    if multi_label:
+        from hf_finetune.train.multilabel import evaluate_multi_label
+
+        sections, predictions, report_split, thresholds = evaluate_multi_label(
+            trainer, splits, train_metrics, train
+        )
+        results = {key: value for _, part in sections for key, value in part.items()}
+        return Evaluation(sections, results, predictions, report_split, None, thresholds)
     from hf_finetune.train.calibration import calibrate_trainer  # temperature fitted on validation
     from hf_finetune.train.validation_pass import validation_metrics_and_outputs
 
@@ -339,24 +363,33 @@ def finish_outputs(
     trainer, settings: RunSettings, record, evaluation: Evaluation, data, model_args, data_args, training_args,
     budget=None,
 ) -> None:  # fmt: skip
-    """Outputs: reports, the model card, the time budget (`budget`, into run_summary.json and the log), the
-    metrics (last: they mark a finished run), then publishing."""
+    """Outputs: reports (multi-label: per-label report and AP plot, thresholds in config.json), the model card,
+    the time budget (`budget`, into run_summary.json and the log), the metrics (last: they mark a finished
+    run), then publishing."""
     if not trainer.is_world_process_zero():
         return
     from hf_finetune.outputs.reports import report_section, write_reports
 
     output_dir, predictions = settings.output_dir, evaluation.predictions
     with timed("reports (plots, tables, error grid)"):
-        report_files = write_reports(
-            output_dir,
-            logits=predictions.predictions,
-            labels=predictions.label_ids,
-            label_names=data.labels,
-            images=undecoded_images(data.splits[evaluation.report_split], data.image_column),
-            log_history=trainer.state.log_history,
-            split=evaluation.report_split,
-            locate=data.image_name,
-        )
+        if evaluation.thresholds is not None:
+            from hf_finetune.outputs import multilabel
+
+            report_files = multilabel.write_multi_label_outputs(
+                output_dir, predictions, data.labels, evaluation.thresholds, evaluation.report_split,
+                trainer.state.log_history,
+            )  # fmt: skip
+        else:
+            report_files = write_reports(
+                output_dir,
+                logits=predictions.predictions,
+                labels=predictions.label_ids,
+                label_names=data.labels,
+                images=undecoded_images(data.splits[evaluation.report_split], data.image_column),
+                log_history=trainer.state.log_history,
+                split=evaluation.report_split,
+                locate=data.image_name,
+            )
     output.relativize_trainer_state(output_dir)
     from hf_finetune.outputs.reliability import card_section, write_calibration
 
@@ -371,6 +404,10 @@ def finish_outputs(
         )  # fmt: skip
         if evaluation.calibration is not None:  # ECE before / after, T and the diagram, as a card section
             card.add_card_section(output_dir, card_section(evaluation.calibration))
+        if evaluation.thresholds is not None:  # what the thresholds are and how they were chosen
+            card.add_card_section(
+                output_dir, multilabel.card_section(data.labels, evaluation.thresholds, evaluation.results)
+            )
         write_weights_choice(output_dir, evaluation.results)
     if budget is not None:
         output.add_to_run_summary(output_dir, {"time_budget": budget.as_dict()})
@@ -463,7 +500,13 @@ def run(
                 inspection,
             )  # fmt: skip
         with timed("model load"):
-            model, load_report = load_run_model(model_args, data.prepared.labels, checkpoint, as_is=not train)
+            model, load_report = load_run_model(
+                model_args,
+                data.prepared.labels,
+                checkpoint,
+                as_is=not train,
+                multi_label=data.prepared.multi_label,
+            )
         with timed("strategy"):
             stage = apply_strategy(model, strategy_args, training_args, data, model_args, data_args)
         with timed("trainer assembly"):
@@ -490,7 +533,9 @@ def run(
             replaced = (
                 training_args.ema or training_args.soup_last_k or stage.start_state is not None
             )  # the final weights chosen after training
-            evaluation = evaluate_splits(trainer, data.splits, train_metrics, train, replaced)
+            evaluation = evaluate_splits(
+                trainer, data.splits, train_metrics, train, replaced, data.prepared.multi_label
+            )
         finish_outputs(
             trainer, settings, record, evaluation, data.prepared, model_args, data_args, training_args, budget
         )

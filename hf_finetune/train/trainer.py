@@ -20,6 +20,7 @@ def build_trainer(
     plan=None,
     channels_last=False,
     train_label_ids=None,
+    multi_label: bool = False,
 ):
     from transformers import EarlyStoppingCallback, Trainer
 
@@ -27,7 +28,7 @@ def build_trainer(
     from hf_finetune.strategies.trainer import strategy_trainer_class
     from hf_finetune.train.checkpoints import CheckpointLoadingMixin, CompleteCheckpointCallback
     from hf_finetune.train.ema import EmaCallback
-    from hf_finetune.train.losses import ClassificationLoss, inverse_frequency_weights
+    from hf_finetune.train.losses import ClassificationLoss, MultiLabelLoss, inverse_frequency_weights
     from hf_finetune.train.metrics import ComputeMetrics
     from hf_finetune.train.mixing import BatchMixing, MixingSettings, MixingTrainerMixin
     from hf_finetune.train.resume import AugmentationEpochCallback, StepSeedCallback
@@ -46,12 +47,16 @@ def build_trainer(
         training_args.mix_switch_prob,
     )
     class_weights = None
-    if training_args.class_weights == "auto":
+    if multi_label:
+        refuse_for_multi_label(training_args)
+        # Always our loss: BCE on the multi-hot targets, whatever the checkpoint's own loss would do.
+        extra["compute_loss_func"] = MultiLabelLoss(training_args.label_smoothing_factor)
+    elif training_args.class_weights == "auto":
         class_weights = inverse_frequency_weights(train_label_ids, num_labels)
         logger.info(
             "Class weights (inverse class frequency in train): %s", [round(w, 3) for w in class_weights]
         )
-    if mixing.enabled or class_weights is not None:
+    if not multi_label and (mixing.enabled or class_weights is not None):
         # Soft targets and weights need our loss; it applies label_smoothing_factor itself.
         extra["compute_loss_func"] = ClassificationLoss(training_args.label_smoothing_factor, class_weights)
     # KeepValidationPassesMixin: the final evaluation reuses the per-epoch pass of the final weights.
@@ -72,7 +77,7 @@ def build_trainer(
         train_dataset=splits["train"],
         eval_dataset=splits["validation"],
         data_collator=Collator(channels_last),
-        compute_metrics=ComputeMetrics(num_labels),
+        compute_metrics=ComputeMetrics(num_labels, multi_label),
         processing_class=image_processor,
         callbacks=callbacks,
         **extra,
@@ -84,6 +89,32 @@ def build_trainer(
     return trainer
 
 
+def refuse_for_multi_label(training_args) -> None:
+    """The settings that have no meaning for multi-label data stop the run with a clear message."""
+    from hf_finetune.errors import UserError
+
+    if training_args.class_weights == "auto":
+        raise UserError(
+            "class_weights=auto weighs each picture by its one class, and multi-label pictures have several. "
+            "Set class_weights: none for multi-label data."
+        )
+    if training_args.cutmix_alpha > 0:
+        raise UserError(
+            f"cutmix_alpha={training_args.cutmix_alpha}: CutMix can cut a label's object out of a multi-label "
+            "picture, so its area-weighted targets would be wrong. Use mixup_alpha for multi-label data, or set "
+            "cutmix_alpha: 0."
+        )
+
+
+def selection_metric(training_args, multi_label: bool) -> str:
+    """The validation metric that chooses between weights (best checkpoint, EMA, WiSE-FT): accuracy, or mAP
+    for multi-label data when metric_for_best_model is left at its default (accuracy)."""
+    if multi_label and training_args.metric_for_best_model in ("accuracy", "eval_accuracy"):
+        training_args.metric_for_best_model = "mAP"
+    name = training_args.metric_for_best_model or ("mAP" if multi_label else "accuracy")
+    return name if name.startswith("eval_") else f"eval_{name}"
+
+
 def assemble_trainer(model, plan, training_args, data, image_processor, callbacks=()):
     """Trainer: speed settings, the global batch size, and the Trainer with our callbacks and `callbacks`
     (`data`: the data stage's `RunData`)."""
@@ -93,6 +124,7 @@ def assemble_trainer(model, plan, training_args, data, image_processor, callback
     log_input_pipeline(training_args, channels_last)
     # Before the Trainer: it sizes its accumulation (and the steps per epoch) from these arguments.
     apply_global_batch_size(training_args)
+    selection_metric(training_args, data.prepared.multi_label)  # mAP chooses the best multi-label checkpoint
     logger.info(global_batch_description(training_args))
     prepared = data.prepared
     # The only users of the training labels here: the class weights and the balanced sampler.
@@ -107,4 +139,5 @@ def assemble_trainer(model, plan, training_args, data, image_processor, callback
         plan=plan,
         channels_last=channels_last,
         train_label_ids=prepared.splits["train"][prepared.label_column] if weighted else None,
+        multi_label=prepared.multi_label,
     )
