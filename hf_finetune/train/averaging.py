@@ -145,30 +145,32 @@ def choose_wise_ft(trainer, start_state: dict, eval_dataset, metric: str = "eval
 
 
 def weights_chosen(results: dict) -> dict | None:
-    """Which weights became the model (EMA, soup, WiSE-FT choices) and the validation accuracies they rest on,
-    from a run's results; None when the run made no such choice."""
+    """Which weights became the model (EMA, soup, WiSE-FT choices) and the validation scores they rest on
+    (accuracy, or mAP for multi-label runs), from a run's results; None when the run made no such choice."""
     if not any(key in results for key in ("ema_used", "soup_used", "wise_ft_alpha")):
         return None
+    metric = "mAP" if any(key.startswith("eval_") and key.endswith("_mAP") for key in results) else "accuracy"
     chosen, scores = "the trained weights", {}
     if "ema_used" in results:
-        scores.update(trained=results["eval_raw_accuracy"], ema=results["eval_ema_accuracy"])
+        scores.update(trained=results[f"eval_raw_{metric}"], ema=results[f"eval_ema_{metric}"])
         chosen = "the EMA of the weights" if results["ema_used"] else chosen
-    if "eval_soup_accuracy" in results:
-        scores["soup"] = results["eval_soup_accuracy"]
+    if f"eval_soup_{metric}" in results:
+        scores["soup"] = results[f"eval_soup_{metric}"]
         if results["soup_used"]:
             chosen = f"the uniform soup of {results['soup_checkpoints']}"
     if "wise_ft_alpha" in results:
         alpha = results["wise_ft_alpha"]
-        scores[f"wise_ft alpha {alpha:g}"] = results["eval_wise_ft_accuracy"]
+        scores[f"wise_ft alpha {alpha:g}"] = results[f"eval_wise_ft_{metric}"]
         if alpha < 1.0:
             chosen = f"WiSE-FT, {alpha:g} x ({chosen}) + {1 - alpha:g} x the LP-FT start"
-    return {"chosen": chosen, "validation_accuracy": scores}
+    return {"chosen": chosen, "metric": metric, f"validation_{metric}": scores}
 
 
 def card_text(choice: dict) -> str:
     """The model card's Weights section."""
-    rows = "\n".join(f"| {name} | {score:.4f} |" for name, score in choice["validation_accuracy"].items())
+    metric = choice.get("metric", "accuracy")
+    rows = "\n".join(f"| {name} | {score:.4f} |" for name, score in choice[f"validation_{metric}"].items())
     return (
         f"The saved model is {choice['chosen']}, chosen on the validation split:\n\n"
-        f"| candidate | validation accuracy |\n|---|---|\n{rows}"
+        f"| candidate | validation {metric} |\n|---|---|\n{rows}"
     )
