@@ -23,6 +23,7 @@ commands:
   compare      every way to transfer on the same split: one table, two plots, one folder per method
   inspect      know your data: leakage and duplicates across splits, likely label errors, picture statistics
   predict      top-k labels for image files or folders with any output directory or Hub model
+  shard        an image folder as WebDataset .tar shards with its class names (labels.json)
   push         upload a finished output directory to a Hub model repository (--dry_run lists the files)
 
 Run `hf-finetune train --help` for every setting. Multi-GPU / multi-node runs:
@@ -129,6 +130,16 @@ def push(argv: list[str] | None = None, prog: str = "hf-finetune push"):
 
 COMMANDS = {"train": train, "probe": probe, "compare": compare, "predict": predict, "push": push}
 COMMANDS["inspect"] = inspect
+
+
+@report_user_errors
+def shard(argv: list[str] | None = None, prog: str = "hf-finetune shard"):
+    from hf_finetune.commands.shard import main as shard_main
+
+    return shard_main(argv, prog=prog)
+
+
+COMMANDS["shard"] = shard
 
 
 def main(argv: list[str] | None = None) -> None:

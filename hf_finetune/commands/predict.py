@@ -49,7 +49,7 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[str]:
     A file named directly is kept whatever its extension (it was asked for; if it is no image, its row says
     so). Hidden files and folders inside a folder are skipped, like the training data scan does.
     """
-    from hf_finetune.data.sources import IMAGE_EXTENSIONS
+    from hf_finetune.data.folders import IMAGE_EXTENSIONS
 
     files: set[str] = set()
     for raw in paths:

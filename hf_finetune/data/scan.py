@@ -3,7 +3,8 @@
 as small copies in the datasets cache while they are open.
 
 The scan is a `datasets.map`, so its result is cached by fingerprint like any other map: a second run over
-the same data and sizes decodes nothing.
+the same data and sizes decodes nothing. Large on-disk splits are scanned in chunks, each cached on its own and
+spread over processes: a run killed part-way resumes where it stopped, under one progress bar (rate, ETA).
 """
 
 from __future__ import annotations
@@ -52,6 +53,62 @@ def _scan_pool():
             yield
         finally:
             _scan_threads.reset(token)
+
+
+# The scan of a large on-disk split runs in chunks of this many rows, each cached on its own: a run killed
+# part-way resumes at the first chunk not yet done, and chunks are spread over processes.
+SCAN_CHUNK_ROWS = 10_000
+
+
+def _scan_chunk(chunk, map_kwargs: dict) -> int:
+    """One chunk's scan (in a worker process): its result lands in the datasets cache, where the parent reads it."""
+    import datasets
+
+    datasets.disable_progress_bars()  # the parent's bar counts every chunk
+    with _scan_pool():
+        chunk.map(**map_kwargs)
+    return len(chunk)
+
+
+def _map_in_chunks(dataset, map_kwargs: dict, what: str):
+    """`dataset.map(**map_kwargs)` for the scan: in one piece for in-memory or small datasets; otherwise in
+    contiguous chunks of SCAN_CHUNK_ROWS, each its own cached map (so that a killed run loses at most the chunks
+    in flight), computed in up to `usable_cores()` processes (each with its thread pool), under one progress
+    bar with rate and ETA, and concatenated in order."""
+    if not dataset.cache_files or len(dataset) <= SCAN_CHUNK_ROWS:
+        with _scan_pool():
+            return dataset.map(**map_kwargs, desc=what)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from datasets import concatenate_datasets
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+    from tqdm.auto import tqdm
+
+    count = -(-len(dataset) // SCAN_CHUNK_ROWS)
+    chunks = [dataset.shard(count, i, contiguous=True) for i in range(count)]
+    processes = min(usable_cores(), count)
+    # Fork: the workers need nothing but the chunk (an on-disk dataset pickles as its file's path) and the
+    # scan's functions, which the parent has imported already. Chunks done by an earlier, killed run load
+    # from the cache in their worker at once.
+    context = multiprocessing.get_context(
+        "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+    )
+    with (
+        tqdm(total=len(dataset), desc=what, unit="pictures", disable=None) as progress,
+        ProcessPoolExecutor(processes, mp_context=context) as pool,
+    ):
+        for done in as_completed([pool.submit(_scan_chunk, chunk, map_kwargs) for chunk in chunks]):
+            progress.update(done.result())
+    # Every chunk is in the cache now: this reads them back.
+    was_enabled = is_progress_bar_enabled()
+    disable_progress_bar()
+    try:
+        parts = [chunk.map(**map_kwargs) for chunk in chunks]
+    finally:
+        if was_enabled:
+            enable_progress_bar()
+    return concatenate_datasets(parts)
 
 
 def _files_signature(dataset, image_column: str) -> str | None:
@@ -190,27 +247,27 @@ def scan_images(splits, image_column: str, downscale: DecodeSizes | None = None)
         else:
             features = Features({SCAN_PROBLEM_COLUMN: Value("string")})
         features[SCAN_DIGEST_COLUMN] = Value("string")
-        with _scan_pool():
-            scanned = undecoded.map(
-                _scan_batch,
-                batched=True,
-                batch_size=64,
-                fn_kwargs={
-                    "image_column": image_column,
-                    "cover": tuple(cover) if cover is not None else None,
-                    "interpolation": downscale.interpolation if downscale is not None else "bilinear",
-                    # Evaluation sees exactly the pixels it would see without copies; training copies may be lossy.
-                    "lossless": downscale is None or downscale.lossless(name),
-                    "exact": downscale is not None and downscale.exact(name),
-                    "version": SCAN_VERSION,
-                    "files": _files_signature(undecoded, image_column),
-                },
-                features=features,
-                # A check alone writes only its findings, not another copy of the images (for datasets that
-                # embed their image bytes, that would be the whole dataset again).
-                remove_columns=None if cover is not None else [image_column],
-                desc=f"{'Checking and downscaling' if cover else 'Checking'} {name} images",
-            )
+        map_kwargs = {
+            "function": _scan_batch,
+            "batched": True,
+            "batch_size": 64,
+            "fn_kwargs": {
+                "image_column": image_column,
+                "cover": tuple(cover) if cover is not None else None,
+                "interpolation": downscale.interpolation if downscale is not None else "bilinear",
+                # Evaluation sees exactly the pixels it would see without copies; training copies may be lossy.
+                "lossless": downscale is None or downscale.lossless(name),
+                "exact": downscale is not None and downscale.exact(name),
+                "version": SCAN_VERSION,
+                "files": _files_signature(undecoded, image_column),
+            },
+            "features": features,
+            # A check alone writes only its findings, not another copy of the images (for datasets that
+            # embed their image bytes, that would be the whole dataset again).
+            "remove_columns": None if cover is not None else [image_column],
+        }
+        what = f"{'Checking and downscaling' if cover else 'Checking'} {name} images"
+        scanned = _map_in_chunks(undecoded, map_kwargs, what)
         problems = scanned[SCAN_PROBLEM_COLUMN]
         digests[name] = scanned[SCAN_DIGEST_COLUMN]
         bad_rows = [i for i, problem in enumerate(problems) if problem is not None]

@@ -8,28 +8,15 @@ them and `hf_finetune.data.transforms` attaches the lazy transforms.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from hf_finetune.config import DataArguments
+from hf_finetune.data.folders import load_image_folders
 from hf_finetune.errors import UserError
 from hf_finetune.hub import check_hub_repo, offline, warn_if_local_shadows
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".bmp",
-    ".gif",
-    ".webp",
-    ".tif",
-    ".tiff",
-    ".ppm",
-    ".pgm",
-    ".jfif",
-}
 PATH_COLUMN_NAMES = ("image", "image_path", "path", "file", "filename", "file_name", "filepath", "img")
 STRING_DTYPES = ("string", "large_string")
 
@@ -40,113 +27,6 @@ def _split_files(args: DataArguments, kind: str) -> dict[str, str]:
         for split in ("train", "validation", "test")
         if getattr(args, f"{split}_{kind}") is not None
     }
-
-
-def _folder_rows(paths: list[str], labels: list[int], stamps: list[tuple[int, int]]):
-    # `stamps` is unused here: it is in gen_kwargs only so that the cache key changes with the files.
-    for path, label in zip(paths, labels, strict=True):
-        yield {"image": path, "label": label}
-
-
-def _scan_image_folder(split: str, folder: str) -> dict[str, list[str]]:
-    """Pictures of one image folder by class: the class is the first folder level, and pictures in deeper
-    sub-folders (`brick/batch1/`, `2023/`) belong to it. Hidden files and folders, and output folders of
-    hf-finetune (they hold its manifest), are not data. One `os.walk`; paths are absolute."""
-    from collections import Counter
-
-    from hf_finetune.outputs.manifest import MANIFEST
-
-    root = Path(folder)
-    if not root.is_dir():
-        raise UserError(
-            f"{split}_dir={folder} is not a folder. Point it at a folder with one sub-folder per class "
-            f"(e.g. {folder}/cat/001.jpg, {folder}/dog/002.jpg)."
-        )
-    if (root / MANIFEST).is_file():
-        raise UserError(
-            f"{split}_dir={folder} is an output folder of hf-finetune (it holds {MANIFEST}), not pictures. Point "
-            f"{split}_dir at the image folder, and keep output_dir outside it."
-        )
-    root = root.resolve()
-    by_class: dict[str, list[str]] = {}
-    loose, ignored, outputs, deeper = [], [], [], Counter()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        here = Path(dirpath)
-        if here != root and (here / MANIFEST).is_file():
-            outputs.append(here.relative_to(root).as_posix())
-            dirnames.clear()
-            continue
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        parts = here.relative_to(root).parts
-        for name in sorted(f for f in filenames if not f.startswith(".")):
-            relative = Path(*parts, name).as_posix()
-            if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
-                ignored.append(relative)
-            elif not parts:
-                loose.append(relative)
-            else:
-                # Names are stripped: ` grass` and `grass` are one class.
-                by_class.setdefault(parts[0].strip(), []).append(str(here / name))
-                deeper[parts[0].strip()] += len(parts) > 1
-    if outputs:
-        logger.warning(
-            "%s_dir: not used as data: %s (output folder(s) of hf-finetune, holding %s).",
-            split,
-            ", ".join(outputs),
-            MANIFEST,
-        )
-    if ignored:
-        logger.warning(
-            "%s_dir: %d file(s) without an image extension were not used (e.g. %s).",
-            split,
-            len(ignored),
-            ", ".join(ignored[:3]),
-        )
-    if not by_class and not loose:
-        raise UserError(
-            f"{split}_dir={folder} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}). Put the "
-            "pictures in one sub-folder per class."
-        )
-    if loose:
-        raise UserError(
-            f"{split}_dir={folder} has {len(loose)} picture(s) directly inside it, not in a class folder (e.g. "
-            f"{', '.join(loose[:3])}), so they have no label. The class of a picture is the first folder level "
-            f"under {split}_dir: move them into one sub-folder per class, named after the class."
-        )
-    if sum(deeper.values()):
-        logger.info(
-            "%s_dir: the class is the first folder level; %d picture(s) in deeper sub-folders belong to their "
-            "class (%s).",
-            split,
-            sum(deeper.values()),
-            ", ".join(f"{name} {count}" for name, count in sorted(deeper.items()) if count),
-        )
-    return by_class
-
-
-def _load_image_folders(folders: dict[str, str], cache_dir: str | None):
-    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
-
-    scanned = {split: _scan_image_folder(split, folder) for split, folder in folders.items()}
-    names = sorted({name for by_class in scanned.values() for name in by_class})
-    ids = {name: i for i, name in enumerate(names)}
-    features = Features({"image": Image(), "label": ClassLabel(names=names)})
-    splits = {}
-    for split, by_class in scanned.items():
-        rows = sorted((path, ids[name]) for name, paths in by_class.items() for path in paths)
-        paths, labels = [p for p, _ in rows], [label for _, label in rows]
-        # A generator dataset is written to the datasets cache, keyed by its gen_kwargs, so that the image
-        # check, its downscaled copies and cached features are reused like any on-disk dataset's. The rows hold
-        # paths only, so each file's modification time and size are part of the key: an edited picture (same
-        # path) makes a new dataset, as `load_dataset("imagefolder")` does.
-        stamps = [(stat.st_mtime_ns, stat.st_size) for stat in map(os.stat, paths)]
-        splits[split] = Dataset.from_generator(
-            _folder_rows,
-            features=features,
-            gen_kwargs={"paths": paths, "labels": labels, "stamps": stamps},
-            cache_dir=cache_dir,
-        )
-    return DatasetDict(splits)
 
 
 def _load_tables(files: dict[str, str], image_column: str | None, cache_dir: str | None):
@@ -210,7 +90,7 @@ def load_raw_splits(args: DataArguments, cache_dir: str | None = None, dataset=N
     if folders:
         if "train" not in folders:
             raise UserError("validation_dir/test_dir were given without train_dir: set train_dir too.")
-        return _load_image_folders(folders, cache_dir)
+        return load_image_folders(folders, cache_dir)
     if tables:
         if "train" not in tables:
             raise UserError("validation_file/test_file were given without train_file: set train_file too.")

@@ -1,0 +1,115 @@
+"""Multi-node, really launched: accelerate_configs/multi_node.yaml as two "nodes" on this machine (two
+`accelerate launch --num_machines 2 --machine_rank 0|1 --main_process_ip 127.0.0.1` launchers, one CPU process
+each, DDP over gloo), each node with its own datasets cache, both writing one output folder (a shared file
+system). The run ends with identical weights on both nodes (checked at every epoch end by the DDP replica
+check) and the metrics of one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_finetune.strategies.registry import STRATEGY_SUMMARY
+from hf_finetune.testing.tiny import build_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _train_args(root: Path, output_dir: Path) -> list[str]:
+    return [
+        "-m", "hf_finetune.commands.cli", "train",
+        "--model_name_or_path", str(root / "tiny-resnet"),
+        "--train_dir", str(root / "digits"),
+        "--strategy", "head",
+        "--learning_rate", "0.05",
+        "--num_train_epochs", "2",
+        "--max_train_samples", "128",
+        "--max_eval_samples", "60",
+        "--per_device_train_batch_size", "16",
+        "--global_batch_size", "32",
+        "--use_cpu", "true",
+        "--save_strategy", "no",
+        "--load_best_model_at_end", "false",
+        "--dataloader_num_workers", "0",
+        "--disable_tqdm", "true",
+        "--output_dir", str(output_dir),
+    ]  # fmt: skip
+
+
+def _env(cache: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "HF_DATASETS_CACHE": str(cache),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured: eval_loss on two nodes is 4.634 against 2.327 in one process (twice: summed over the "
+    "processes, not averaged) while eval_accuracy agrees and the replicas are identical; not fixed yet",
+)
+def test_two_nodes_launched_with_multi_node_yaml_match_one_process(tmp_path):
+    from hf_finetune.testing.quickstart import export_digits
+
+    export_digits(tmp_path / "digits", outside_material_dir=True)
+    build_tiny_checkpoint("resnet", tmp_path / "tiny-resnet", ["cat", "dog", "bird", "fish"])
+
+    port = _free_port()
+    nodes = []
+    for rank in (0, 1):
+        command = [
+            ACCELERATE, "launch",
+            "--config_file", str(REPO / "accelerate_configs" / "multi_node.yaml"),
+            # The YAML as shipped, with what this machine differs in: two one-process "nodes" on 127.0.0.1 and
+            # no bf16. The run's own `--use_cpu true` puts the tensors on the CPU (gloo); accelerate's `--cpu`
+            # would pick its one-process launcher instead of torchrun.
+            "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+            "--mixed_precision", "no",
+            *_train_args(tmp_path, tmp_path / "two-nodes"),
+        ]  # fmt: skip
+        log = (tmp_path / f"node{rank}.log").open("w")
+        nodes.append(
+            subprocess.Popen(
+                command, cwd=REPO, env=_env(tmp_path / f"cache{rank}"), stdout=log, stderr=subprocess.STDOUT
+            )
+        )
+    for rank, node in enumerate(nodes):
+        assert node.wait(timeout=600) == 0, (tmp_path / f"node{rank}.log").read_text()[-4000:]
+
+    one = subprocess.run(
+        [sys.executable, *_train_args(tmp_path, tmp_path / "one-process")],
+        cwd=REPO,
+        env=_env(tmp_path / "cache-one"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-4000:]
+
+    summary = json.loads((tmp_path / "two-nodes" / STRATEGY_SUMMARY).read_text())
+    assert summary["ddp"]["world_size"] == 2 and summary["ddp"]["wrapped_in_ddp"] is True
+    history = summary["history"]
+    assert history and all(h["replicas_identical"] is True for h in history), history
+    two = json.loads((tmp_path / "two-nodes" / "all_results.json").read_text())
+    single = json.loads((tmp_path / "one-process" / "all_results.json").read_text())
+    assert two["eval_accuracy"] == single["eval_accuracy"]
+    assert two["eval_loss"] == pytest.approx(single["eval_loss"], abs=2e-3)
+    assert two["train_loss"] == pytest.approx(single["train_loss"], abs=2e-3)
