@@ -31,7 +31,7 @@ def test_yaml_gives_defaults_and_cli_wins(tmp_path):
         },
     )
     parsed = parse_train_args(["--config", str(config), "--learning_rate", "0.5"])
-    model_args, data_args, training_args = parsed[0], parsed[1], parsed[-1]
+    model_args, data_args, training_args = parsed[0], parsed[1], parsed[3]
     assert model_args.model_name_or_path == "some/ckpt"
     assert data_args.train_dir == "pics"
     assert training_args.learning_rate == 0.5
@@ -168,7 +168,7 @@ def test_global_batch_size_is_applied_to_the_run_and_logged():
     from hf_finetune.config import apply_global_batch_size, global_batch_description
 
     (args,) = parse_train_args(["--model_name_or_path", "x", "--use_cpu", "true",
-                                "--per_device_train_batch_size", "32", "--global_batch_size", "64"])[-1:]  # fmt: skip
+                                "--per_device_train_batch_size", "32", "--global_batch_size", "64"])[3:4]  # fmt: skip
     assert args.world_size == 1
     apply_global_batch_size(args)
     assert args.gradient_accumulation_steps == 2
