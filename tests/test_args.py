@@ -175,7 +175,7 @@ def test_global_batch_size_is_applied_to_the_run_and_logged():
     assert global_batch_description(args).startswith(
         "Global batch: 32 per device x 1 process(es) x 2 gradient accumulation step(s) = 64 pictures"
     )
-    (plain,) = parse_train_args(["--model_name_or_path", "x", "--use_cpu", "true"])[-1:]
+    (plain,) = parse_train_args(["--model_name_or_path", "x", "--use_cpu", "true"])[3:4]
     apply_global_batch_size(plain)  # unset: nothing changes, and the log says how to keep it fixed
     assert plain.gradient_accumulation_steps == 1 and "set global_batch_size" in global_batch_description(
         plain
