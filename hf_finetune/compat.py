@@ -126,6 +126,19 @@ class TrainerSamplerHook:
         return super()._get_train_sampler(train_dataset)
 
 
+# Checked on transformers 5.24.0. The Trainer decides from a model's forward signature alone (`**kwargs`) that
+# its loss honours `num_items_in_batch`, and then multiplies the loss by the number of processes
+# (`average_tokens_across_devices`), in training and in evaluation. Most image classifiers (ResNet, ConvNeXt,
+# RegNet, EfficientNet, MobileNetV2, Swin, ...) take `**kwargs` but compute a plain per-batch mean, so under
+# 2 processes their training and evaluation losses came out doubled, and so did their gradients (which changes
+# what gradient clipping does). A per-batch mean is what the Trainer handles when the flag is off: no
+# `num_items_in_batch`, the loss divided by the accumulation steps, DDP averaging the processes. Our own losses
+# (`compute_loss_func`) still get `num_items_in_batch` either way. `tests/test_compat.py` fails once ResNet's
+# loss follows `num_items_in_batch`; the flag can then be left to the Trainer for the models that do.
+def use_per_batch_mean_losses(trainer) -> None:
+    trainer.model_accepts_loss_kwargs = False
+
+
 # --- accelerate -------------------------------------------------------------------------------------------
 
 

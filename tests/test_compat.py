@@ -159,6 +159,30 @@ def test_trainer_reload_still_misses_renamed_weights_and_ours_loads_them_all(tmp
 # --- accelerate -------------------------------------------------------------------------------------------
 
 
+def test_resnet_takes_loss_kwargs_but_ignores_num_items_so_the_trainer_must_not_scale_its_loss(tmp_path):
+    """The Trainer would multiply ResNet's plain mean loss by the process count (see use_per_batch_mean_losses)."""
+    import inspect
+
+    import torch
+    from transformers import AutoModelForImageClassification
+
+    from hf_finetune.testing.tiny import build_tiny_checkpoint
+
+    model = AutoModelForImageClassification.from_pretrained(
+        build_tiny_checkpoint("resnet", tmp_path / "resnet", labels=["a", "b", "c"])
+    ).eval()
+    accepts_kwargs = any(
+        p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values()
+    )
+    pixels, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        mean = model(pixel_values=pixels, labels=labels).loss
+        given_items = model(pixel_values=pixels, labels=labels, num_items_in_batch=torch.tensor(400)).loss
+    assert accepts_kwargs, "the Trainer no longer reads loss kwargs into ResNet's signature"
+    # Once this fails, ResNet's loss follows num_items_in_batch and the Trainer's scaling is right for it.
+    assert torch.allclose(mean, given_items)
+
+
 def test_the_accelerators_prepared_models_are_still_its_private_list():
     """accelerate 1.15: prepared models are kept in `Accelerator._models`, which has no public swap."""
     from accelerate import Accelerator

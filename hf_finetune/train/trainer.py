@@ -24,6 +24,7 @@ def build_trainer(
 ):
     from transformers import EarlyStoppingCallback, Trainer
 
+    from hf_finetune.compat import use_per_batch_mean_losses
     from hf_finetune.data.transforms import Collator
     from hf_finetune.strategies.trainer import strategy_trainer_class
     from hf_finetune.train.checkpoints import CheckpointLoadingMixin, CompleteCheckpointCallback
@@ -82,6 +83,7 @@ def build_trainer(
         callbacks=callbacks,
         **extra,
     )
+    use_per_batch_mean_losses(trainer)  # else losses and gradients scale with the process count
     trainer.batch_mixing = BatchMixing(mixing, num_labels) if mixing.enabled else None
     if training_args.sampler == "balanced":
         trainer.balanced_label_ids = list(train_label_ids)
