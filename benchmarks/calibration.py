@@ -62,34 +62,18 @@ def main(argv=None) -> None:
     rows["probe C=0.01"] = [*rows["probe"], "--c_values", "0.01"]
     runs = OUT / "runs"
     shutil.rmtree(runs, ignore_errors=True)
-    python = [sys.executable, "-m", "hf_finetune.commands.cli", "train"]
+    for name in rows:  # a fresh feature cache per probe row: it pays for its features, as a first run does
+        if name.startswith("probe"):
+            rows[name] = [*rows[name], "--feature_cache_dir", str(runs / name / "features")]
 
     print(
         f"calibration: EfficientNet-Lite0 (ImageNet) on the digits at {args.image_size} px; {_common.machine()}"
     )
     print(f"  {_common.load()}")
-    results = {}
-    for name, flags in rows.items():
-        run_dir = runs / name
-        print(f"  running {name} (log: {run_dir / 'log.txt'}) ...", flush=True)
-        output_dir = run_dir / "output"
-        command = [
-            *python, "--model_name_or_path", str(checkpoint), "--train_dir", str(digits), *SPLITS,
-            "--use_cpu", "true", "--dataloader_num_workers", "0", "--disable_tqdm", "true", *flags,
-            "--output_dir", str(output_dir),
-        ]  # fmt: skip
-        if name.startswith(
-            "probe"
-        ):  # a fresh feature cache: the row pays for its features, as a first run does
-            command += ["--feature_cache_dir", str(run_dir / "features")]
-        stats = _common.run_measured(
-            command,
-            log=run_dir / "log.txt",
-            env=_common.offline_env(datasets_cache=run_dir / "datasets-cache"),
-        )
-        _common.check_ok(stats, name)
-        details = json.loads((output_dir / "calibration.json").read_text())
-        results[name] = {**_common.read_results(output_dir), **details, "cpu_s": stats.cpu_s}
+    data_flags = ["--model_name_or_path", str(checkpoint), "--train_dir", str(digits), *SPLITS]
+    results = _common.run_train_rows(rows, data_flags, runs)
+    for name, result in results.items():
+        result.update(json.loads((runs / name / "output" / "calibration.json").read_text()))
 
     print()
     table = [
