@@ -85,10 +85,9 @@ def parse_probe_args(
 
 @report_user_errors
 def train(argv: list[str] | None = None, prog: str = "hf-finetune train"):
-    print_cached_help(prog, argv)
-    from hf_finetune.train.run import run
-
     model_args, data_args, strategy_args, training_args, inspect_args = parse_train_args(argv, prog)
+    from hf_finetune.train.run import run  # after the settings: a --help needs no torch
+
     return run(model_args, data_args, training_args, strategy_args=strategy_args, extra_args=(inspect_args,))
 
 
