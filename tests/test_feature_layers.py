@@ -213,3 +213,9 @@ def test_stage_features_help_lite0_on_digits(digits_folder, tmp_path_factory):
     print("Lite0 at 96 px, test accuracy by feature_layers:", accuracy)
     assert accuracy["all"] >= accuracy["last"], accuracy
     assert accuracy["last"] >= 0.93, accuracy  # the final features alone are already a strong baseline
+
+
+def test_a_missing_stage_stops_the_run_with_the_checkpoint_named(folders, data, tmp_path):
+    with pytest.raises(UserError, match=r"Checkpoint `.*resnet` cannot give the features.*stage 2 does not exist"):
+        fit_probe(*_args(folders["resnet"], tmp_path, tmp_path / "cache", "0,2"), dataset=data)
+    assert not (tmp_path / "out-0,2").exists()

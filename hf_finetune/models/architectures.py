@@ -4,7 +4,8 @@ of every supported family, one entry each, and the reader of timm's own metadata
 Every strategy that works block by block (head-only, last-n, gradual unfreezing, layer-wise LR decay, LoRA
 targets) and the feature path (linear probe, fusion) ask this module which submodules are the embeddings,
 the blocks, the final norm and the classifier head, and where the pooled features come from. Nothing
-else in the package hard-codes a transformers attribute name.
+else in the package hard-codes a transformers attribute name. (The pooled outputs of intermediate stages, the
+probe's `feature_layers`, are `layer_features.py`'s: it counts the stages with this map's blocks.)
 
 What counts as a "block", input to output:
 
