@@ -216,6 +216,8 @@ def test_stage_features_help_lite0_on_digits(digits_folder, tmp_path_factory):
 
 
 def test_a_missing_stage_stops_the_run_with_the_checkpoint_named(folders, data, tmp_path):
-    with pytest.raises(UserError, match=r"Checkpoint `.*resnet` cannot give the features.*stage 2 does not exist"):
+    with pytest.raises(
+        UserError, match=r"Checkpoint `.*resnet` cannot give the features.*stage 2 does not exist"
+    ):
         fit_probe(*_args(folders["resnet"], tmp_path, tmp_path / "cache", "0,2"), dataset=data)
     assert not (tmp_path / "out-0,2").exists()

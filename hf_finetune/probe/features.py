@@ -66,7 +66,9 @@ def embed_batch(
         with autocast:
             features = layer_features(model, pixel_values, layers)
     except UserError as err:
-        problem = "cannot give the features feature_layers names" if multi_layer(layers) else "has no pooled output"
+        problem = (
+            "cannot give the features feature_layers names" if multi_layer(layers) else "has no pooled output"
+        )
         raise UserError(f"Checkpoint `{checkpoint}` {problem} to use as features: {err}") from None
     return features.float().cpu()
 
