@@ -4,7 +4,8 @@ of every supported family, one entry each, and the reader of timm's own metadata
 Every strategy that works block by block (head-only, last-n, gradual unfreezing, layer-wise LR decay, LoRA
 targets) and the feature path (linear probe, fusion) ask this module which submodules are the embeddings,
 the blocks, the final norm and the classifier head, and where the pooled features come from. Nothing
-else in the package hard-codes a transformers attribute name.
+else in the package hard-codes a transformers attribute name. (The pooled outputs of intermediate stages, the
+probe's `feature_layers`, are `layer_features.py`'s: it counts the stages with this map's blocks.)
 
 What counts as a "block", input to output:
 
@@ -398,6 +399,18 @@ def classifier_input(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tens
         finally:
             model.train(was_training)
         return features.reshape(features.shape[0], -1).clone()
+    features, _ = classifier_input_and_outputs(model, pixel_values)
+    return features
+
+
+def classifier_input_and_outputs(model: nn.Module, pixel_values: torch.Tensor, **forward_kwargs):
+    """``(features, outputs)`` of one forward of a transformers model: the pooled features its head Linear sees
+    (as `classifier_input`) and the model's own outputs, with ``forward_kwargs`` (e.g.
+    ``output_hidden_states=True``: the stage outputs, for `layer_features`) passed to its forward."""
+    import torch
+
+    param = next(model.parameters())
+    pixel_values = pixel_values.to(device=param.device, dtype=param.dtype)
     linear = _head_linear(model)
     captured: list[torch.Tensor] = []
 
@@ -410,7 +423,7 @@ def classifier_input(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tens
     model.eval()
     try:
         with torch.inference_mode():
-            model(pixel_values=pixel_values)
+            outputs = model(pixel_values=pixel_values, **forward_kwargs)
     finally:
         handle.remove()
         model.train(was_training)
@@ -424,4 +437,4 @@ def classifier_input(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tens
             "vector per image, so its pooled features cannot be used for the feature path."
         )
     # Inference tensors cannot be saved for backward; a plain copy lets callers fit heads on them.
-    return features.clone()
+    return features.clone(), outputs

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from hf_finetune.config import DataArguments, FinetuneTrainingArguments, ModelArguments
 from hf_finetune.errors import UserError
+from hf_finetune.models.layer_features import parse_feature_layers
 from hf_finetune.probe.classifiers import CLASSIFIERS
 
 
@@ -26,6 +27,16 @@ class ProbeArguments:
         metadata={
             "help": "Folder of cached features (default: $HF_FINETUNE_FEATURES_CACHE or "
             "~/.cache/hf_finetune/features). Entries are keyed by checkpoint, processor, data and split."
+        },
+    )
+    feature_layers: str = field(
+        default="last",
+        metadata={
+            "help": "Which layers the features come from. `last`: the final pooled features, what the classifier "
+            "head sees. `all`: those plus the global-average-pooled output of every stage (a ViT's layer: the "
+            "mean of its patch tokens). Stage indices such as `2,3,4` (0 = first, -1 = last stage): those "
+            "stages only. Helps when the pictures are far from the pretraining ones (digits, scans, medical, "
+            "satellite); costs no extra forward pass, wider features (a slower fit) and a probe-folder export."
         },
     )
     feature_batch_size: int = field(default=64, metadata={"help": "Images per backbone forward pass."})
@@ -72,6 +83,7 @@ class ProbeArguments:
     mlp_dropout: float = field(default=0.2, metadata={"help": "Dropout inside the mlp head while training."})
 
     def __post_init__(self):
+        self.feature_layers = parse_feature_layers(self.feature_layers)
         if self.classifier not in CLASSIFIERS:
             close = difflib.get_close_matches(self.classifier, list(CLASSIFIERS), n=1)
             raise UserError(

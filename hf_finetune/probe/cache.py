@@ -1,7 +1,8 @@
 """The on-disk feature cache: one entry per checkpoint, preprocessing, data and split, reused by every later
 run whose inputs are the same.
 
-    key = sha256(checkpoint identity, eval-transform spec, dataset split fingerprint, split name, precision)
+    key = sha256(checkpoint identity, eval-transform spec, dataset split fingerprint, split name, precision,
+                 feature layers)
 
 - checkpoint identity: for a local folder, a hash of its weight files and of config.json (labels left
   out: they do not change the features); for a Hub id, the commit sha that huggingface_hub's cache
@@ -11,7 +12,9 @@ run whose inputs are the same.
   checkpoint's `pretrained_cfg`) invalidates the entry;
 - dataset fingerprint: `datasets`' own fingerprint of the split as `data.prepare_data` returns it
   (`compat.dataset_fingerprint`), which changes with the files, the split seed and fractions,
-  max_*_samples and dropped bad images.
+  max_*_samples and dropped bad images;
+- feature layers: the probe's `feature_layers` (`all`, stage indices) when it is not `last`, so the final
+  features alone and those followed by stage outputs never share an entry.
 
 Each entry is a folder ``<feature_cache_dir>/<checkpoint>-<key[:24]>/`` holding ``features.npy``
 (float32, rows in dataset order), ``labels.npy`` and ``meta.json``. It is built in a temporary folder
@@ -154,9 +157,10 @@ class FeatureKey:
     fingerprint: str
     split: str
     precision: str = "float32"
+    layers: str = "last"  # `feature_layers` (canonical): which layers' pooled outputs the rows hold
 
     def payload(self) -> dict[str, Any]:
-        return {
+        payload = {
             "format": FEATURE_FORMAT,
             "identity": self.identity,
             "processor": self.processor,
@@ -164,6 +168,10 @@ class FeatureKey:
             "split": self.split,
             "precision": self.precision,
         }
+        if self.layers != "last":
+            # Only then: entries of the final features alone keep the keys they had before the setting existed.
+            payload["layers"] = self.layers
+        return payload
 
     @property
     def digest(self) -> str:

@@ -9,12 +9,13 @@ Two formats, recorded in ``probe.json`` (``format``) so that `hf_finetune.probe.
     ``pipeline("image-classification", model=output_dir)`` loads it, and it can be pushed to the Hub and
     fine-tuned further like any other checkpoint.
 
-``hf-finetune-probe`` (naive Bayes, kNN, MLP, and every multi-backbone fusion)
+``hf-finetune-probe`` (naive Bayes, kNN, MLP, every multi-backbone fusion, and features from several layers)
     Not a transformers model: there is no layer in a single checkpoint that can hold the result. The
     folder holds each backbone (``backbones/<i>-<name>/``, saved with ``save_pretrained``, of which only
     the input of the classifier layer is used), the normalisation (``normaliser.safetensors``), the fitted
     classifier as plain arrays (``classifier.safetensors``; no pickle, so loading runs no code from the
-    folder) and ``probe.json`` describing them. Load it with::
+    folder) and ``probe.json`` describing them (a backbone whose features include stage outputs says which in
+    its ``feature_layers``, and the folder is then format version 2). Load it with::
 
         from hf_finetune.probe.load import load_probe
 
@@ -45,7 +46,7 @@ NORMALISER_FILE = "normaliser.safetensors"
 BACKBONES_DIR = "backbones"
 FORMAT_TRANSFORMERS = "transformers"
 FORMAT_PROBE = "hf-finetune-probe"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a backbone may have `feature_layers` (its stage outputs are part of the features)
 # Files each format writes at the top of output_dir; the other format's are removed so a re-run into the
 # same folder never leaves, say, a stale model.safetensors beside a probe directory.
 _TRANSFORMERS_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
@@ -94,7 +95,12 @@ def _clear(output_dir: Path, names) -> None:
 
 
 def _describe(
-    fmt: str, labels: list[str], classifier: str, chosen: dict[str, Any], extra: dict[str, Any]
+    fmt: str,
+    labels: list[str],
+    classifier: str,
+    chosen: dict[str, Any],
+    extra: dict[str, Any],
+    format_version: int = 1,
 ) -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -104,7 +110,7 @@ def _describe(
         hf_finetune_version = "unknown"
     return {
         "format": fmt,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version,
         "hf_finetune_version": hf_finetune_version,
         "classifier": classifier,
         "hyperparameters": chosen,
@@ -210,6 +216,8 @@ def export_probe_directory(
             classifier,
             chosen,
             {"predictor": predictor.kind, "backbones": described, "feature_dims": list(normaliser.dims)},
+            # Version 1 readers would compute the final features alone for a folder that needs stage outputs.
+            format_version=FORMAT_VERSION if any("feature_layers" in b for b in described) else 1,
         ),
     )
     logger.info(

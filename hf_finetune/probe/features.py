@@ -4,7 +4,8 @@ The feature path (linear probe, classic classifiers, multi-backbone fusion) neve
 every image has exactly one embedding per checkpoint. It is computed in batches under inference mode by
 `architectures.classifier_input` (the input of the checkpoint's own head Linear: class token, mean of
 patches, global average pool, DINOv2's class token + mean patch...; for a timm model timm's own
-`forward_head(forward_features(x), pre_logits=True)`), written batch by batch into a memory-mapped
+`forward_head(forward_features(x), pre_logits=True)`); with `feature_layers` other than `last`, followed by the
+pooled output of the backbone's stages (`models.layer_features`). It is written batch by batch into a memory-mapped
 ``.npy`` entry of the feature cache (`cache.py`), and reused by every later run whose inputs are the same.
 Memory while computing is one batch of pixels plus the memory-mapped output: it does not grow with the
 number of images beyond the feature matrix itself.
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from hf_finetune.compat import dataset_fingerprint
 from hf_finetune.config import ModelArguments
 from hf_finetune.errors import UserError
+from hf_finetune.models.layer_features import LAST, multi_layer
 from hf_finetune.probe.cache import FeatureCache, FeatureKey, SplitFeatures, checkpoint_identity
 
 if TYPE_CHECKING:
@@ -47,11 +49,14 @@ def split_checkpoints(model_args: ModelArguments) -> list[ModelArguments]:
     return [replace(model_args, model_name_or_path=name) for name in names]
 
 
-def embed_batch(model, pixel_values: torch.Tensor, checkpoint: str, autocast_dtype=None) -> torch.Tensor:
-    """Pooled features of one batch (one backbone forward pass), float32 on the CPU."""
+def embed_batch(
+    model, pixel_values: torch.Tensor, checkpoint: str, autocast_dtype=None, layers: str = LAST
+) -> torch.Tensor:
+    """Pooled features of one batch (one backbone forward pass), float32 on the CPU: the final pooled features,
+    then those of the stages `layers` names (`models.layer_features`; `last`: the final ones only)."""
     import torch
 
-    from hf_finetune.models.architectures import classifier_input
+    from hf_finetune.models.layer_features import layer_features
 
     device = next(model.parameters()).device
     autocast = (
@@ -59,20 +64,29 @@ def embed_batch(model, pixel_values: torch.Tensor, checkpoint: str, autocast_dty
     )
     try:
         with autocast:
-            features = classifier_input(model, pixel_values)
+            features = layer_features(model, pixel_values, layers)
     except UserError as err:
-        raise UserError(f"Checkpoint `{checkpoint}` has no pooled output to use as features: {err}") from None
+        problem = (
+            "cannot give the features feature_layers names" if multi_layer(layers) else "has no pooled output"
+        )
+        raise UserError(f"Checkpoint `{checkpoint}` {problem} to use as features: {err}") from None
     return features.float().cpu()
 
 
-def check_pooled_output(model, checkpoint: str) -> int:
-    """The feature width of `model`, or a UserError naming `checkpoint` when it has no pooled output."""
+def check_pooled_output(model, checkpoint: str, layers: str = LAST, sample=None) -> int:
+    """The feature width of `model`, or a UserError naming `checkpoint` when it has no pooled output.
+
+    With several layers (`layers` other than `last`) the width is that of the features of `sample` (a batch of
+    pixel values, one picture is enough): one forward pass, which also checks the stages exist."""
     from hf_finetune.models.architectures import feature_dim
 
     try:
-        return feature_dim(model)
+        width = feature_dim(model)
     except UserError as err:
         raise UserError(f"Checkpoint `{checkpoint}` has no pooled output to use as features: {err}") from None
+    if multi_layer(layers):
+        width = embed_batch(model, sample, checkpoint, layers=layers).shape[1]
+    return width
 
 
 def pixel_loader(dataset, image_column: str, transform, batch_size: int, num_workers: int):
@@ -104,6 +118,7 @@ def compute_into(
     batch_size: int = 64,
     num_workers: int = 0,
     autocast_dtype=None,
+    layers: str = LAST,
 ) -> int:
     """Fill `matrix` (rows = dataset rows) with pooled features, one batch at a time; returns the number of
     batches (backbone forward passes)."""
@@ -112,7 +127,7 @@ def compute_into(
     row = batches = 0
     with tqdm(total=matrix.shape[0], desc="Features", unit="pictures", disable=None) as progress:
         for batch in pixel_loader(dataset, image_column, transform, batch_size, num_workers):
-            features = embed_batch(model, batch["pixel_values"], checkpoint, autocast_dtype).numpy()
+            features = embed_batch(model, batch["pixel_values"], checkpoint, autocast_dtype, layers).numpy()
             matrix[row : row + len(features)] = features
             row += len(features)
             batches += 1
@@ -160,7 +175,7 @@ class Backbone:
             check_pooled_output(self._model, self.name)
         return self._model
 
-    def key(self, fingerprint: str, split: str, precision: str = "float32") -> FeatureKey:
+    def key(self, fingerprint: str, split: str, precision: str = "float32", layers: str = LAST) -> FeatureKey:
         return FeatureKey(
             checkpoint=self.name,
             identity=self.identity,
@@ -168,7 +183,13 @@ class Backbone:
             fingerprint=fingerprint,
             split=split,
             precision=precision,
+            layers=layers,
         )
+
+    def sample_pixels(self, dataset, image_column: str):
+        """The first picture of `dataset` as a batch of one, through the eval transform."""
+        first = pixel_loader(dataset.select([0]), image_column, self.eval_transform, 1, 0)
+        return next(iter(first))["pixel_values"]
 
 
 @dataclass
@@ -195,18 +216,20 @@ def extract_features(
     autocast_dtype=None,
     recompute: bool = False,
     report: ExtractionReport | None = None,
+    layers: str = LAST,
 ) -> dict[str, SplitFeatures]:
-    """Features of every split of `splits` (a DatasetDict as `prepare_data` returns it) for `backbone`.
+    """Features of every split of `splits` (a DatasetDict as `prepare_data` returns it) for `backbone`: the
+    final pooled features, then those of the stages `layers` names (`models.layer_features`).
 
-    Cached entries are reused without loading the model; missing ones are computed and written. The log
-    says which, per split.
+    Cached entries (keyed by `layers` too) are reused without loading the model; missing ones are computed and
+    written. The log says which, per split.
     """
     import numpy as np
 
     precision = "float32" if autocast_dtype is None else f"autocast-{str(autocast_dtype).split('.')[-1]}"
     out: dict[str, SplitFeatures] = {}
     for split, dataset in splits.items():
-        key = backbone.key(dataset_fingerprint(dataset), split, precision)
+        key = backbone.key(dataset_fingerprint(dataset), split, precision, layers)
         split_labels = np.asarray(dataset[label_column], dtype=np.int64)
         found = None if recompute else cache.load(key, split_labels)
         if found is not None:
@@ -222,11 +245,13 @@ def extract_features(
             model = backbone.model(labels)
             if device is not None:
                 model.to(device)
-            dim = check_pooled_output(model, backbone.name)
+            sample = backbone.sample_pixels(dataset, image_column) if multi_layer(layers) else None
+            dim = check_pooled_output(model, backbone.name, layers, sample)
             logger.info(
-                "Features %s / %s: %s, computing %d x %d in batches of %d.",
+                "Features %s / %s%s: %s, computing %d x %d in batches of %d.",
                 backbone.name,
                 split,
+                f" (feature_layers {layers})" if multi_layer(layers) else "",
                 "recompute requested" if recompute else "cache miss",
                 len(dataset),
                 dim,
@@ -244,6 +269,7 @@ def extract_features(
                     batch_size=batch_size,
                     num_workers=num_workers,
                     autocast_dtype=autocast_dtype,
+                    layers=layers,
                 )
 
             out[split] = cache.write(key, compute, len(dataset), dim, split_labels)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hf_finetune.errors import UserError
+from hf_finetune.models.layer_features import LAST, parse_feature_layers
 from hf_finetune.probe.export import (
     CLASSIFIER_FILE,
     FORMAT_PROBE,
@@ -69,6 +70,8 @@ class ProbeModel:
             model = AutoModelForImageClassification.from_pretrained(folder).to(device).eval()
             processor = AutoImageProcessor.from_pretrained(folder)
             self.backbones.append((str(folder), model, build_transforms(processor, augment=False)[1]))
+        # Per backbone: which layers its features come from (`last` unless probe.json names stages).
+        self.layers = [parse_feature_layers(b.get("feature_layers", LAST)) for b in self.info["backbones"]]
         if self.format == FORMAT_PROBE:
             self.normaliser = Normaliser.from_arrays(load_file(str(self.directory / NORMALISER_FILE)))
             kind = self.info["predictor"]
@@ -105,8 +108,8 @@ class ProbeModel:
                 out.append(softmax(logits.double().cpu().numpy(), axis=1))
             else:
                 blocks = [
-                    embed_batch(model, self._pixels(transform, chunk), name).numpy()
-                    for name, model, transform in self.backbones
+                    embed_batch(model, self._pixels(transform, chunk), name, layers=layers).numpy()
+                    for (name, model, transform), layers in zip(self.backbones, self.layers, strict=True)
                 ]
                 out.append(self.predictor.probabilities(self.normaliser(blocks)))
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)))

@@ -7,9 +7,9 @@ one file, in order, so that it reads top to bottom).
         ──▶ validation + test metrics ──▶ export (export.py) + all_results.json, card, config
 
 `model_name_or_path` may list several checkpoints separated by commas: their features are fused. A
-linear result on one checkpoint is written into that checkpoint's own classifier layer, so the output
-directory is an ordinary transformers model; everything else is an hf-finetune probe directory (see
-`hf_finetune.probe.export`).
+linear result on one checkpoint's final features (`feature_layers: last`) is written into that checkpoint's own
+classifier layer, so the output directory is an ordinary transformers model; everything else (stage outputs
+too: no single layer sees them) is an hf-finetune probe directory (see `hf_finetune.probe.export`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from hf_finetune.config import DataArguments, FinetuneTrainingArguments, ModelArguments
 from hf_finetune.errors import UserError
+from hf_finetune.models.layer_features import multi_layer
 from hf_finetune.outputs import atomic, card, manifest
 from hf_finetune.outputs import files as output
 from hf_finetune.probe.arguments import ProbeArguments
@@ -152,6 +153,7 @@ def fit_probe(
             autocast_dtype=_autocast_dtype(training_args, device),
             recompute=probe_args.recompute_features,
             report=report,
+            layers=probe_args.feature_layers,
         )
         for backbone in backbones
     ]
@@ -235,12 +237,20 @@ def save_probe(
     ##########################################################################
     # Export: into the checkpoint's own head when linear, else a probe folder #
     ##########################################################################
+    layers = {"feature_layers": probe_args.feature_layers} if multi_layer(probe_args.feature_layers) else {}
     infos = [
-        {"name": b.name, "revision": b.model_args.model_revision, "identity": b.identity, "dim": dim}
+        {
+            "name": b.name,
+            "revision": b.model_args.model_revision,
+            "identity": b.identity,
+            "dim": dim,
+            **layers,
+        }
         for b, dim in zip(result.backbones, result.normaliser.dims, strict=True)
     ]
     head = None
-    if spec.linear and len(result.backbones) == 1:
+    # Stage outputs reach no layer of the checkpoint: such a probe is always saved as a probe folder.
+    if spec.linear and len(result.backbones) == 1 and not layers:
         head = linear_head(result.backbones[0].model(labels), len(labels))
         if head is None:
             logger.warning(
@@ -312,6 +322,7 @@ def save_probe(
             "export_format": fmt,
             "is_transformers_model": fmt == FORMAT_TRANSFORMERS,
             "checkpoints": [b.name for b in result.backbones],
+            "feature_layers": probe_args.feature_layers,
             "chosen": fitted.chosen,
             # Numbers the fitted classifier holds (weights, class statistics, or kNN's stored rows).
             "classifier_parameters": int(sum(a.size for a in fitted.predictor.arrays().values())),
