@@ -196,7 +196,8 @@ def read_results(output_dir: str | Path) -> dict:
 
 def run_train_rows(rows: dict[str, list[str]], data_flags: list[str], runs: Path) -> dict[str, dict]:
     """Each row a fresh `hf_finetune.commands.cli train` subprocess (CPU, no workers) with the shared
-    `data_flags` and its own flags, measured; returns {row: its all_results.json + cpu_s}."""
+    `data_flags` and its own flags, measured; returns {row: its all_results.json + wall_s + cpu_s}. A row's
+    own folder is `runs / row` (its log, output and fresh datasets cache; flags may name paths inside it)."""
     results = {}
     for name, flags in rows.items():
         run_dir = runs / name
@@ -208,7 +209,7 @@ def run_train_rows(rows: dict[str, list[str]], data_flags: list[str], runs: Path
         ]  # fmt: skip
         stats = run_measured(command, log=run_dir / "log.txt", env=offline_env(run_dir / "datasets-cache"))
         check_ok(stats, name)
-        results[name] = {**read_results(output_dir), "cpu_s": stats.cpu_s}
+        results[name] = {**read_results(output_dir), "wall_s": stats.wall_s, "cpu_s": stats.cpu_s}
     return results
 
 

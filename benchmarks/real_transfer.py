@@ -96,45 +96,31 @@ def main(argv=None) -> None:
     )
     runs = OUT / "runs"
     shutil.rmtree(runs, ignore_errors=True)
-    python = [sys.executable, "-m", "hf_finetune.commands.cli", "train"]
 
-    commands = {
-        name: [*python, "--model_name_or_path", str(checkpoint), "--train_dir", str(digits), *SPLITS,
-               "--use_cpu", "true", "--dataloader_num_workers", "0", "--disable_tqdm", "true", *flags]
+    # Each row gets a fresh datasets cache (run_train_rows) and feature cache: it pays for all a first run pays for.
+    rows = {
+        name: ["--model_name_or_path", str(checkpoint), "--train_dir", str(digits), *SPLITS, *flags]
         for name, flags in methods(args.num_train_epochs).items()
-    }  # fmt: skip
-    commands["quickstart"] = [
-        *python, "--config", str(_common.REPO / "recipes" / "quickstart.yaml"),
+    }
+    rows["quickstart"] = [
+        "--config", str(_common.REPO / "recipes" / "quickstart.yaml"),
         "--model_name_or_path", str(quickstart_checkpoint), "--train_dir", str(digits),
-        "--disable_tqdm", "true",
     ]  # fmt: skip
-    selected = args.methods or list(commands)
-    unknown = sorted(set(selected) - set(commands))
+    for name in ("probe", "quickstart"):
+        rows[name] += ["--feature_cache_dir", str(runs / name / "features")]
+    selected = args.methods or list(rows)
+    unknown = sorted(set(selected) - set(rows))
     if unknown:
-        sys.exit(f"unknown methods {unknown}; choose from {list(commands)}")
+        sys.exit(f"unknown methods {unknown}; choose from {list(rows)}")
 
     print(f"real_transfer: EfficientNet-Lite0 (ImageNet) vs scratch on the digits; {_common.machine()}")
     print(f"  rows at {args.image_size} px, {args.num_train_epochs} epochs; quickstart at its own settings")
     print(f"  {_common.load()}")
-    results = {}
-    for name in selected:
-        run_dir = runs / name
-        print(f"  running {name} (log: {run_dir / 'log.txt'}) ...", flush=True)
-        output_dir = run_dir / "output"
-        # Each run gets a fresh datasets cache (and feature cache): it pays for all that a first run pays for.
-        fresh = ["--feature_cache_dir", str(run_dir / "features")] if name in ("probe", "quickstart") else []
-        stats = _common.run_measured(
-            [*commands[name], "--output_dir", str(output_dir), *fresh],
-            log=run_dir / "log.txt",
-            env=_common.offline_env(datasets_cache=run_dir / "datasets-cache"),
-        )
-        _common.check_ok(stats, name)
-        results[name] = {**_common.read_results(output_dir), "wall_s": stats.wall_s, "cpu_s": stats.cpu_s}
+    # The shared flags (CPU, no workers) go before each row's own: the quickstart's YAML sets the same values.
+    results = _common.run_train_rows({name: rows[name] for name in selected}, [], runs)
 
     print()
-    size = {name: f"{args.image_size} px" for name in commands} | {
-        "quickstart": f"{QUICKSTART_IMAGE_SIZE} px"
-    }
+    size = {name: f"{args.image_size} px" for name in rows} | {"quickstart": f"{QUICKSTART_IMAGE_SIZE} px"}
     scratch = results.get("scratch", {}).get("test_accuracy")
     rows = [
         [name, size[name], f"{r['test_accuracy']:.3f}",
