@@ -189,6 +189,22 @@ class DataArguments:
         },
     )
 
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream the training pictures instead of loading them: a Hub dataset (`dataset_name`) or "
+            "WebDataset .tar shards (`train_file` a glob or brace pattern, e.g. shards/train-{000000..000007}.tar, "
+            "as `hf-finetune shard` writes them). Each process reads its own shards; needs max_steps and a "
+            "validation split of its own (validation_file shards, validation_dir, or the Hub dataset's)."
+        },
+    )
+    shuffle_buffer: int = field(
+        default=1000,
+        metadata={
+            "help": "streaming: pictures held in the shuffle buffer (besides the shuffled shard order)."
+        },
+    )
+
     def __post_init__(self):
         for f in fields(self):
             if getattr(self, f.name) == "" and f.default is None:
@@ -222,6 +238,10 @@ class DataArguments:
         if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
             raise UserError(
                 f"random_resized_crop_scale={scale} must be two fractions 0 < low <= high <= 1, e.g. [0.08, 1.0]."
+            )
+        if self.shuffle_buffer < 0:
+            raise UserError(
+                f"shuffle_buffer={self.shuffle_buffer} must be >= 0 (0: shard order only), e.g. 1000."
             )
         sources = [
             name for name in ("dataset_name", "train_dir", "train_file") if getattr(self, name) is not None
