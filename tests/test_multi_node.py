@@ -60,13 +60,8 @@ def _env(cache: Path) -> dict[str, str]:
     }
 
 
-@pytest.mark.slow
-def test_two_nodes_launched_with_multi_node_yaml_match_one_process(tmp_path):
-    from hf_finetune.testing.quickstart import export_digits
-
-    export_digits(tmp_path / "digits", outside_material_dir=True)
-    build_tiny_checkpoint("resnet", tmp_path / "tiny-resnet", ["cat", "dog", "bird", "fish"])
-
+def _launch_two_nodes(tmp_path: Path, train_args: list[str]) -> None:
+    """Run `train_args` as two one-process "nodes" on this machine, each with its own datasets cache and log."""
     port = _free_port()
     nodes = []
     for rank in (0, 1):
@@ -79,7 +74,7 @@ def test_two_nodes_launched_with_multi_node_yaml_match_one_process(tmp_path):
             "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
             "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
             "--mixed_precision", "no",
-            *_train_args(tmp_path, tmp_path / "two-nodes"),
+            *train_args,
         ]  # fmt: skip
         log = (tmp_path / f"node{rank}.log").open("w")
         nodes.append(
@@ -89,6 +84,16 @@ def test_two_nodes_launched_with_multi_node_yaml_match_one_process(tmp_path):
         )
     for rank, node in enumerate(nodes):
         assert node.wait(timeout=600) == 0, (tmp_path / f"node{rank}.log").read_text()[-4000:]
+
+
+@pytest.mark.slow
+def test_two_nodes_launched_with_multi_node_yaml_match_one_process(tmp_path):
+    from hf_finetune.testing.quickstart import export_digits
+
+    export_digits(tmp_path / "digits", outside_material_dir=True)
+    build_tiny_checkpoint("resnet", tmp_path / "tiny-resnet", ["cat", "dog", "bird", "fish"])
+
+    _launch_two_nodes(tmp_path, _train_args(tmp_path, tmp_path / "two-nodes"))
 
     one = subprocess.run(
         [sys.executable, *_train_args(tmp_path, tmp_path / "one-process")],
@@ -133,22 +138,7 @@ def test_two_nodes_stream_their_own_shards(tmp_path):
     ]  # fmt: skip
     for setting in ("--num_train_epochs", "--max_train_samples"):
         del args[args.index(setting) : args.index(setting) + 2]
-    port = _free_port()
-    nodes = []
-    for rank in (0, 1):
-        command = [
-            ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_configs" / "multi_node.yaml"),
-            "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
-            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--mixed_precision", "no", *args,
-        ]  # fmt: skip
-        log = (tmp_path / f"node{rank}.log").open("w")
-        nodes.append(
-            subprocess.Popen(
-                command, cwd=REPO, env=_env(tmp_path / f"cache{rank}"), stdout=log, stderr=subprocess.STDOUT
-            )
-        )
-    for rank, node in enumerate(nodes):
-        assert node.wait(timeout=600) == 0, (tmp_path / f"node{rank}.log").read_text()[-4000:]
+    _launch_two_nodes(tmp_path, args)
     log = (tmp_path / "node0.log").read_text()  # the other node logs warnings only
     assert "8 shard(s), 4 read by this process (0 of 2)" in log, log[-4000:]
     splits = json.loads((tmp_path / "two-nodes" / "data_splits.json").read_text())["splits"]
