@@ -1,6 +1,6 @@
 """Typed run settings: the argument dataclasses (on `HfArgumentParser`), the project's defaults for
 `TrainingArguments`, and what the settings mean for a run (dataloader workers, the global batch size).
-About 430 lines because every setting is a field with its help text here, in the style a new one copies.
+About 545 lines because every setting is a field with its help text here, in the style a new one copies.
 
 This is where users import the argument dataclasses from (`from hf_finetune.config import DataArguments`).
 New settings go into these dataclasses: a field with a default and `metadata={"help": ...}`; checks of its
@@ -121,10 +121,17 @@ class DataArguments:
     test_dir: str | None = field(default=None, metadata={"help": "Test image folder (same layout)."})
     train_file: str | None = field(
         default=None,
-        metadata={"help": "CSV or JSON-lines file of image path + label; paths relative to the file."},
+        metadata={
+            "help": "CSV or JSON-lines file of image path + label; paths relative to the file. With streaming: a "
+            "glob or brace pattern of WebDataset .tar shards."
+        },
     )
-    validation_file: str | None = field(default=None, metadata={"help": "Validation CSV / JSON-lines file."})
-    test_file: str | None = field(default=None, metadata={"help": "Test CSV / JSON-lines file."})
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Validation CSV / JSON-lines file (streaming: .tar shards)."}
+    )
+    test_file: str | None = field(
+        default=None, metadata={"help": "Test CSV / JSON-lines file (streaming: .tar shards)."}
+    )
     image_column: str | None = field(default=None, metadata={"help": "Image column (default: detected)."})
     label_column: str | None = field(default=None, metadata={"help": "Label column (default: detected)."})
     task: str = field(
