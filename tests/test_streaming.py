@@ -297,3 +297,22 @@ def test_an_unreadable_picture_in_a_shard_is_skipped_and_counted(digit_shards, s
     listed = json.loads((tmp_path / "out" / "bad_images.json").read_text())
     assert len(listed) == 1 and listed[0]["split"] == "train" and "cannot identify" in listed[0]["problem"]
     assert json.loads((tmp_path / "out" / "run_summary.json").read_text())["bad_images_skipped"] == 1
+
+
+def test_a_streamed_dataset_name_trains_from_its_own_train_and_validation_splits(digit_shards, tmp_path):
+    """`dataset_name` streamed (a dataset folder of Parquet files here, read as the Hub's are): the class names
+    from its ClassLabel, validation from its own split."""
+    from conftest import digits_dataset, run_training
+
+    names = ["zero", "one", "two"]
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    digits_dataset(20, names=names).to_parquet(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet")
+    digits_dataset(5, names=names, offset=40).to_parquet(
+        tmp_path / "hub" / "data" / "validation-00000-of-00001.parquet"
+    )
+    argv = _stream_argv(digit_shards, tmp_path / "out", "--max_steps", "3", "--save_steps", "3")
+    for setting in ("--train_file", "--validation_file"):
+        del argv[argv.index(setting) : argv.index(setting) + 2]
+    results = run_training([*argv, "--dataset_name", str(tmp_path / "hub")])
+    assert results["train_samples"] == 24 and results["eval_samples"] == 15
+    assert json.loads((tmp_path / "out" / "data_splits.json").read_text())["labels"] == names
