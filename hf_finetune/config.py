@@ -1,6 +1,6 @@
 """Typed run settings: the argument dataclasses (on `HfArgumentParser`), the project's defaults for
 `TrainingArguments`, and what the settings mean for a run (dataloader workers, the global batch size).
-About 430 lines because every setting is a field with its help text here, in the style a new one copies.
+About 545 lines because every setting is a field with its help text here, in the style a new one copies.
 
 This is where users import the argument dataclasses from (`from hf_finetune.config import DataArguments`).
 New settings go into these dataclasses: a field with a default and `metadata={"help": ...}`; checks of its
@@ -121,10 +121,17 @@ class DataArguments:
     test_dir: str | None = field(default=None, metadata={"help": "Test image folder (same layout)."})
     train_file: str | None = field(
         default=None,
-        metadata={"help": "CSV or JSON-lines file of image path + label; paths relative to the file."},
+        metadata={
+            "help": "CSV or JSON-lines file of image path + label; paths relative to the file. With streaming: a "
+            "glob or brace pattern of WebDataset .tar shards."
+        },
     )
-    validation_file: str | None = field(default=None, metadata={"help": "Validation CSV / JSON-lines file."})
-    test_file: str | None = field(default=None, metadata={"help": "Test CSV / JSON-lines file."})
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Validation CSV / JSON-lines file (streaming: .tar shards)."}
+    )
+    test_file: str | None = field(
+        default=None, metadata={"help": "Test CSV / JSON-lines file (streaming: .tar shards)."}
+    )
     image_column: str | None = field(default=None, metadata={"help": "Image column (default: detected)."})
     label_column: str | None = field(default=None, metadata={"help": "Label column (default: detected)."})
     task: str = field(
@@ -189,6 +196,22 @@ class DataArguments:
         },
     )
 
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream the training pictures instead of loading them: a Hub dataset (`dataset_name`) or "
+            "WebDataset .tar shards (`train_file` a glob or brace pattern, e.g. shards/train-{000000..000007}.tar, "
+            "as `hf-finetune shard` writes them). Each process reads its own shards; needs max_steps and a "
+            "validation split of its own (validation_file shards, validation_dir, or the Hub dataset's)."
+        },
+    )
+    shuffle_buffer: int = field(
+        default=1000,
+        metadata={
+            "help": "streaming: pictures held in the shuffle buffer (besides the shuffled shard order)."
+        },
+    )
+
     def __post_init__(self):
         for f in fields(self):
             if getattr(self, f.name) == "" and f.default is None:
@@ -222,6 +245,10 @@ class DataArguments:
         if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
             raise UserError(
                 f"random_resized_crop_scale={scale} must be two fractions 0 < low <= high <= 1, e.g. [0.08, 1.0]."
+            )
+        if self.shuffle_buffer < 0:
+            raise UserError(
+                f"shuffle_buffer={self.shuffle_buffer} must be >= 0 (0: shard order only), e.g. 1000."
             )
         sources = [
             name for name in ("dataset_name", "train_dir", "train_file") if getattr(self, name) is not None

@@ -118,6 +118,7 @@ def make_workdir(root: Path) -> Path:
     build_tiny_checkpoint("vit", root / "my_checkpoint", labels=[f"flower_{i}" for i in range(5)])
     _small_pictures(root / "pictures" / "train", 16)
     _small_pictures(root / "pictures" / "test", 4, offset=40)
+    _small_pictures(root / "pictures" / "validation", 4, offset=50)
     return root
 
 
@@ -151,6 +152,8 @@ def local_argv(command: str) -> list[str]:
         argv += ["--bf16", "false"]
     if "recipes/compare.py" in argv or "recipes/compare.yaml" in argv:
         argv += SHORT_COMPARE
+    if "--streaming" in argv:  # a few steps of the documented run, saved and evaluated at the end
+        argv += ["--max_steps", "4", "--save_steps", "4"]
     return argv
 
 
@@ -257,6 +260,25 @@ def _needs_quickstart_output(argv: list[str]) -> bool:
     return "outputs/quickstart" in argv and argv[:2] != ["python", "recipes/quickstart.py"]
 
 
+def _needs_shards(argv: list[str]) -> bool:
+    """A streamed run: the README shows it after the `hf-finetune shard` lines that write its shards, and with
+    the quickstart's converted Lite0."""
+    return argv[0] == "hf-finetune" and "--streaming" in argv
+
+
+def build_shards(cwd: Path) -> None:
+    from hf_finetune.testing.quickstart import MATERIAL_BUILDERS
+
+    for split in ("train", "validation"):
+        made = run(
+            ["hf-finetune", "shard", f"pictures/{split}", f"shards/{split}", "--shard_size", "16"], cwd
+        )
+        assert made.returncode == 0, made.stderr[-3000:]
+    MATERIAL_BUILDERS["tf_efficientnet_lite0"](
+        cwd / "data/quickstart/tf_efficientnet_lite0", outside_material_dir=True
+    )
+
+
 def _needs_recipe_material(argv: list[str]) -> bool:
     """`hf-finetune ... --config recipes/probe.yaml` (or compare / quickstart): the README shows it after the
     recipe's own line, which exports the digits and builds the stand-in checkpoints the YAML names."""
@@ -290,11 +312,15 @@ def test_documented_command(command, tmp_path):
     argv = local_argv(command)
     if _needs_recipe_material(argv):
         build_recipe_material(cwd)
+    if _needs_shards(argv):
+        build_shards(cwd)
     if _needs_quickstart_output(argv):
         first = run(["python", "recipes/quickstart.py"], cwd)
         assert first.returncode == 0, first.stderr[-3000:]
     result = run(argv, cwd)
     error = assert_ends_well(result, argv, cwd)
+    if _needs_shards(argv) or argv[:2] == ["hf-finetune", "shard"]:
+        assert error is None, error
     if "push" in argv and "--dry_run" not in argv:
         assert error is not None and "retry" in error  # offline: nothing uploaded, the command to retry
     if "push" in argv and "--dry_run" in argv:

@@ -2,7 +2,8 @@
 `accelerate launch --num_machines 2 --machine_rank 0|1 --main_process_ip 127.0.0.1` launchers, one CPU process
 each, DDP over gloo), each node with its own datasets cache, both writing one output folder (a shared file
 system). The run ends with identical weights on both nodes (checked at every epoch end by the DDP replica
-check) and the metrics of one process with the same global batch."""
+check) and the metrics of one process with the same global batch. Streamed (`streaming: true`), each node reads
+its own half of the shards, and the two still train as one."""
 
 from __future__ import annotations
 
@@ -59,13 +60,8 @@ def _env(cache: Path) -> dict[str, str]:
     }
 
 
-@pytest.mark.slow
-def test_two_nodes_launched_with_multi_node_yaml_match_one_process(tmp_path):
-    from hf_finetune.testing.quickstart import export_digits
-
-    export_digits(tmp_path / "digits", outside_material_dir=True)
-    build_tiny_checkpoint("resnet", tmp_path / "tiny-resnet", ["cat", "dog", "bird", "fish"])
-
+def _launch_two_nodes(tmp_path: Path, train_args: list[str]) -> None:
+    """Run `train_args` as two one-process "nodes" on this machine, each with its own datasets cache and log."""
     port = _free_port()
     nodes = []
     for rank in (0, 1):
@@ -78,7 +74,7 @@ def test_two_nodes_launched_with_multi_node_yaml_match_one_process(tmp_path):
             "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
             "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
             "--mixed_precision", "no",
-            *_train_args(tmp_path, tmp_path / "two-nodes"),
+            *train_args,
         ]  # fmt: skip
         log = (tmp_path / f"node{rank}.log").open("w")
         nodes.append(
@@ -88,6 +84,16 @@ def test_two_nodes_launched_with_multi_node_yaml_match_one_process(tmp_path):
         )
     for rank, node in enumerate(nodes):
         assert node.wait(timeout=600) == 0, (tmp_path / f"node{rank}.log").read_text()[-4000:]
+
+
+@pytest.mark.slow
+def test_two_nodes_launched_with_multi_node_yaml_match_one_process(tmp_path):
+    from hf_finetune.testing.quickstart import export_digits
+
+    export_digits(tmp_path / "digits", outside_material_dir=True)
+    build_tiny_checkpoint("resnet", tmp_path / "tiny-resnet", ["cat", "dog", "bird", "fish"])
+
+    _launch_two_nodes(tmp_path, _train_args(tmp_path, tmp_path / "two-nodes"))
 
     one = subprocess.run(
         [sys.executable, *_train_args(tmp_path, tmp_path / "one-process")],
@@ -111,3 +117,36 @@ def test_two_nodes_launched_with_multi_node_yaml_match_one_process(tmp_path):
     # other groups of pictures than those of one process accumulating two micro-batches.
     assert two["eval_loss"] == pytest.approx(single["eval_loss"], rel=0.01)
     assert two["train_loss"] == pytest.approx(single["train_loss"], rel=0.01)
+
+
+@pytest.mark.slow
+def test_two_nodes_stream_their_own_shards(tmp_path):
+    """`streaming: true` across the two "nodes": each reads 4 of the 8 shards, and they train as one (4 steps
+    of the 32-picture global batch, the same weights on both)."""
+    from conftest import write_digits_folder
+
+    from hf_finetune.commands.cli import main
+
+    write_digits_folder(tmp_path / "pictures", 40, offset=0)
+    write_digits_folder(tmp_path / "validation", 10, offset=40)
+    main(["shard", str(tmp_path / "pictures"), str(tmp_path / "shards"), "--shard_size", "15"])  # 8 shards
+    build_tiny_checkpoint("resnet", tmp_path / "tiny-resnet", ["cat", "dog", "bird", "fish"])
+    args = _train_args(tmp_path, tmp_path / "two-nodes")
+    args[args.index("--train_dir") : args.index("--train_dir") + 2] = [
+        "--streaming", "true", "--train_file", str(tmp_path / "shards" / "*.tar"),
+        "--validation_dir", str(tmp_path / "validation"), "--max_steps", "4", "--log_level", "info",
+    ]  # fmt: skip
+    for setting in ("--num_train_epochs", "--max_train_samples"):
+        del args[args.index(setting) : args.index(setting) + 2]
+    _launch_two_nodes(tmp_path, args)
+    log = (tmp_path / "node0.log").read_text()  # the other node logs warnings only
+    assert "8 shard(s), 4 read by this process (0 of 2)" in log, log[-4000:]
+    splits = json.loads((tmp_path / "two-nodes" / "data_splits.json").read_text())["splits"]
+    assert splits["train"] == {"source": "stream", "shards": 4}
+    results = json.loads((tmp_path / "two-nodes" / "all_results.json").read_text())
+    assert results["train_samples"] == 4 * 32 and results["train_bad_samples_skipped"] == 0
+    assert results["eval_samples"] == 30
+    summary = json.loads((tmp_path / "two-nodes" / STRATEGY_SUMMARY).read_text())
+    assert summary["ddp"]["world_size"] == 2
+    history = summary["history"]  # the DDP replica check, at the end of the Trainer's one "epoch"
+    assert history and all(h["replicas_identical"] is True for h in history), history

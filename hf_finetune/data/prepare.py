@@ -59,7 +59,7 @@ class PreparedData:
         return os.path.basename(location)  # e.g. a file in the datasets cache
 
 
-def _report_bad_images(found: PreparedData, rows: dict[str, list[int]], on_bad_image: str) -> None:
+def report_bad_images(found: PreparedData, rows: dict[str, list[int]], on_bad_image: str) -> None:
     """Name each unreadable picture as published files do, with its row in the source split (`rows`); then
     stop the run (`on_bad_image: error`) or log how many are skipped."""
     bad = found.bad_images
@@ -132,7 +132,7 @@ def prepare_data(
         digests=kept_digests,
         multi_label=multi_label,
     )
-    _report_bad_images(found, rows, args.on_bad_image)
+    report_bad_images(found, rows, args.on_bad_image)
     for name, dataset in splits.items():
         if len(dataset) == 0:
             raise UserError(

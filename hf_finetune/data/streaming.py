@@ -14,7 +14,7 @@ data), with a warning saying how many shards would divide. Position within the s
 contents, so the samples a larger buffer held at the save are skipped for the rest of that epoch); `set_epoch`
 deals the shards out again in a new order, on every process alike.
 
-This is the data side of streaming only: training runs (`hf-finetune train`) do not read shards yet.
+Training runs read streams through `hf_finetune.data.stream_source` (`streaming: true`).
 """
 
 from __future__ import annotations
@@ -77,24 +77,29 @@ def stream_shards(
     """This process's stream of the shards `files`: an `IterableDataset`, shuffled (shard order and a buffer of
     `shuffle_buffer` samples, from `seed`; 0: in order) and split by process (see the module docstring)."""
     from datasets import load_dataset
-    from datasets.distributed import split_dataset_by_node
 
     stream = load_dataset("webdataset", data_files={"train": files}, split="train", streaming=True)
     if shuffle_buffer:
         stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer)
+    return split_by_process(stream, len(files), rank, world_size)
+
+
+def split_by_process(stream, n_shards: int, rank: int, world_size: int):
+    """This process's part of `stream` (an `IterableDataset` of `n_shards` shards): its own shards when the count
+    divides by `world_size`, else one sample in `world_size` of every shard, with a warning (module docstring)."""
+    from datasets.distributed import split_dataset_by_node
+
     if world_size == 1:
         return stream
-    if len(files) % world_size:
+    if n_shards % world_size:
         fits = [
-            n
-            for n in (len(files) - len(files) % world_size, len(files) + world_size - len(files) % world_size)
-            if n
+            n for n in (n_shards - n_shards % world_size, n_shards + world_size - n_shards % world_size) if n
         ]
         logger.warning(
             "%d shard(s) do not divide by %d processes: every process reads every shard and keeps 1 sample in %d "
             "(disjoint and complete, but %dx the reads). Reshard to a multiple of %d (e.g. %s shards: "
             "hf-finetune shard --shard_size) to read each shard once.",
-            len(files),
+            n_shards,
             world_size,
             world_size,
             world_size,

@@ -415,6 +415,19 @@ def decode_sizes(image_processor, data_args) -> DecodeSizes:
     return DecodeSizes(train, eval_, spec.interpolation, eval_exact=exact)
 
 
+def run_transforms(image_processor, data_args):
+    """(train, eval) transforms of one picture for the checkpoint and the data settings' augmentation."""
+    return build_transforms(
+        image_processor,
+        data_args.augment,
+        data_args.random_resized_crop_scale,
+        data_args.horizontal_flip,
+        auto_augment=data_args.auto_augment,
+        rand_augment_magnitude=data_args.rand_augment_magnitude,
+        random_erasing=data_args.random_erasing,
+    )
+
+
 def attach_transforms(
     splits, image_processor, data_args, image_column: str, label_column: str, seed: int = 0, sizes=None
 ) -> dict:
@@ -428,15 +441,7 @@ def attach_transforms(
 
     from hf_finetune.data.multilabel import is_multi_label_feature
 
-    train_tf, eval_tf = build_transforms(
-        image_processor,
-        data_args.augment,
-        data_args.random_resized_crop_scale,
-        data_args.horizontal_flip,
-        auto_augment=data_args.auto_augment,
-        rand_augment_magnitude=data_args.rand_augment_magnitude,
-        random_erasing=data_args.random_erasing,
-    )
+    train_tf, eval_tf = run_transforms(image_processor, data_args)
     sizes = sizes or decode_sizes(image_processor, data_args)
     logger.info("JPEG decode size (at least): train %s; eval decodes in full", sizes.train)
     attached = {}

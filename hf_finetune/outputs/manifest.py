@@ -20,8 +20,11 @@ ALL_RESULTS = "all_results.json"
 # What a run wrote into its output_dir (top-level names), so that `overwrite_output_dir` removes exactly that and
 # never a file of the user's. Hidden: it is not published (publish.UPLOAD_IGNORE_PATTERNS skips dot files).
 MANIFEST = ".hf_finetune_manifest.json"
+# A streamed run's unreadable training pictures, one file per process and dataloader worker, appended as they are
+# met (hf_finetune.data.stream_train); hidden, so not published: bad_images.json lists them at the end.
+STREAM_BAD_DIR = ".stream_bad_samples"
 # Folders the Trainer writes while training, before the run's manifest can name them one by one.
-RUN_PATTERNS = ("checkpoint-*",)
+RUN_PATTERNS = ("checkpoint-*", STREAM_BAD_DIR)
 
 
 def _top_level(output_dir: Path) -> dict[str, tuple[bool, int, int]]:

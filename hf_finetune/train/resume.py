@@ -76,6 +76,13 @@ class ResumeReport(TrainerCallback):
     def on_train_begin(self, args, state, control, lr_scheduler=None, train_dataloader=None, **kwargs):
         if self.checkpoint is None or not state.is_world_process_zero:
             return control
+        if train_dataloader is not None and not hasattr(train_dataloader.dataset, "__len__"):
+            logger.info(  # a stream (streaming: true): it has no epochs, only a position
+                "Resuming from %s: global step %d of %d. Restored: model weights; optimizer and learning-rate "
+                "scheduler state; the stream's position (the batches before it are passed over undecoded).",
+                self.checkpoint, state.global_step, state.max_steps,
+            )  # fmt: skip
+            return control
         batches = len(train_dataloader) if train_dataloader is not None else 0
         accumulation = args.gradient_accumulation_steps
         per_epoch = max(math.ceil(batches / accumulation), 1)

@@ -1,4 +1,4 @@
-"""One training run, as a list of stages each entered once, data flowing one way (about 575 lines because
+"""One training run, as a list of stages each entered once, data flowing one way (about 590 lines because
 the stages stay in one file, in order, so that a run reads top to bottom):
 
     config -> data -> model -> strategy -> Trainer -> evaluation -> outputs
@@ -132,6 +132,13 @@ def prepare_run_data(
 
     # Worked out once: the downscaled copies and the transforms that read them use the same sizes.
     sizes = decode_sizes(image_processor, data_args)
+    if data_args.streaming:  # the training split as a stream, validation and test read once
+        from hf_finetune.data.stream_source import prepare_streamed_data
+
+        with training_args.main_process_first(desc="dataset preparation"):
+            return RunData(
+                *prepare_streamed_data(data_args, training_args, image_processor, cache_dir, sizes)
+            )
     # The main process scans and caches the data first; the others then read its cache.
     with training_args.main_process_first(desc="dataset preparation"):
         prepared = prepare_data(
@@ -193,7 +200,8 @@ def apply_strategy(
     model = wrap_for_strategy(model, strategy_args)  # lora: the checkpoint in peft adapters
     # Freeze before the Trainer exists: it reads ddp_find_unused_parameters when it builds the accelerator.
     # Two real training images let the plan find parameters the forward pass never uses.
-    train_split = data.splits["train"]
+    # A streamed training split has no rows to index: validation's pictures have the same shape.
+    train_split = data.splits["validation" if data_args.streaming else "train"]
     example = collate([train_split[i] for i in range(min(2, len(train_split)))])
     plan = prepare_strategy(model, strategy_args, training_args, example_inputs=example)
     return StrategyStage(model, plan, notes, start_state)
@@ -278,7 +286,12 @@ def train_and_save(
         split_training(
             timing
         )  # per-epoch evaluation, checkpoint saves, best-model reload: phases of their own
-        metrics = {**train_result.metrics, "train_samples": len(splits["train"])}
+        if hasattr(splits["train"], "__len__"):
+            metrics = {**train_result.metrics, "train_samples": len(splits["train"])}
+        else:  # streamed: the pictures seen, and the unreadable ones skipped on the way
+            from hf_finetune.train.streamed import streamed_train_metrics
+
+            metrics = {**train_result.metrics, **streamed_train_metrics(trainer, output_dir)}
         with timed("EMA / soup / WiSE-FT choice on validation"):
             if ema is not None:
                 metrics.update(choose_ema_or_raw(trainer, ema, splits["validation"], f"eval_{chooser}"))
@@ -466,6 +479,10 @@ def run(
     from hf_finetune.strategies.registry import AUTO_STRATEGY, FEATURE_STRATEGY
 
     strategy_args = strategy_args or StrategyArguments()
+    if data_args.streaming:
+        from hf_finetune.train.streamed import check_streaming_settings
+
+        check_streaming_settings(data_args, training_args, strategy_args, extra_args)
     if strategy_args.strategy == AUTO_STRATEGY:
         from hf_finetune.strategies.auto import RunStages, run_auto
 

@@ -34,6 +34,7 @@ def build_trainer(
     from hf_finetune.train.mixing import BatchMixing, MixingSettings, MixingTrainerMixin
     from hf_finetune.train.resume import AugmentationEpochCallback, StepSeedCallback
     from hf_finetune.train.sampling import BalancedSamplerMixin
+    from hf_finetune.train.streamed import StreamingLoaderMixin, StreamPositionCallback
     from hf_finetune.train.validation_pass import KeepValidationPassesMixin
 
     callbacks = list(callbacks or [])
@@ -61,7 +62,10 @@ def build_trainer(
         # Soft targets and weights need our loss; it applies label_smoothing_factor itself.
         extra["compute_loss_func"] = ClassificationLoss(training_args.label_smoothing_factor, class_weights)
     # KeepValidationPassesMixin: the final evaluation reuses the per-epoch pass of the final weights.
-    mixins = (KeepValidationPassesMixin, CheckpointLoadingMixin, MixingTrainerMixin, BalancedSamplerMixin)
+    mixins = (
+        KeepValidationPassesMixin, CheckpointLoadingMixin, MixingTrainerMixin, BalancedSamplerMixin,
+        StreamingLoaderMixin,
+    )  # fmt: skip
     trainer_cls = type("FinetuneTrainer", (*mixins, base_cls), {})
     if training_args.ema:
         # Before the completeness marker: a checkpoint is complete once its EMA copy is written too.
@@ -72,6 +76,8 @@ def build_trainer(
     callbacks.append(StepSeedCallback(training_args.seed))
     if hasattr(splits["train"], "set_epoch"):
         callbacks.append(AugmentationEpochCallback(splits["train"]))
+    if hasattr(splits["train"], "skip_batches"):  # a stream: where a resumed run starts reading
+        callbacks.append(StreamPositionCallback(splits["train"]))
     trainer = trainer_cls(
         model=model,
         args=training_args,
