@@ -191,3 +191,28 @@ def test_compare_on_multi_label_ranks_by_map(tmp_path, lite0, mosaics, cache, mo
     best = max(ran, key=lambda row: row["mAP"])
     assert cells[best["method"]][0] == f"{best['mAP']:.4f}" and cells[best["method"]][-2] == "1"
     assert sorted(int(cells[row["method"]][-2]) for row in ran) == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--strategy", "auto", "--time_budget_minutes", "5"],
+            "strategy auto weighs the candidates by accuracy",
+        ),
+        (["--strategy", "head", "--inspect", "true"], "inspect's label issues judge one class per picture"),
+    ],
+)
+def test_auto_and_inspect_stay_single_label_and_say_so(tmp_path, lite0, mosaics, monkeypatch, flags, message):
+    monkeypatch.setenv("HF_FINETUNE_FEATURES_CACHE", str(tmp_path / "features"))
+    from hf_finetune.commands.cli import parse_train_args
+    from hf_finetune.train.run import run
+
+    out = tmp_path / "out"
+    model_args, data_args, strategy_args, training_args, inspect_args = parse_train_args(
+        ["--model_name_or_path", str(lite0), "--train_file", str(mosaics), "--output_dir", str(out), *SPLITS,
+         *FAST_RUN, "--max_steps", "1", *flags]
+    )  # fmt: skip
+    with pytest.raises(UserError, match=message):
+        run(model_args, data_args, training_args, strategy_args=strategy_args, extra_args=(inspect_args,))
+    assert not (out / "all_results.json").exists()
