@@ -301,23 +301,6 @@ def test_settings_that_do_not_apply_to_multi_label_are_refused(tmp_path, checkpo
         _run(checkpoints("vit"), tmp_path / "b", mosaics, "--cutmix_alpha", "1.0", epochs=1)
 
 
-@pytest.mark.parametrize("strategy", ["probe", "lp_ft"])
-def test_feature_path_refuses_multi_label_clearly(tmp_path, checkpoints, mosaics, strategy):
-    from conftest import FAST_RUN
-
-    from hf_finetune.commands.cli import parse_train_args
-    from hf_finetune.train.run import run
-
-    argv = ["--model_name_or_path", str(checkpoints("vit")), "--output_dir", str(tmp_path / strategy),
-            "--train_file", str(mosaics), "--strategy", strategy, *FAST_RUN]  # fmt: skip
-    parsed = {type(p).__name__: p for p in parse_train_args(argv)}
-    strategy_args = next(p for p in parsed.values() if hasattr(p, "strategy"))
-    with pytest.raises(UserError, match="frozen-feature path"):
-        run(parsed["ModelArguments"], parsed["DataArguments"], parsed["FinetuneTrainingArguments"],
-            strategy_args=strategy_args)  # fmt: skip
-    assert not (tmp_path / strategy / "all_results.json").exists()
-
-
 def test_best_checkpoint_and_ema_are_chosen_on_validation_map(tmp_path, checkpoints, mosaics):
     out = tmp_path / "run"
     results = _run(

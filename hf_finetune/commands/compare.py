@@ -6,12 +6,16 @@ still run. Wall time, CPU time and peak memory are measured around each method i
 `time.process_time()` (user + system time of all this process's threads, so on a CPU it is the compute the method
 cost whatever else shares the machine; under several processes, this process's share), peak resident memory
 through Linux's resettable high-water mark (`/proc/self/clear_refs`), peak GPU memory through torch.
+
+Multi-label data: rows ranked by test mAP instead of accuracy; methods that fit one class per picture (the
+probes but logistic regression and linear SVM, `fusion`) are rows saying so.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -22,7 +26,7 @@ from typing import Any
 
 from hf_finetune.errors import UserError
 from hf_finetune.outputs import manifest
-from hf_finetune.outputs.comparison import COMPARISON_JSON, write_comparison
+from hf_finetune.outputs.comparison import COMPARISON_JSON, per_cpu_minute, write_comparison
 from hf_finetune.outputs.files import RUN_SUMMARY
 
 logger = logging.getLogger(__name__)
@@ -61,6 +65,7 @@ for _method in (
     Method("fusion", "fusion", "features of several checkpoints concatenated + logistic regression",
            classifier="logistic_regression"),
     Method("lora", "gradient", "LoRA adapters + head", strategy="lora"),
+    Method("lp_ft", "gradient", "a linear probe written into the head, then everything trains", strategy="lp_ft"),
 ):  # fmt: skip
     register_method(_method)
 
@@ -181,10 +186,17 @@ def _method_arguments(method: Method, model_args, strategy_args, probe_args, tra
     return first, strategy, train_args
 
 
-def _skip_reason(method: Method, model_args, data_labels_match) -> str | None:
+def _skip_reason(method: Method, model_args, data_labels_match, multi_label) -> str | None:
+    from hf_finetune.probe.classifiers import CLASSIFIERS, multi_label_gap
+
     checkpoints = [name for name in model_args.model_name_or_path.split(",") if name.strip()]
     if method.kind == "fusion" and len(checkpoints) < 2:
         return "needs several checkpoints (comma-separated model_name_or_path)"
+    if method.kind in ("probe", "fusion") and multi_label():
+        fused = len(checkpoints) if method.kind == "fusion" else 1
+        gap = multi_label_gap(CLASSIFIERS[method.classifier], fused, several_layers=False)
+        if gap:
+            return f"multi-label data: {gap}"
     if method.kind == "as_is" and not data_labels_match():
         return "the checkpoint's labels are not the data's, so it cannot be used as it is"
     if method.strategy == "lora":
@@ -267,12 +279,15 @@ def kept_row(method: Method, out: Path, earlier: dict[str, Any] | None, settings
 
 
 def _result_fields(results: dict[str, Any], out: Path, name: str) -> dict[str, Any]:
-    """A row's metrics from a method's results (test split, or validation when there is none)."""
-    split = "test" if "test_accuracy" in results else "eval"
+    """A row's metrics (test split, else validation): accuracy and macro-F1, or mAP and thresholded macro-F1."""
+    metric = "mAP" if "eval_mAP" in results or "test_mAP" in results else "accuracy"
+    split = "test" if f"test_{metric}" in results else "eval"
+    f1 = "macro_f1_at_thresholds" if metric == "mAP" else "macro_f1"
     return {
         "split": "test" if split == "test" else "validation",
-        "accuracy": results.get(f"{split}_accuracy"),
-        "macro_f1": results.get(f"{split}_macro_f1"),
+        "metric": metric,
+        metric: results.get(f"{split}_{metric}"),
+        "macro_f1": results.get(f"{split}_{f1}"),
         "trainable_parameters": _trainable_parameters(out),
         "output_dir": name,
     }
@@ -320,17 +335,20 @@ def compare(model_args, data_args, strategy_args, probe_args, compare_args, trai
     earlier = earlier_rows(root)
     settings = settings_fingerprint(*shared)
 
-    def labels_match() -> bool:
+    @functools.cache
+    def prepared():
         from hf_finetune.data.prepare import prepare_data
 
-        data = prepare_data(data_args, training_args.seed, dataset=dataset)
-        return checkpoint_labels(config) == data.labels
+        return prepare_data(data_args, training_args.seed, dataset=dataset)
+
+    def labels_match() -> bool:
+        return checkpoint_labels(config) == prepared().labels
 
     rows = []
     for name in compare_args.compare_methods:
         method = METHODS[name]
         row: dict[str, Any] = {"method": name, "description": method.description, "settings": settings}
-        reason = _skip_reason(method, model_args, labels_match)
+        reason = _skip_reason(method, model_args, labels_match, lambda: prepared().multi_label)
         if reason:
             row.update(status="skipped", reason=reason)
             logger.info("compare: %s skipped (%s)", name, reason)
@@ -373,16 +391,10 @@ def compare(model_args, data_args, strategy_args, probe_args, compare_args, trai
             **_peak_memory_mib(rss_at_start),
         )
         row.update(_result_fields(results, out, name))
-        row["accuracy_per_cpu_minute"] = accuracy_per_cpu_minute(row)
+        row[f"{row['metric']}_per_cpu_minute"] = per_cpu_minute(row)
         rows.append(row)
     rows = merge_rows(earlier, rows, root, settings)
     if training_args.process_index == 0:
         write_comparison(root, rows)
         record.finish()
     return rows
-
-
-def accuracy_per_cpu_minute(row: dict[str, Any]) -> float | None:
-    """Test accuracy divided by the method's CPU minutes: what each minute of compute bought."""
-    accuracy, cpu = row.get("accuracy"), row.get("cpu_time_s")
-    return None if accuracy is None or not cpu else round(accuracy / (cpu / 60), 4)

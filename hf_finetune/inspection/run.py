@@ -91,7 +91,12 @@ def inspect_data(
     # The probe as `hf-finetune probe` fits it (data, cached features, the value chosen on validation); the
     # inspection never refits on validation, whose pictures it checks.
     probe_args = dataclasses.replace(probe_args, refit_on_validation=False)
-    probe = fit_probe(model_args, data_args, probe_args, training_args, dataset=dataset)
+    probe = fit_probe(
+        model_args, data_args, probe_args, training_args, dataset=dataset,
+        refuse_multi_label="The data is multi-label (a set of labels per picture), and inspect's label issues "
+        "judge one class per picture (cleanlab on softmax probabilities). Inspect single-label data, or set "
+        "`task: single_label` if each row holds one class name.",
+    )  # fmt: skip
     seconds = {"probe": time.perf_counter() - start}
     data = probe.data
 

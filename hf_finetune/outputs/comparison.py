@@ -1,7 +1,9 @@
 """What `compare` writes: the table (JSON and Markdown), its two plots, and the section each method's card gets.
 
 The rows come from `hf_finetune.commands.compare`, one per method: status, metrics, trainable parameters, wall
-and CPU time, peak memory, whether the row was kept from an earlier run.
+and CPU time, peak memory, whether the row was kept from an earlier run. Each row names the metric it is
+ranked by (`metric`): test accuracy, or test mAP for multi-label data (with macro-F1 at the thresholds chosen
+on validation beside it); the table's columns say which.
 """
 
 from __future__ import annotations
@@ -25,17 +27,43 @@ def _fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def table_metric(rows: list[dict[str, Any]]) -> str:
+    """What the comparison ranks by: `mAP` when its rows are multi-label runs, else `accuracy`."""
+    return "mAP" if any(row.get("metric") == "mAP" for row in rows if row["status"] == "ok") else "accuracy"
+
+
+def ranks(rows: list[dict[str, Any]], metric: str) -> dict[str, int]:
+    """method -> its rank by `metric` among the rows that ran (1 = best; equal values share a rank)."""
+    values = sorted((row[metric] for row in rows if row["status"] == "ok" and row.get(metric) is not None),
+                    reverse=True)  # fmt: skip
+    return {
+        row["method"]: values.index(row[metric]) + 1
+        for row in rows
+        if row["status"] == "ok" and row.get(metric) is not None
+    }
+
+
+def per_cpu_minute(row: dict[str, Any]) -> float | None:
+    """The row's metric (test accuracy, or mAP) divided by the method's CPU minutes: what each minute of
+    compute bought."""
+    value, cpu = row.get(row.get("metric", "accuracy")), row.get("cpu_time_s")
+    return None if value is None or not cpu else round(value / (cpu / 60), 4)
+
+
 def comparison_markdown(rows: list[dict[str, Any]]) -> str:
+    metric = table_metric(rows)
+    f1 = "macro-F1 @thresholds" if metric == "mAP" else "macro-F1"
     header = (
-        "| method | test accuracy | macro-F1 | trainable parameters | wall time (s) | CPU time (s) | "
-        "accuracy per CPU-minute | peak memory added (MiB) | note |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
+        f"| method | test {metric} | {f1} | trainable parameters | wall time (s) | CPU time (s) | "
+        f"{metric} per CPU-minute | peak memory added (MiB) | rank by {metric} | note |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
+    rank = ranks(rows, metric)
     for row in rows:
         if row["status"] != "ok":
             lines.append(
-                f"| {row['method']} | – | – | – | – | – | – | – | {row['status']}: {row['reason']} |"
+                f"| {row['method']} | – | – | – | – | – | – | – | – | {row['status']}: {row['reason']} |"
             )
             continue
         memory = row.get("peak_gpu_mib") or row.get("peak_rss_added_mib")
@@ -50,16 +78,22 @@ def comparison_markdown(rows: list[dict[str, Any]]) -> str:
             )
         note = "; ".join(notes)
         lines.append(
-            f"| {row['method']} | {_fmt(row['accuracy'], '.4f')} | {_fmt(row['macro_f1'], '.4f')} | "
+            f"| {row['method']} | {_fmt(row.get(metric), '.4f')} | {_fmt(row['macro_f1'], '.4f')} | "
             f"{_fmt(row['trainable_parameters'], ',')} | {_fmt(row.get('wall_time_s'), '.1f')} | "
-            f"{_fmt(row.get('cpu_time_s'), '.1f')} | {_fmt(row.get('accuracy_per_cpu_minute'), '.2f')} | "
-            f"{_fmt(memory, '.0f')} | {note} |"
+            f"{_fmt(row.get('cpu_time_s'), '.1f')} | {_fmt(row.get(f'{metric}_per_cpu_minute'), '.2f')} | "
+            f"{_fmt(memory, '.0f')} | {_fmt(rank.get(row['method']), 'd')} | {note} |"
         )
     footnote = (
         "\nCPU time: user + system time of this process's threads during the method (time.process_time), so "
-        "it does not grow when other work shares the cores, as wall time does; accuracy per CPU-minute is test "
-        "accuracy / (CPU time / 60).\n"
-        "\nPeak memory: the most GPU memory allocated during the method when it ran on a GPU, otherwise the rise "
+        f"it does not grow when other work shares the cores, as wall time does; {metric} per CPU-minute is test "
+        f"{metric} / (CPU time / 60).\n"
+        + (
+            "\nMulti-label data: mAP is the mean over labels of average precision (rank 1: the highest); "
+            "macro-F1 is at the per-label thresholds chosen on validation.\n"
+            if metric == "mAP"
+            else ""
+        )
+        + "\nPeak memory: the most GPU memory allocated during the method when it ran on a GPU, otherwise the rise "
         "of this process's peak resident memory over what it held when the method started (on a CPU, memory "
         "that an earlier method freed is reused, so later rows understate; compare one method alone for its "
         "full footprint). Trainable "
@@ -71,18 +105,19 @@ def comparison_markdown(rows: list[dict[str, Any]]) -> str:
 def _plot(rows, x_key: str, x_label: str, path: Path, log_x: bool) -> None:
     from matplotlib.figure import Figure
 
-    points = [r for r in rows if r["status"] == "ok" and r.get(x_key) and r.get("accuracy") is not None]
+    metric = table_metric(rows)
+    points = [r for r in rows if r["status"] == "ok" and r.get(x_key) and r.get(metric) is not None]
     figure = Figure(figsize=(7, 5), dpi=100)
     axes = figure.add_subplot()
     for row in points:
-        axes.scatter(row[x_key], row["accuracy"], s=40)
-        axes.annotate(row["method"], (row[x_key], row["accuracy"]), textcoords="offset points", xytext=(5, 4),
+        axes.scatter(row[x_key], row[metric], s=40)
+        axes.annotate(row["method"], (row[x_key], row[metric]), textcoords="offset points", xytext=(5, 4),
                       fontsize=8)  # fmt: skip
     if log_x and points:
         axes.set_xscale("log")
     axes.set_xlabel(x_label)
-    axes.set_ylabel("test accuracy")
-    axes.set_title(f"Ways to transfer: accuracy vs {x_label}")
+    axes.set_ylabel(f"test {metric}")
+    axes.set_title(f"Ways to transfer: {metric} vs {x_label}")
     axes.grid(True, alpha=0.3)
     figure.tight_layout()
     atomic.save_figure(figure, path)

@@ -183,7 +183,7 @@ class SplitFeatures:
     """One split's features (read-only, memory-mapped) and labels, and where they came from."""
 
     features: np.ndarray  # (rows, dim) float32
-    labels: np.ndarray  # (rows,) int64
+    labels: np.ndarray  # (rows,) int64 class ids, or (rows, labels) 0/1 for multi-label data
     path: Path
     from_cache: bool
     seconds: float = 0.0

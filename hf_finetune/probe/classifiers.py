@@ -3,7 +3,10 @@ scikit-learn ones, and two small torch heads (`heads.TorchHead`, a scikit-learn 
 
 Each is fitted on the standardised train features with its regularisation chosen on validation (see
 `search.py`) and saved as plain arrays (a `Predictor` of `probe.predictors`). Classes that never occur in the
-training split get a score that can never win, so every predictor covers the full label set.
+training split get a score that can never win, so every predictor covers the full label set. On multi-label
+data the ones registered with `multi_label=True` (logistic regression, linear SVM) fit one binary estimator per
+label (see `search.py`), saved as one linear layer whose sigmoids are the per-label probabilities; the others
+are refused (`multi_label_names`).
 """
 
 from __future__ import annotations
@@ -23,18 +26,51 @@ if TYPE_CHECKING:
 CLASSIFIERS: dict[str, ClassifierSpec] = {}
 
 
-def register_classifier(name: str, param: str, setting: str, predictor, *, linear: bool, values=None):
+def register_classifier(
+    name: str, param: str, setting: str, predictor, *, linear: bool, values=None, multi_label: bool = False
+):
     """Decorator: `estimator(inputs, args)` (an unfitted scikit-learn estimator, its docstring the description)
     becomes `classifier: <name>`, with `param` chosen on validation among the values of `setting`."""
 
     def register(estimator: Callable) -> Callable:
         description = " ".join((estimator.__doc__ or name).split())
         CLASSIFIERS[name] = ClassifierSpec(
-            name, linear, description, param, setting, estimator, predictor, values
+            name, linear, description, param, setting, estimator, predictor, values, multi_label
         )
         return estimator
 
     return register
+
+
+def multi_label_names() -> list[str]:
+    """The classifiers that fit multi-label data."""
+    return [name for name, spec in CLASSIFIERS.items() if spec.multi_label]
+
+
+def multi_label_gap(spec: ClassifierSpec, checkpoints: int, several_layers: bool) -> str | None:
+    """Why a probe cannot fit multi-label data (None when it can): a classifier with no one-vs-rest linear
+    form, or features (fused checkpoints, stage outputs) that no single head Linear takes."""
+    if not spec.multi_label:
+        return f"classifier={spec.name!r} gives one class per picture"
+    if checkpoints > 1:
+        return "several checkpoints are fused, and a multi-label probe lives in one checkpoint's head"
+    if several_layers:
+        return "feature_layers adds stage outputs, and a multi-label probe lives in one checkpoint's head"
+    return None
+
+
+def check_multi_label(spec: ClassifierSpec, checkpoints: int, several_layers: bool) -> None:
+    """A clear error for a probe that cannot fit multi-label data (see `multi_label_gap`)."""
+    from hf_finetune.errors import UserError
+
+    gap = multi_label_gap(spec, checkpoints, several_layers)
+    if gap:
+        raise UserError(
+            f"The data is multi-label (a set of labels per picture), and {gap}. A multi-label probe is one binary "
+            f"classifier per label ({' or '.join(multi_label_names())}, C chosen on validation mAP) saved into the "
+            "checkpoint's own head (sigmoid scores through pipeline()): give one model_name_or_path, "
+            "feature_layers: last and one of those classifiers, or use a gradient strategy."
+        )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -46,6 +82,8 @@ def linear_from_sklearn(estimator, inputs: FitInputs) -> LinearPredictor:
 
     from hf_finetune.probe.predictors import ABSENT_CLASS_SCORE, LinearPredictor
 
+    if inputs.multi_label:
+        return _one_vs_rest_linear(estimator)
     coef = np.atleast_2d(estimator.coef_).astype(np.float64)
     intercept = np.atleast_1d(estimator.intercept_).astype(np.float64)
     classes = np.asarray(estimator.classes_, dtype=np.int64)
@@ -56,6 +94,24 @@ def linear_from_sklearn(estimator, inputs: FitInputs) -> LinearPredictor:
     weight = np.zeros((inputs.num_labels, coef.shape[1]))
     bias = np.full(inputs.num_labels, ABSENT_CLASS_SCORE)
     weight[classes], bias[classes] = coef, intercept
+    return LinearPredictor(weight, bias)
+
+
+def _one_vs_rest_linear(estimator) -> LinearPredictor:
+    """A fitted `OneVsRestClassifier` of linear binary estimators as one LinearPredictor: each label's row is its
+    estimator's decision function (a logit for logistic regression). A label that was on every training picture,
+    or on none, has a constant estimator: a zero row whose bias says so."""
+    import numpy as np
+
+    from hf_finetune.probe.predictors import ABSENT_CLASS_SCORE, LinearPredictor
+
+    dim = estimator.n_features_in_
+    weight, bias = np.zeros((len(estimator.estimators_), dim)), np.zeros(len(estimator.estimators_))
+    for row, binary in enumerate(estimator.estimators_):
+        if hasattr(binary, "coef_"):
+            weight[row], bias[row] = np.ravel(binary.coef_), np.ravel(binary.intercept_)[0]
+        else:  # scikit-learn's constant predictor: y_ is that label's one value in train
+            bias[row] = -ABSENT_CLASS_SCORE if np.ravel(binary.y_)[0] else ABSENT_CLASS_SCORE
     return LinearPredictor(weight, bias)
 
 
@@ -93,7 +149,9 @@ def _neighbour_counts(values: list, inputs: FitInputs) -> list:
 # --------------------------------------------------------------------------------------------------------
 # The classifiers, in the order the error message for an unknown name lists them
 # --------------------------------------------------------------------------------------------------------
-@register_classifier("logistic_regression", "C", "c_values", linear_from_sklearn, linear=True)
+@register_classifier(
+    "logistic_regression", "C", "c_values", linear_from_sklearn, linear=True, multi_label=True
+)
 def logistic_regression(inputs: FitInputs, args: ProbeArguments):
     """multinomial logistic regression (lbfgs), C on validation"""
     from sklearn.linear_model import LogisticRegression
@@ -101,7 +159,7 @@ def logistic_regression(inputs: FitInputs, args: ProbeArguments):
     return LogisticRegression(max_iter=args.max_iter, random_state=inputs.seed)
 
 
-@register_classifier("linear_svm", "C", "c_values", linear_from_sklearn, linear=True)
+@register_classifier("linear_svm", "C", "c_values", linear_from_sklearn, linear=True, multi_label=True)
 def linear_svm(inputs: FitInputs, args: ProbeArguments):
     """one-vs-rest linear SVM (liblinear), C on validation"""
     from sklearn.svm import LinearSVC

@@ -203,6 +203,18 @@ class ExtractionReport:
         return all(entry["cache"] == "hit" for entry in self.entries)
 
 
+def label_array(dataset, label_column: str, num_labels: int):
+    """A split's labels as the classifiers take them: class ids (rows,), or for multi-label data a (rows,
+    labels) 0/1 matrix."""
+    import numpy as np
+
+    from hf_finetune.data.multilabel import is_multi_label_feature, label_matrix
+
+    if is_multi_label_feature(dataset.features[label_column]):
+        return label_matrix(dataset[label_column], num_labels).astype(np.int64)
+    return np.asarray(dataset[label_column], dtype=np.int64)
+
+
 def extract_features(
     backbone: Backbone,
     splits,
@@ -224,13 +236,12 @@ def extract_features(
     Cached entries (keyed by `layers` too) are reused without loading the model; missing ones are computed and
     written. The log says which, per split.
     """
-    import numpy as np
 
     precision = "float32" if autocast_dtype is None else f"autocast-{str(autocast_dtype).split('.')[-1]}"
     out: dict[str, SplitFeatures] = {}
     for split, dataset in splits.items():
         key = backbone.key(dataset_fingerprint(dataset), split, precision, layers)
-        split_labels = np.asarray(dataset[label_column], dtype=np.int64)
+        split_labels = label_array(dataset, label_column, len(labels))
         found = None if recompute else cache.load(key, split_labels)
         if found is not None:
             logger.info(

@@ -1,4 +1,4 @@
-"""One probe run, as data flows through it: the frozen-feature path (about 405 lines: the flow below stays in
+"""One probe run, as data flows through it: the frozen-feature path (about 455 lines: the flow below stays in
 one file, in order, so that it reads top to bottom).
 
     data (prepare_data) ──▶ features of each checkpoint, per split (features.py: cached by fingerprint)
@@ -10,6 +10,11 @@ one file, in order, so that it reads top to bottom).
 linear result on one checkpoint's final features (`feature_layers: last`) is written into that checkpoint's own
 classifier layer, so the output directory is an ordinary transformers model; everything else (stage outputs
 too: no single layer sees them) is an hf-finetune probe directory (see `hf_finetune.probe.export`).
+
+Multi-label data (a set of labels per picture): one binary classifier per label (one-vs-rest logistic
+regression or linear SVM, C chosen on validation mAP), exported into the head with `problem_type:
+multi_label_classification`, per-label thresholds chosen on validation saved in config.json, and the metrics and
+reports of a multi-label gradient run (`train.multilabel`, `outputs.multilabel`).
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class ProbeResult:
     results: dict[str, Any]
     cache_dir: Path
     cache_entries: list[dict[str, Any]]
+    thresholds: list[float] | None = None  # multi-label: each label's threshold, chosen on validation
 
     def predictions(self, split: str) -> np.ndarray:
         """Label ids the fitted classifier predicts for a split (rows in dataset order)."""
@@ -82,21 +88,25 @@ def fit_probe(
     dataset=None,
     several_processes: bool = False,
     data=None,
+    refuse_multi_label: str | None = None,
 ) -> ProbeResult:
     """Data, features (cached), normalisation, classifier and metrics; writes nothing but the feature cache.
 
     `several_processes`: called inside a multi-process training run (LP-FT), where the main process computes
     the features first and the others read them from the cache. `data`: the run's own prepared data
     (`data.prepare.PreparedData`, e.g. after `exclude` dropped training pictures), used as it is instead of
-    preparing the data again.
+    preparing the data again. `refuse_multi_label`: the message that stops a caller which needs one class per
+    picture (inspect's label issues, auto's estimates) on multi-label data.
     """
     import numpy as np
 
     from hf_finetune.data.prepare import prepare_data
     from hf_finetune.probe.cache import FeatureCache
+    from hf_finetune.probe.classifiers import check_multi_label
     from hf_finetune.probe.features import Backbone, ExtractionReport, extract_features, split_checkpoints
     from hf_finetune.probe.predictors import Normaliser
     from hf_finetune.train.metrics import classification_metrics
+    from hf_finetune.train.multilabel import choose_thresholds, multi_label_metrics
 
     start = time.perf_counter()
     spec = CLASSIFIERS[probe_args.classifier]
@@ -119,13 +129,9 @@ def fit_probe(
         data = prepare_data(data_args, training_args.seed, cache_dir=model_args.cache_dir, dataset=dataset)
     num_labels = len(data.labels)
     if data.multi_label:
-        # The frozen-feature classifiers and their export into the head are fitted for one class per picture.
-        raise UserError(
-            "The data is multi-label (a set of labels per picture), and the frozen-feature path (strategy probe, "
-            "lp_ft's probe, inspect's label issues) fits one class per picture. Train a gradient strategy "
-            "(head, last_n, gradual, llrd, lora, full) for multi-label data, or set `task: single_label` if each "
-            "row holds one class name."
-        )
+        if refuse_multi_label:
+            raise UserError(refuse_multi_label)
+        check_multi_label(spec, len(backbones), multi_layer(probe_args.feature_layers))
     if probe_args.refit_on_validation and "test" not in data.splits:
         raise UserError(
             "refit_on_validation fits the saved classifier on train + validation, so without a test split no "
@@ -186,10 +192,20 @@ def fit_probe(
     results: dict[str, Any] = {"train_samples": len(y["train"])}
     if probe_args.refit_on_validation:
         results["refit_samples"] = len(y["train"]) + len(y["validation"])
+    thresholds = None
+    if data.multi_label:
+        # Each label's threshold from the validation scores of the classifier fitted on train only, as a
+        # gradient run chooses them on validation; then every split measured at 0.5 and at them.
+        thresholds = choose_thresholds(selected.predictor.scores(x["validation"]), y["validation"])
     # Validation: the classifier fitted on train only (a refit one has seen validation). Test: the saved one.
     for split, prefix, predictor in (("validation", "eval", selected), ("test", "test", fitted)):
         if split in x:
-            metrics = classification_metrics(predictor.predictor.scores(x[split]), y[split], num_labels)
+            scores = predictor.predictor.scores(x[split])
+            metrics = (
+                multi_label_metrics(scores, y[split], thresholds)
+                if data.multi_label
+                else classification_metrics(scores, y[split], num_labels)
+            )
             results.update({f"{prefix}_{name}": value for name, value in metrics.items()})
             results[f"{prefix}_samples"] = len(y[split])
     results.update(
@@ -201,7 +217,9 @@ def fit_probe(
             "probe_fit_seconds": round(fit_seconds, 3),
         }
     )
-    return ProbeResult(spec, backbones, data, normaliser, fitted, x, y, results, cache.root, report.entries)
+    return ProbeResult(
+        spec, backbones, data, normaliser, fitted, x, y, results, cache.root, report.entries, thresholds
+    )
 
 
 def save_probe(
@@ -220,6 +238,7 @@ def save_probe(
     `training_args.push_to_hub`, the finished folder is published with `hub_token` (or the login's token).
     `record` (from `outputs.run_folder.start_output`) is told what was written, before anything is published.
     """
+    from hf_finetune.models.loading import set_problem_type
     from hf_finetune.probe.export import (
         FORMAT_PROBE,
         FORMAT_TRANSFORMERS,
@@ -258,12 +277,21 @@ def save_probe(
                 "written into it; saving an hf-finetune probe directory instead.",
                 result.backbones[0].name,
             )
+    if head is None and result.thresholds is not None:
+        raise UserError(
+            f"The head of {result.backbones[0].name} is not a single Linear on the pooled features, so the "
+            "multi-label probe (one sigmoid per label, read by pipeline()) has no layer to live in. Use a gradient "
+            "strategy (head, full, ...) for multi-label data on this checkpoint."
+        )
     if head is not None:
         fmt = FORMAT_TRANSFORMERS
         backbone = result.backbones[0]
+        model = backbone.model(labels).cpu()
+        # Multi-label: pipeline() then gives each label's sigmoid, the probe's own probabilities.
+        set_problem_type(model.config, result.thresholds is not None)
         export_linear(
             output_dir,
-            backbone.model(labels).cpu(),
+            model,
             backbone.image_processor,
             result.normaliser,
             fitted.predictor,
@@ -298,21 +326,33 @@ def save_probe(
     output.write_bad_images(output_dir, result.data.bad_images)
     atomic.write_json(output_dir / output.DATA_SPLITS, {"labels": labels, "splits": result.data.report})
     report_split = "test" if "test" in result.x else "validation"
-    report_files = write_reports(
-        output_dir,
-        logits=result.log_probabilities(report_split),
-        labels=result.y[report_split],
-        label_names=labels,
-        images=undecoded_images(result.data.splits[report_split], result.data.image_column),
-        split=report_split,
-        locate=result.data.image_name,
-    )
+    from hf_finetune.outputs import multilabel
     from hf_finetune.outputs.reliability import card_section, write_calibration
     from hf_finetune.train.calibration import calibrate_probe
 
-    # T fitted on out-of-fold predictions on train, checked on validation
-    calibration = calibrate_probe(result, probe_args, probe_args.refit_on_validation, training_args.seed)
-    results.update(calibration.metrics() if calibration is not None else {})
+    calibration = None
+    if result.thresholds is not None:  # per-label report and AP plot; the thresholds into config.json
+        report_files = multilabel.write_multi_label_reports(
+            output_dir, result.fitted.predictor.scores(result.x[report_split]), result.y[report_split], labels,
+            result.thresholds, report_split,
+        )  # fmt: skip
+        multilabel.save_thresholds(output_dir, result.thresholds)
+        # Temperature scaling is fitted for one softmax: skipped, as in a multi-label gradient run.
+        sections = [report_section(report_files), multilabel.card_section(labels, result.thresholds, results)]
+    else:
+        report_files = write_reports(
+            output_dir,
+            logits=result.log_probabilities(report_split),
+            labels=result.y[report_split],
+            label_names=labels,
+            images=undecoded_images(result.data.splits[report_split], result.data.image_column),
+            split=report_split,
+            locate=result.data.image_name,
+        )
+        # T fitted on out-of-fold predictions on train, checked on validation
+        calibration = calibrate_probe(result, probe_args, probe_args.refit_on_validation, training_args.seed)
+        results.update(calibration.metrics() if calibration is not None else {})
+        sections = [report_section(report_files), card_section(calibration)]
     write_calibration(output_dir, calibration)  # calibration.json, the diagram, T in config.json / probe.json
     atomic.write_json(
         output_dir / output.RUN_SUMMARY,
@@ -352,7 +392,7 @@ def save_probe(
         results=results,
         strategy=strategy,
         strategy_settings=settings,
-        sections=[report_section(report_files), card_section(calibration)],
+        sections=sections,
     )
     write_probe_card(output_dir, fmt, content)
     # Metrics last: all_results.json marks a finished run (see `outputs.run_folder.prepare_output_dir`).
@@ -365,11 +405,13 @@ def save_probe(
     atomic.write_json(output_dir / manifest.ALL_RESULTS, results)
     if record is not None:
         record.finish()
+    metric = "mAP" if result.thresholds is not None else "accuracy"
     logger.info(
-        "Probe %s: validation accuracy %.4f%s; %d backbone forward pass(es); output in %s (%s).",
+        "Probe %s: validation %s %.4f%s; %d backbone forward pass(es); output in %s (%s).",
         spec.name,
-        results["eval_accuracy"],
-        f", test accuracy {results['test_accuracy']:.4f}" if "test_accuracy" in results else "",
+        metric,
+        results[f"eval_{metric}"],
+        f", test {metric} {results[f'test_{metric}']:.4f}" if f"test_{metric}" in results else "",
         results["backbone_forward_passes"],
         output_dir,
         "a plain transformers model" if fmt == FORMAT_TRANSFORMERS else "an hf-finetune probe directory",

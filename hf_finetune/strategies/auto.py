@@ -169,8 +169,11 @@ def gather_evidence(
     evidence = Evidence(budget_seconds=60.0 * strategy_args.time_budget_minutes)
     with training_args.main_process_first(desc="auto: the probe"):
         probe = fit_probe(
-            model_args, data_args, ProbeRunArguments(), training_args, dataset=dataset, several_processes=True
-        )
+            model_args, data_args, ProbeRunArguments(), training_args, dataset=dataset, several_processes=True,
+            refuse_multi_label="strategy auto weighs the candidates by accuracy, one class per picture, and the "
+            "data is multi-label (a set of labels per picture). Choose a strategy yourself (probe, lp_ft, head, "
+            "full, ...) for multi-label data.",
+        )  # fmt: skip
     evidence.probe_eval_accuracy = probe.results.get("eval_accuracy")
     evidence.probe_fit_seconds = probe.results["probe_fit_seconds"]
     evidence.probe_seconds = probe.results["probe_feature_seconds"] + evidence.probe_fit_seconds

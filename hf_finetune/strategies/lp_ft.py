@@ -6,7 +6,9 @@ once and cached, the regularisation chosen on validation, seconds on a CPU), wri
 head Linear, and only then trains the network: everything (`lp_ft_then: full`) or with layer-wise rates
 (`lp_ft_then: llrd`). The paper reports +10 % out of distribution and +1 % in distribution over plain
 fine-tuning; it also makes WiSE-FT meaningful (`wise_ft`: interpolating between this start and the
-fine-tuned weights, `hf_finetune.train.averaging`), since the start is a good model of its own.
+fine-tuned weights, `hf_finetune.train.averaging`), since the start is a good model of its own. On multi-label
+data the probe is one-vs-rest logistic regression (C chosen on validation mAP), one sigmoid per label, as the
+multi-label fine-tuning that follows trains them.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def initialise_head_from_probe(model, data, model_args, data_args, training_args
 
     `data`: the run's prepared data (`data.prepare.PreparedData`), so that the probe fits on exactly the
     training pictures the fine-tuning trains on (after `exclude` dropped any) and the data is not prepared twice.
-    Returns what the strategy summary records: the probe's validation accuracy, chosen C and training rows.
+    Returns what the strategy summary records: the probe's validation accuracy (multi-label: mAP), chosen C
+    and training rows.
     """
     labels = data.labels
     from hf_finetune.probe.arguments import ProbeRunArguments
@@ -67,8 +70,9 @@ def initialise_head_from_probe(model, data, model_args, data_args, training_args
             model_args, data_args, ProbeRunArguments(), training_args, several_processes=True, data=data
         )
     write_linear_into_head(model, result.normaliser, result.fitted.predictor, len(labels))
+    metric = "mAP" if data.multi_label else "accuracy"
     summary = {
-        "probe_eval_accuracy": result.results.get("eval_accuracy"),
+        f"probe_eval_{metric}": result.results.get(f"eval_{metric}"),
         "probe_hyperparameters": result.fitted.chosen,
         "probe_train_samples": result.results["train_samples"],
         "probe_seconds": round(
@@ -76,8 +80,9 @@ def initialise_head_from_probe(model, data, model_args, data_args, training_args
         ),
     }
     logger.info(
-        "LP-FT: the linear probe (%s, validation accuracy %.4f) is the head training starts from.",
+        "LP-FT: the linear probe (%s, validation %s %.4f) is the head training starts from.",
         ", ".join(f"{k}={v}" for k, v in summary["probe_hyperparameters"].items()),
-        summary["probe_eval_accuracy"] or float("nan"),
+        metric,
+        summary[f"probe_eval_{metric}"] or float("nan"),
     )
     return summary

@@ -34,6 +34,15 @@ def per_label_average_precision(scores, targets):
     )
 
 
+def mean_average_precision(scores, targets) -> float:
+    """mAP: the mean of the labels' average precisions, over the labels with a positive picture (NaN when
+    none has one). Ranks only, so logits and sigmoid scores give the same value."""
+    import numpy as np
+
+    ap = per_label_average_precision(np.asarray(scores), targets)
+    return float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan")
+
+
 def decision_metrics(scores, targets, thresholds, suffix: str = "") -> dict[str, float]:
     """Micro / macro F1 and subset accuracy of the labels whose score reaches `thresholds`."""
     import numpy as np
@@ -50,11 +59,8 @@ def decision_metrics(scores, targets, thresholds, suffix: str = "") -> dict[str,
 
 def multi_label_metrics(logits, targets, thresholds=None) -> dict[str, float]:
     """mAP, and the decision metrics at 0.5 (and at `thresholds`, keys ending `_at_thresholds`)."""
-    import numpy as np
-
     scores = sigmoid(logits)
-    ap = per_label_average_precision(scores, targets)
-    results = {"mAP": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan")}
+    results = {"mAP": mean_average_precision(scores, targets)}
     results.update(decision_metrics(scores, targets, DEFAULT_THRESHOLD))
     if thresholds is not None:
         results.update(decision_metrics(scores, targets, thresholds, "_at_thresholds"))
