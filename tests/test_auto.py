@@ -96,7 +96,10 @@ def _weights(folder: Path) -> dict:
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_a_tiny_budget_gives_the_probe_with_its_evidence(tmp_path, tiny_vit, tiny_data):
+def test_a_tiny_budget_gives_the_probe_with_its_evidence(tmp_path, tiny_vit, tiny_data, monkeypatch):
+    # The candidates are timed however long the probe took: on a loaded machine the probe alone can take half of
+    # the 1.2 s budget, which skips the timing (the next test); this one checks the timed evidence.
+    monkeypatch.setattr("hf_finetune.strategies.auto.SKIP_TIMING_FRACTION", float("inf"))
     out = tmp_path / "auto"
     results = tiny_run(tiny_vit, out, tiny_data, "--strategy", "auto", "--time_budget_minutes", "0.02",
                        "--train_val_split", "0.25", epochs=2)  # fmt: skip
@@ -115,6 +118,19 @@ def test_a_tiny_budget_gives_the_probe_with_its_evidence(tmp_path, tiny_vit, tin
     assert "## How `auto` chose the strategy" in card and "chosen **`probe`**" in card
     assert "is a prior" in card and "| `lp_ft` | 2 |" in card
     assert results["eval_accuracy"] == pytest.approx(measured["probe_eval_accuracy"])
+
+
+def test_a_probe_that_took_half_the_budget_skips_the_timing(tmp_path, tiny_vit, tiny_data, monkeypatch):
+    monkeypatch.setattr("hf_finetune.strategies.auto.SKIP_TIMING_FRACTION", 0.0)  # any probe took "half"
+    out = tmp_path / "auto"
+    results = tiny_run(tiny_vit, out, tiny_data, "--strategy", "auto", "--time_budget_minutes", "5",
+                       "--train_val_split", "0.25", epochs=2)  # fmt: skip
+    assert results["auto_strategy"] == "probe"
+    auto = json.loads((out / RUN_SUMMARY).read_text())["auto"]
+    assert auto["chosen"] == "probe" and not auto["measured"]["seconds_per_step"]
+    assert auto["candidates"] and all(
+        not c["fits"] and "not timed: the probe alone took" in c["unavailable"] for c in auto["candidates"]
+    )
 
 
 def test_a_large_budget_gives_lp_ft_and_the_model_an_lp_ft_run_gives(tmp_path, tiny_vit, tiny_data):
