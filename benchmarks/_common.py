@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -211,6 +212,14 @@ def run_train_rows(rows: dict[str, list[str]], data_flags: list[str], runs: Path
         check_ok(stats, name)
         results[name] = {**read_results(output_dir), "wall_s": stats.wall_s, "cpu_s": stats.cpu_s}
     return results
+
+
+def keep_or_remove(runs: Path, keep: bool) -> None:
+    """The end of a benchmark: its run outputs and logs removed, or kept (`--keep`) and their folder named."""
+    if keep:
+        print(f"  outputs and logs kept in {runs}")
+    else:
+        shutil.rmtree(runs)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -420,8 +429,6 @@ def run_alternating(
     Each run gets a fresh datasets cache, so each pays for its own data preparation as a first run would.
     Logs and outputs stay in runs_dir when a run fails or with `keep`; otherwise they are removed.
     """
-    import shutil
-
     runs_dir = Path(runs_dir)
     shutil.rmtree(runs_dir, ignore_errors=True)
     sides = list(commands)
@@ -456,10 +463,7 @@ def run_alternating(
                 }
             )
             order += 1
-    if keep:
-        print(f"  outputs and logs kept in {runs_dir}")
-    else:
-        shutil.rmtree(runs_dir)
+    keep_or_remove(runs_dir, keep)
     return runs
 
 
@@ -619,7 +623,6 @@ def digits_split_folder(root: str | Path, image_size: int = 32, fractions=(0.7, 
     `fractions` (train, validation; the rest is test) in a seeded order: what both the docs-style peer
     (imagefolder with its own splits) and our command read. Written once."""
     import random
-    import shutil
 
     from hf_finetune.testing.quickstart import export_digits
 

@@ -89,10 +89,7 @@ def main(argv=None) -> None:
     for name, r in results.items():
         print(f"  {name}: ECE after <= ECE before: {_common.verdict(r['ece_calibrated'] <= r['ece'])} "
               f"(T fitted on {r.get('fitted_on', '?')})")  # fmt: skip
-    if not args.keep:
-        shutil.rmtree(runs)
-    else:
-        print(f"  outputs and logs kept in {runs}")
+    _common.keep_or_remove(runs, args.keep)
 
 
 if __name__ == "__main__":

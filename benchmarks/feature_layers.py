@@ -120,10 +120,7 @@ def main(argv=None) -> None:
                 f"  seed {seed}: {layers} >= {TARGET_ACCURACY} within {TARGET_WALL_S:.0f} s: "
                 f"{_common.verdict(ok)}"
             )
-    if not args.keep:
-        shutil.rmtree(runs)
-    else:
-        print(f"  outputs and logs kept in {runs}")
+    _common.keep_or_remove(runs, args.keep)
 
 
 if __name__ == "__main__":

@@ -98,10 +98,7 @@ def main(argv=None) -> None:
     for name, r in results.items():
         gain = r["test_macro_f1_at_thresholds"] - r["test_macro_f1"]
         print(f"  {name}: thresholds gain in test macro-F1 {gain:+.4f} >= 0: {_common.verdict(gain >= 0)}")
-    if not args.keep:
-        shutil.rmtree(runs)
-    else:
-        print(f"  outputs and logs kept in {runs}")
+    _common.keep_or_remove(runs, args.keep)
 
 
 if __name__ == "__main__":

@@ -149,10 +149,7 @@ def main(argv=None) -> None:
             if name in pretrained:
                 ok = pretrained[name] - scratch >= TARGET_MARGIN
                 print(f"  {name} >= scratch + {TARGET_MARGIN * 100:.0f} points: {_common.verdict(ok)}")
-    if not args.keep:
-        shutil.rmtree(runs)
-    else:
-        print(f"  outputs and logs kept in {runs}")
+    _common.keep_or_remove(runs, args.keep)
 
 
 if __name__ == "__main__":
