@@ -348,8 +348,8 @@ def test_exclude_without_inspect_and_inspect_with_the_probe_are_errors(
 
 def test_every_recipe_accepts_the_inspection_settings(tmp_path):
     """The training recipes parse with parse_train_args, as `hf-finetune train` does: inspect / exclude in a YAML
-    or as flags, next to each recipe's own YAML (quickstart's `strategy: probe` too: its run then says to inspect
-    first). recipes/probe.py takes the probe's settings, as `hf-finetune probe` does."""
+    or as flags, next to each recipe's own YAML (quickstart's `strategy: lp_ft` too). recipes/probe.py takes the
+    probe's settings, as `hf-finetune probe` does."""
     from pathlib import Path
 
     from hf_finetune.commands.cli import parse_train_args, recipe_config

@@ -299,6 +299,34 @@ def test_train_bn_trains_batchnorm_affine_parameters_but_not_their_statistics(ch
     assert summary["history"][0]["groups"]["block_0"] == "partial"
 
 
+def test_freeze_batchnorm_keeps_every_batchnorm_as_pretrained_while_the_rest_trains(
+    checkpoints, data, tmp_path
+):
+    summary = train(checkpoints("resnet"), tmp_path, data, "--strategy", "full", "--freeze_batchnorm", "true")
+    before, _ = load_state(checkpoints("resnet"))
+    after, model = load_state(tmp_path)
+    norms = {n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    assert norms
+    moved = {name for name, tensor in after.items() if not torch.equal(before[name], tensor)}
+    batchnorm_tensors = {name for name in after if name.rpartition(".")[0] in norms}
+    # weight, bias, running_mean / running_var / num_batches_tracked: all as pretrained
+    assert batchnorm_tensors and not moved & batchnorm_tensors
+    convolutions = {n for n in after if n.endswith(".weight") and n.rpartition(".")[0] not in norms}
+    assert {n for n in convolutions if not n.startswith("classifier")} & moved  # the rest did train
+    assert summary["batchnorm_kept_in_eval"] == dict.fromkeys(norms, "whole run")
+
+
+def test_freeze_batchnorm_changes_nothing_without_batchnorm_and_refuses_train_bn(checkpoints):
+    model = AutoModelForImageClassification.from_pretrained(checkpoints("vit"))
+    plain = plan_strategy(model, StrategyArguments(strategy="full")).trainable_at(0)
+    assert (
+        plan_strategy(model, StrategyArguments(strategy="full", freeze_batchnorm=True)).trainable_at(0)
+        == plain
+    )
+    with pytest.raises(UserError, match="set one of them"):
+        StrategyArguments(strategy="head", train_bn=True, freeze_batchnorm=True)
+
+
 def test_train_and_freeze_modules_combine_with_strategies(checkpoints):
     model = AutoModelForImageClassification.from_pretrained(checkpoints("vit"))
     names = [n for n, _ in model.named_parameters()]

@@ -86,6 +86,14 @@ class StrategyArguments:
             "running statistics stay frozen either way."
         },
     )
+    freeze_batchnorm: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep every BatchNorm layer as pretrained, in any strategy: its weight, bias and running "
+            "statistics never move (small data on EfficientNet-like models, whose TF-ported statistics "
+            "collapse when a few hundred steps move them). Models without BatchNorm are unchanged."
+        },
+    )
     lp_ft_then: str = field(
         default="full",
         metadata={
@@ -178,6 +186,11 @@ class StrategyArguments:
                 "strategy `lora` trains the adapters and the head, which is what its adapter file holds; "
                 "train_modules / train_bn would train weights the adapter does not save. Add modules to "
                 "lora_target_modules instead, or use another strategy."
+            )
+        if self.train_bn and self.freeze_batchnorm:
+            raise UserError(
+                "train_bn: true trains the BatchNorm weights and freeze_batchnorm: true keeps them as pretrained; "
+                "set one of them."
             )
         for name in ("freeze_modules", "train_modules"):
             for pattern in getattr(self, name) or []:

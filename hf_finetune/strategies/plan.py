@@ -7,7 +7,8 @@ per parameter, without touching the model; :func:`prepare_strategy` applies its 
 stored), absent from the optimizer (no state, no weight decay), and every BatchNorm inside a frozen part
 held in eval mode (a forward pre-hook, so the Trainer's ``model.train()`` at every step cannot undo it) so
 its running statistics do not move. ``train_bn`` keeps BatchNorm affine parameters trainable, as fastai
-does; the statistics stay frozen all the same.
+does; the statistics stay frozen all the same. ``freeze_batchnorm`` does the opposite in every strategy: each
+BatchNorm (weight, bias, statistics) stays as pretrained even where everything around it trains.
 
 ``train_modules`` / ``freeze_modules`` (regular expressions searched in parameter names) refine any
 strategy and need no block map, so they also cover architectures the block map does not know:
@@ -276,6 +277,14 @@ def plan_strategy(
     group_of = {n: _group_of(n, groups) for n in names}
     train = _matches(args.train_modules, names, "train_modules")
     freeze = _matches(args.freeze_modules, names, "freeze_modules")
+    bns = batchnorm_classes()
+    if args.freeze_batchnorm:  # the weight, bias (and so, below, the statistics) of every BatchNorm
+        freeze |= {
+            f"{module_name}.{param_name}"
+            for module_name, module in model.named_modules()
+            if isinstance(module, bns)
+            for param_name, _ in module.named_parameters(recurse=False)
+        }
 
     def planned_start(name: str, group: str) -> int | None:
         start = group_plan[group][0]
@@ -295,7 +304,6 @@ def plan_strategy(
     # BatchNorm statistics move only once the part around them trains: the plan of its weight, read before
     # train_bn (which makes the affine parameters, not the statistics, trainable).
     batchnorms = {}
-    bns = batchnorm_classes()
     for module_name, module in model.named_modules():
         if isinstance(module, bns):
             weight = f"{module_name}.weight"
