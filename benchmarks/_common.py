@@ -195,10 +195,14 @@ def read_results(output_dir: str | Path) -> dict:
     return json.loads((Path(output_dir) / "all_results.json").read_text())
 
 
-def run_train_rows(rows: dict[str, list[str]], data_flags: list[str], runs: Path) -> dict[str, dict]:
+def run_train_rows(
+    rows: dict[str, list[str]], data_flags: list[str], runs: Path, feature_cache: Path | None = None
+) -> dict[str, dict]:
     """Each row a fresh `hf_finetune.commands.cli train` subprocess (CPU, no workers) with the shared
     `data_flags` and its own flags, measured; returns {row: its all_results.json + wall_s + cpu_s}. A row's
-    own folder is `runs / row` (its log, output and fresh datasets cache; flags may name paths inside it)."""
+    own folder is `runs / row` (its log, output and fresh datasets cache; flags may name paths inside it).
+    Every row computes its own probe features (probe, lp_ft, auto), as a first run does, in a fresh feature
+    cache (`$HF_FINETUNE_FEATURES_CACHE`, which every strategy reads), unless rows share `feature_cache`."""
     results = {}
     for name, flags in rows.items():
         run_dir = runs / name
@@ -208,7 +212,9 @@ def run_train_rows(rows: dict[str, list[str]], data_flags: list[str], runs: Path
             sys.executable, "-m", "hf_finetune.commands.cli", "train", *data_flags, "--use_cpu", "true",
             "--dataloader_num_workers", "0", "--disable_tqdm", "true", *flags, "--output_dir", str(output_dir),
         ]  # fmt: skip
-        stats = run_measured(command, log=run_dir / "log.txt", env=offline_env(run_dir / "datasets-cache"))
+        env = offline_env(run_dir / "datasets-cache")
+        env["HF_FINETUNE_FEATURES_CACHE"] = str(feature_cache or run_dir / "features")
+        stats = run_measured(command, log=run_dir / "log.txt", env=env)
         check_ok(stats, name)
         results[name] = {**read_results(output_dir), "wall_s": stats.wall_s, "cpu_s": stats.cpu_s}
     return results

@@ -62,9 +62,6 @@ def main(argv=None) -> None:
     rows["probe C=0.01"] = [*rows["probe"], "--c_values", "0.01"]
     runs = OUT / "runs"
     shutil.rmtree(runs, ignore_errors=True)
-    for name in rows:  # a fresh feature cache per probe row: it pays for its features, as a first run does
-        if name.startswith("probe"):
-            rows[name] = [*rows[name], "--feature_cache_dir", str(runs / name / "features")]
 
     print(
         f"calibration: EfficientNet-Lite0 (ImageNet) on the digits at {args.image_size} px; {_common.machine()}"

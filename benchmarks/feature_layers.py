@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/feature_layers.py              # seeds 42, 0, 1: nine runs, about 8 minutes idle
     .venv/bin/python benchmarks/feature_layers.py --seeds 42   # three runs
 
-Each row is the quickstart recipe exactly as `recipes/quickstart.yaml` sets it (Google's ImageNet
+Each row is the quickstart's probe: `recipes/quickstart.yaml` with `--strategy probe` (Google's ImageNet
 EfficientNet-Lite0 at 96 px, logistic regression on the frozen features of scikit-learn's digits, stratified
-splits drawn by the seed), run as a fresh `hf_finetune.commands.cli train` subprocess with its own datasets and
+splits drawn by the seed; the recipe's own `lp_ft` fine-tunes from that probe), run as a fresh `hf_finetune.commands.cli train` subprocess with its own datasets and
 feature caches, once with `--feature_layers last` (the final pooled features) and once with `all` (those plus
 the pooled output of every stage), and once more with `all` on three fused views of the digits: Lite0 at 96 px,
 Lite2 at 96 px and Lite0 at 160 px (`--model_name_or_path` of the three, comma-separated). Test accuracy, wall and
@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     shutil.rmtree(runs, ignore_errors=True)
     command = [sys.executable, "-m", "hf_finetune.commands.cli", "train",
                "--config", str(_common.REPO / "recipes" / "quickstart.yaml"),
-               "--model_name_or_path", str(checkpoint), "--train_dir", str(digits)]  # fmt: skip
+               "--model_name_or_path", str(checkpoint), "--train_dir", str(digits), "--strategy", "probe"]  # fmt: skip
 
     print(f"feature_layers: the quickstart with `all` vs `last`; {_common.machine()}")
     print(f"  {_common.load()}")

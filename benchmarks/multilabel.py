@@ -20,7 +20,6 @@ improves on its start); for each row, test macro-F1 at the validation thresholds
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -69,14 +68,13 @@ def main(argv=None) -> None:
                      "--num_train_epochs", str(args.num_train_epochs), *TRAINING]  # fmt: skip
     runs = OUT / "runs"
     shutil.rmtree(runs, ignore_errors=True)
-    # One fresh feature cache for the probe and lp_ft rows (the subprocesses inherit it).
-    os.environ["HF_FINETUNE_FEATURES_CACHE"] = str(runs / "features")
     print(
         f"multilabel: EfficientNet-Lite0 (ImageNet) on {args.num_images} digit mosaics; {_common.machine()}"
     )
     print(f"  {_common.load()}")
     data_flags = ["--model_name_or_path", str(checkpoint), "--train_file", str(table_file), *SPLITS]
-    results = _common.run_train_rows(rows, data_flags, runs)
+    # One fresh feature cache for the probe and lp_ft rows.
+    results = _common.run_train_rows(rows, data_flags, runs, feature_cache=runs / "features")
 
     print()
     table = [

@@ -97,7 +97,7 @@ def main(argv=None) -> None:
     runs = OUT / "runs"
     shutil.rmtree(runs, ignore_errors=True)
 
-    # Each row gets a fresh datasets cache (run_train_rows) and feature cache: it pays for all a first run pays for.
+    # Each row gets a fresh datasets cache and feature cache (run_train_rows): it pays for all a first run pays for.
     rows = {
         name: ["--model_name_or_path", str(checkpoint), "--train_dir", str(digits), *SPLITS, *flags]
         for name, flags in methods(args.num_train_epochs).items()
@@ -106,8 +106,6 @@ def main(argv=None) -> None:
         "--config", str(_common.REPO / "recipes" / "quickstart.yaml"),
         "--model_name_or_path", str(quickstart_checkpoint), "--train_dir", str(digits),
     ]  # fmt: skip
-    for name in ("probe", "quickstart"):
-        rows[name] += ["--feature_cache_dir", str(runs / name / "features")]
     selected = args.methods or list(rows)
     unknown = sorted(set(selected) - set(rows))
     if unknown:
