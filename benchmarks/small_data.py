@@ -23,12 +23,18 @@ digits, seed 0 (`--ablation_seeds`, `--ablation_datasets`); the TTA row reports 
 class: `lp_ft` alone, with `sampler: balanced` and with `class_weights: auto`, the rare classes' recall read from
 each run's classification_report.json.
 
-Not here: timm's own `train.py`. timm's wheel (1.0.31, installed) does not ship it (it lives in timm's
-repository only), so a run of it with its default fine-tuning settings on the same checkpoint, data, epochs
-and size is not part of this benchmark.
+`--timm_train_py PATH`: the row `timm train.py`, timm's own training script (it lives in timm's repository,
+not in its wheel: give the path of a checkout's `train.py`) with its default fine-tuning settings, on the same
+checkpoint (`--pretrained-path` its model.safetensors), the same training and test pictures (the splits this
+benchmark's runs draw for the seed, linked into `train/` and `test/` folders; timm evaluates on `test` after
+every epoch and the last epoch's top-1 is its figure, none chosen on test), the same epochs and input size:
+`train.py DATA --model tf_efficientnet_lite0 --pretrained --pretrained-path ... --num-classes K --epochs E
+--input-size 3 S S --device cpu` (its defaults: SGD, lr 0.1 x batch / 256, batch 128, 5 warm-up epochs, label
+smoothing 0.1, random-resized crop [0.08, 1], flip 0.5).
 
 Targets (printed with PASS / MISS, never asserted): lp_ft >= max(probe, full) on both datasets; recipe >= full
-by at least the seed-to-seed noise (the standard deviation of full over the seeds).
+by at least the seed-to-seed noise (the standard deviation of full over the seeds); with `--timm_train_py`,
+recipe >= timm train.py.
 """
 
 from __future__ import annotations
@@ -125,6 +131,51 @@ def export_lfw(folder: Path) -> Path:
     return folder
 
 
+def export_split_folders(data: list[str], seed: int, folder: Path) -> tuple[Path, int]:
+    """The train and test pictures that this benchmark's runs use for `data` and `seed` (our own split, in
+    process), linked as `folder/train/<class>/...` and `folder/test/<class>/...` for timm's ImageFolder; returns
+    (folder, number of classes)."""
+    import datasets
+
+    from hf_finetune.commands.cli import parse_train_args
+    from hf_finetune.data.prepare import prepare_data
+
+    _, data_args, *_ = parse_train_args(
+        ["--model_name_or_path", "unused", *data, "--output_dir", str(folder)]
+    )
+    prepared = prepare_data(data_args, seed=seed, cache_dir=str(folder / "datasets-cache"))
+    names, image_column = prepared.labels, prepared.image_column
+    for split in ("train", "test"):
+        rows = prepared.splits[split].cast_column(image_column, datasets.Image(decode=False))
+        for i, (image, label) in enumerate(zip(rows[image_column], rows[prepared.label_column], strict=True)):
+            target = folder / split / names[label] / f"{i:05d}{Path(image['path']).suffix}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(image["path"])
+    return folder, len(names)
+
+
+def run_timm_train(
+    train_py: Path, checkpoint: Path, data: list[str], seed: int, epochs: int, size: int, runs: Path
+):
+    """timm's train.py with its defaults on this seed's split (see the docstring); the last epoch's test top-1."""
+    import csv
+
+    run_dir = runs / "timm"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    folder, num_classes = export_split_folders(data, seed, run_dir / "data")
+    command = [
+        sys.executable, str(train_py), str(folder), "--train-split", "train", "--val-split", "test",
+        "--model", "tf_efficientnet_lite0", "--pretrained", "--pretrained-path", str(checkpoint / "model.safetensors"),
+        "--num-classes", str(num_classes), "--epochs", str(epochs), "--input-size", "3", str(size), str(size),
+        "--device", "cpu", "--seed", str(seed), "--workers", "0", "--output", str(run_dir), "--experiment", "run",
+    ]  # fmt: skip
+    stats = _common.run_measured(command, log=run_dir / "log.txt", env=_common.offline_env())
+    _common.check_ok(stats, f"timm train.py seed {seed}")
+    with (run_dir / "run" / "summary.csv").open() as handle:
+        last = list(csv.DictReader(handle))[-1]
+    return {"test_accuracy": float(last["eval_top1"]) / 100, "wall_s": stats.wall_s, "cpu_s": stats.cpu_s}
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -152,6 +203,10 @@ def parse_args(argv):
         help="lp_ft with and without the balanced sampler on imbalanced digits.",
     )
     parser.add_argument("--methods", nargs="+", default=None, help="Rows to run (default: all).")
+    parser.add_argument(
+        "--timm_train_py", type=Path, default=None, metavar="PATH",
+        help="timm's train.py (from a checkout of timm's repository): adds its row, with its default settings.",
+    )  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="Keep the run outputs under bench_out/.")
     parser.add_argument(
         "--runs", default="runs", help="Folder of the run outputs under bench_out/small_data/."
@@ -232,6 +287,9 @@ def print_targets(datasets, means, spread) -> None:
             noise = spread[dataset, "full"]
             ok = means[dataset, "recipe"] >= means[dataset, "full"] + noise
             print(f"  {dataset}: recipe >= full + seed noise ({noise:.3f}): {_common.verdict(ok)}")
+        if all((dataset, m) in means for m in ("recipe", "timm train.py")):
+            ok = means[dataset, "recipe"] >= means[dataset, "timm train.py"]
+            print(f"  {dataset}: recipe >= timm train.py: {_common.verdict(ok)}")
 
 
 def print_ablation(results, base: str = "lp_ft") -> None:
@@ -334,6 +392,18 @@ def main(argv=None) -> None:
         for seed in args.seeds:
             for name in main_rows:
                 results.setdefault((dataset, name), []).append(run_row(dataset, data, seed, name, rows[name]))
+            if args.timm_train_py:
+                print(f"  {dataset} seed {seed}: timm train.py ...", flush=True)
+                record = run_timm_train(
+                    args.timm_train_py, checkpoint, data, seed, args.num_train_epochs, args.image_size,
+                    runs / dataset / str(seed),
+                )  # fmt: skip
+                results.setdefault((dataset, "timm train.py"), []).append(record)
+                with (OUT / "records.jsonl").open("a") as sink:  # as Runner keeps each of our rows
+                    sink.write(
+                        json.dumps({"dataset": dataset, "seed": seed, "method": "timm train.py", **record})
+                    )
+                    sink.write("\n")
             if args.ablation and dataset in args.ablation_datasets and seed in args.ablation_seeds:
                 for name in ABLATION:
                     results.setdefault((dataset, name), []).append(
