@@ -201,8 +201,12 @@ def parse_args(
     argv: list[str] | None = None,
     prog: str | None = None,
     default_config: str | os.PathLike | None = None,
+    unused_in_config: tuple[frozenset[str], str] | None = None,
 ):
     """Parse `--config FILE.yaml` plus CLI flags into one instance of each dataclass type.
+
+    `unused_in_config` (keys, why): keys of other entry points that the YAML may hold and this parse leaves
+    out, saying so in the log (a recipe's gradient settings under `--strategy probe`).
 
     Precedence, lowest first: dataclass defaults, `VISION_TRAINING_DEFAULTS`, the YAML file, CLI flags.
     `default_config` is the YAML read when there is no `--config` (a recipe's own YAML, beside its script);
@@ -238,6 +242,13 @@ def parse_args(
     defaults = {k: v for k, v in VISION_TRAINING_DEFAULTS.items() if k in known}
     if config:
         values = load_yaml_config(config)
+        if unused_in_config:
+            unused_keys, why = unused_in_config
+            left_out = sorted(set(values) & unused_keys - set(known))
+            for key in left_out:
+                values.pop(key)
+            if left_out:
+                logger.info("Settings: %s from %s left out: %s.", ", ".join(left_out), config, why)
         for key in values:
             if key not in known:
                 raise _unknown_key_error(key, list(known), f"config file {config}")

@@ -171,13 +171,21 @@ def test_two_process_accelerate_launch_keeps_the_global_batch(tmp_path):
     assert state["global_step"] == 2 * -(-1257 // 64)
 
 
-def test_quickstart_yaml_serves_the_probe_and_every_gradient_strategy():
-    """`strategy: probe` in the YAML, and `--strategy head` (or any other) on the same YAML trains instead."""
+def test_quickstart_yaml_serves_the_probe_and_every_gradient_strategy(caplog):
+    """`strategy: lp_ft` in the YAML; `--strategy probe` on the same YAML runs the probe alone (the YAML's
+    gradient settings left out, and the log says so), and `--strategy head` (or any other) trains instead."""
+    import logging
+
     from hf_finetune.commands.cli import parse_train_args
-    from hf_finetune.probe.arguments import parse_probe_args
+    from hf_finetune.probe.arguments import ProbeRunArguments
 
     config = ["--config", "recipes/quickstart.yaml"]
-    assert parse_probe_args(config)[2].strategy == "probe"
+    strategy_args = parse_train_args(config)[2]
+    assert (strategy_args.strategy, strategy_args.freeze_batchnorm) == ("lp_ft", True)
+    with caplog.at_level(logging.INFO, logger="hf_finetune.config_loading"):
+        probe_args = parse_train_args([*config, "--strategy", "probe"])[2]
+    assert isinstance(probe_args, ProbeRunArguments) and probe_args.strategy == "probe"
+    assert "freeze_batchnorm from recipes/quickstart.yaml left out" in caplog.text
     for strategy in ("head", "full", "last_n", "gradual", "llrd", "lora"):
         assert parse_train_args([*config, "--strategy", strategy])[2].strategy == strategy
 
