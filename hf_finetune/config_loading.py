@@ -39,16 +39,6 @@ def _field_names(dataclass_types) -> dict[str, type]:
 
 
 def _unknown_key_error(key: str, known: list[str], where: str) -> UserError:
-    from hf_finetune.probe.arguments import ProbeRunArguments
-
-    if key in _field_names([ProbeRunArguments]):
-        # A probe setting given to a gradient strategy: lp_ft and auto fit their probe with the defaults.
-        return UserError(
-            f"`{key}` in {where} is a setting of `strategy: probe` (hf-finetune probe), not of the strategy this "
-            "run uses. lp_ft and auto fit their probe with the probe's defaults (logistic regression, C chosen "
-            "on validation), its features cached in $HF_FINETUNE_FEATURES_CACHE (default "
-            "~/.cache/hf_finetune/features): set that variable to move the cache, or add `--strategy probe`."
-        )
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     hint = f" Did you mean `{close[0]}`?" if close else ""
     return UserError(

@@ -54,23 +54,6 @@ def test_unknown_cli_flag_names_it_and_the_closest_key():
     assert "train_dri" in str(err.value) and "train_dir" in str(err.value)
 
 
-def test_a_probe_setting_with_a_gradient_strategy_says_where_it_belongs(tmp_path):
-    """lp_ft and auto fit their probe with the defaults: `feature_cache_dir` there names the variable to use."""
-    for where in ("cli", "yaml"):
-        argv = ["--model_name_or_path", "x", "--strategy", "lp_ft"]
-        if where == "cli":
-            argv += ["--feature_cache_dir", "cache"]
-        else:
-            argv += ["--config", str(write_yaml(tmp_path / "c.yaml", {"feature_cache_dir": "cache"}))]
-        with pytest.raises(UserError) as err:
-            parse_train_args(argv)
-        message = " ".join(str(err.value).split())
-        assert "`feature_cache_dir`" in message and "strategy: probe" in message, message
-        assert "$HF_FINETUNE_FEATURES_CACHE" in message and "Did you mean" not in message
-    # With strategy: probe the same flag is the probe's own setting.
-    parse_train_args(["--model_name_or_path", "x", "--strategy", "probe", "--feature_cache_dir", "cache"])
-
-
 def test_a_shortened_flag_is_not_taken_for_the_setting():
     """argparse would read `--learning_rat` as `--learning_rate` (its prefix matching)."""
     with pytest.raises(UserError) as err:
