@@ -57,9 +57,17 @@ def parse_train_args(
 
     extra_types = (InspectArguments, *extra_types)
     if requested_setting(argv, "strategy", default_config) == "probe":
-        from hf_finetune.probe.arguments import parse_probe_args
+        from dataclasses import fields
 
-        return parse_probe_args(argv, prog, default_config=default_config, extra_types=extra_types)
+        from hf_finetune.probe.arguments import parse_probe_args
+        from hf_finetune.strategies.arguments import StrategyArguments
+
+        # A recipe's YAML for a gradient strategy, run with --strategy probe: its gradient settings are left out.
+        gradient = frozenset(f.name for f in fields(StrategyArguments))
+        unused = (gradient, "they are settings of the gradient strategies, not of the probe")
+        return parse_probe_args(
+            argv, prog, default_config=default_config, extra_types=extra_types, unused_in_config=unused
+        )
     from hf_finetune.strategies.arguments import StrategyArguments
 
     return parse_args(

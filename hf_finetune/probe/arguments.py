@@ -136,24 +136,18 @@ def parse_probe_args(
     prog: str = "hf-finetune probe",
     default_config: str | None = None,
     extra_types: tuple = (),
+    unused_in_config=None,
 ):
     """(model_args, data_args, probe_args, training_args, *extra) from `--config` (else `default_config`) + flags.
 
     A YAML written for a gradient strategy (a recipe's, run with `--strategy probe`) may hold that strategy's
     settings (`freeze_batchnorm`, ...): they are left out, and the log says so."""
-    from dataclasses import fields
-
     from hf_finetune.config_loading import parse_args
-    from hf_finetune.strategies.arguments import StrategyArguments
 
-    gradient_settings = frozenset(f.name for f in fields(StrategyArguments))
     return parse_args(
         (ModelArguments, DataArguments, ProbeRunArguments, FinetuneTrainingArguments, *extra_types),
         argv,
         prog=prog,
         default_config=default_config,
-        unused_in_config=(
-            gradient_settings,
-            "they are settings of the gradient strategies, not of the probe",
-        ),
+        unused_in_config=unused_in_config,
     )
