@@ -222,6 +222,12 @@ def parse_args(argv):
     return args
 
 
+def keep_record(dataset: str, seed: int, method: str, record: dict) -> None:
+    """Each row's figures as they come (OUT/records.jsonl), so that a long run stopped early keeps them."""
+    with (OUT / "records.jsonl").open("a") as sink:
+        sink.write(json.dumps({"dataset": dataset, "seed": seed, "method": method, **record}) + "\n")
+
+
 class Runner:
     """Runs one row (a CLI training run) on a dataset and seed, measured, and keeps its results."""
 
@@ -249,9 +255,7 @@ class Runner:
             "cpu_s": stats.cpu_s,
             "per_class": json.loads(report.read_text()) if report.is_file() else {},
         }
-        # Each row's figures as they come (OUT/records.jsonl), so that a long run stopped early keeps them.
-        with (OUT / "records.jsonl").open("a") as sink:
-            sink.write(json.dumps({"dataset": dataset, "seed": seed, "method": name, **record}) + "\n")
+        keep_record(dataset, seed, name, record)
         return record
 
 
@@ -399,11 +403,7 @@ def main(argv=None) -> None:
                     runs / dataset / str(seed),
                 )  # fmt: skip
                 results.setdefault((dataset, "timm train.py"), []).append(record)
-                with (OUT / "records.jsonl").open("a") as sink:  # as Runner keeps each of our rows
-                    sink.write(
-                        json.dumps({"dataset": dataset, "seed": seed, "method": "timm train.py", **record})
-                    )
-                    sink.write("\n")
+                keep_record(dataset, seed, "timm train.py", record)
             if args.ablation and dataset in args.ablation_datasets and seed in args.ablation_seeds:
                 for name in ABLATION:
                     results.setdefault((dataset, name), []).append(

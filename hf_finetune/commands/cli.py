@@ -54,13 +54,13 @@ def parse_train_args(
     from hf_finetune.config import DataArguments, FinetuneTrainingArguments, ModelArguments
     from hf_finetune.config_loading import parse_args, requested_setting
     from hf_finetune.inspection.settings import InspectArguments
+    from hf_finetune.strategies.arguments import StrategyArguments
 
     extra_types = (InspectArguments, *extra_types)
     if requested_setting(argv, "strategy", default_config) == "probe":
         from dataclasses import fields
 
         from hf_finetune.probe.arguments import parse_probe_args
-        from hf_finetune.strategies.arguments import StrategyArguments
 
         # A recipe's YAML for a gradient strategy, run with --strategy probe: its gradient settings are left out.
         gradient = frozenset(f.name for f in fields(StrategyArguments))
@@ -68,8 +68,6 @@ def parse_train_args(
         return parse_probe_args(
             argv, prog, default_config=default_config, extra_types=extra_types, unused_in_config=unused
         )
-    from hf_finetune.strategies.arguments import StrategyArguments
-
     return parse_args(
         (ModelArguments, DataArguments, StrategyArguments, FinetuneTrainingArguments, *extra_types),
         argv,

@@ -140,8 +140,9 @@ def parse_probe_args(
 ):
     """(model_args, data_args, probe_args, training_args, *extra) from `--config` (else `default_config`) + flags.
 
-    A YAML written for a gradient strategy (a recipe's, run with `--strategy probe`) may hold that strategy's
-    settings (`freeze_batchnorm`, ...): they are left out, and the log says so."""
+    `unused_in_config` (keys, why): YAML keys left out and logged (see `config_loading.parse_args`);
+    `parse_train_args` passes the gradient strategies' settings, which a recipe's YAML run with `--strategy
+    probe` may hold (`freeze_batchnorm`, ...)."""
     from hf_finetune.config_loading import parse_args
 
     return parse_args(
