@@ -47,6 +47,14 @@ class ModelArguments:
         default="main", metadata={"help": "Branch, tag or commit of the Hub checkpoint."}
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded checkpoints are cached."})
+    feature_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of the checkpoint's cached frozen features, which strategies probe, lp_ft and auto, "
+            "compare and inspect fit their linear probe on (default: $HF_FINETUNE_FEATURES_CACHE or "
+            "~/.cache/hf_finetune/features). Entries are keyed by checkpoint, processor, data and split."
+        },
+    )
     trust_remote_code: bool = field(
         default=False,
         metadata={

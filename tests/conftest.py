@@ -122,15 +122,9 @@ def run_training(argv: list[str], dataset=None) -> dict:
     from hf_finetune.commands.cli import parse_train_args
     from hf_finetune.train.run import run
 
-    parsed = {type(p).__name__: p for p in parse_train_args(argv)}
-    extra = {"strategy_args": parsed["StrategyArguments"]} if "StrategyArguments" in parsed else {}
-    return run(
-        parsed["ModelArguments"],
-        parsed["DataArguments"],
-        parsed["FinetuneTrainingArguments"],
-        dataset=dataset,
-        **extra,
-    )
+    model_args, data_args, strategy_args, training_args, _ = parse_train_args(argv)
+    # strategy_args: StrategyArguments, or with --strategy probe the probe's settings (ProbeRunArguments).
+    return run(model_args, data_args, training_args, dataset=dataset, strategy_args=strategy_args)
 
 
 # What keeps a tiny in-process run fast: no worker processes, and no saves, evaluations or logs while training.

@@ -293,6 +293,33 @@ def test_lp_ft_head_reproduces_the_probe_on_validation(tmp_path, small_digits_fo
     assert agreement == pytest.approx(summary["probe_eval_accuracy"])
 
 
+def test_lp_ft_and_the_probe_share_the_feature_cache_dir_they_are_given(tmp_path, tiny_vit, monkeypatch):
+    """`--feature_cache_dir` is a setting of lp_ft as of the probe: LP-FT's probe caches its features there (not
+    in $HF_FINETUNE_FEATURES_CACHE), and a probe run on the same checkpoint and data reads them back."""
+    import json
+
+    from conftest import digits_dataset, tiny_run
+
+    from hf_finetune.outputs.files import RUN_SUMMARY
+
+    default, given = tmp_path / "default-cache", tmp_path / "given-cache"
+    monkeypatch.setenv("HF_FINETUNE_FEATURES_CACHE", str(default))
+    data = digits_dataset(n_per_class=8)
+    flags = ("--feature_cache_dir", str(given), "--train_val_split", "0.25")
+    tiny_run(tiny_vit, tmp_path / "lp_ft", data, "--strategy", "lp_ft", *flags)
+    assert "lp_ft_probe" in json.loads((tmp_path / "lp_ft" / RUN_SUMMARY).read_text())
+    entries = sorted(p.parent for p in given.rglob("features.npy"))
+    assert len(entries) == 2 and not default.exists()  # train and validation, in the folder given
+    tiny_run(tiny_vit, tmp_path / "probe", data, "--strategy", "probe", *flags)
+    probe = json.loads((tmp_path / "probe" / "all_results.json").read_text())
+    assert (probe["feature_cache_hits"], probe["feature_cache_misses"], probe["backbone_forward_passes"]) == (
+        2,
+        0,
+        0,
+    )
+    assert sorted(p.parent for p in given.rglob("features.npy")) == entries
+
+
 # A run with every setting on ---------------------------------------------------------------------------
 def test_a_run_with_mixing_weights_ema_and_lp_ft_wise_ft(tmp_path, tiny_vit, monkeypatch):
     import json

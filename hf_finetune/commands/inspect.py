@@ -9,7 +9,7 @@ def parse_inspect_args(argv: list[str] | None = None, prog: str = "hf-finetune i
     """(model_args, data_args, probe_args, inspect_args, training_args) from `--config` + flags.
 
     Any training YAML parses: its strategy settings are accepted (and unused), and the probe's settings
-    (`classifier`, `feature_cache_dir`, `c_values`, ...) say how the label-error classifier is fitted.
+    (`classifier`, `c_values`, ...) and `feature_cache_dir` say how the label-error classifier is fitted.
     """
     from hf_finetune.config import DataArguments, FinetuneTrainingArguments, ModelArguments
     from hf_finetune.config_loading import parse_args, requested_setting

@@ -22,13 +22,6 @@ class ProbeArguments:
             "help": "logistic_regression, linear_svm, gaussian_nb, knn, linear (torch head) or mlp (torch head)."
         },
     )
-    feature_cache_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "Folder of cached features (default: $HF_FINETUNE_FEATURES_CACHE or "
-            "~/.cache/hf_finetune/features). Entries are keyed by checkpoint, processor, data and split."
-        },
-    )
     feature_layers: str = field(
         default="last",
         metadata={

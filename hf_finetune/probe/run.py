@@ -142,7 +142,7 @@ def fit_probe(
     ######################################
     # Features: cached, or computed once #
     ######################################
-    cache = FeatureCache(probe_args.feature_cache_dir)
+    cache = FeatureCache(model_args.feature_cache_dir)
     device = training_args.device
     report = ExtractionReport()
     features = [
