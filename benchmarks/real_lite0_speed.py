@@ -16,14 +16,25 @@ Both sides: 1 epoch (--epochs), batch 32, eval batch 128, lr 2e-4 (a rate that k
 processor's `data_config`. Training images/s = train images x epochs / the Trainer's train_runtime (the
 per-epoch evaluation and checkpoint inside it, on both sides alike).
 
-timm's own `train.py` is the third comparison named for this model, but the timm package installed here
-(1.0.31) does not ship it (it lives in the timm repository, not in the wheel), and there is no network to
-fetch it: it is not run.
+`--timm_train_py PATH`: the third side, timm's own `train.py` (it lives in timm's repository, not in its wheel:
+give the path of a checkout's `train.py`), run after each repeat's pair on the same checkpoint
+(`--pretrained-path` its model.safetensors), folders, epochs, batch, input size, workers and seed, with the
+same optimiser as ours (`--opt adamw --lr 2e-4 --warmup-epochs 0`; the rest timm's defaults: cosine, label
+smoothing 0.1, random-resized crop, its own eval transform from the checkpoint's pretrained_cfg): `train.py
+DATA --train-split train --val-split test --model tf_efficientnet_lite0 --pretrained --pretrained-path ...
+--num-classes 8 --epochs E -b 32 --input-size 3 224 224 --device cpu`. Its training images/s = batch / the
+mean seconds per update of its last epoch (what its last `Train:` log line prints; its evaluation is outside
+it, ours inside train_runtime), its test accuracy the last epoch's top-1 on `test`.
+
+Target with it: ours / timm train.py training images/s >= 1.0 (medians), accuracy within the noise.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import re
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -34,6 +45,37 @@ import _common  # noqa: E402  (benchmarks/ is not a package)
 import grid  # noqa: E402
 
 TARGET_RATIO = 1.3
+TARGET_TIMM_RATIO = 1.0
+# timm train.py's last log line of an epoch: "Train: E [ i/n (100%)] ... Time: 1.2s, 26/s  (1.3s, 25/s) ...".
+TIMM_EPOCH_MEAN = re.compile(r"Train: (\d+) \[\s*\d+/\d+ \(100%\)\].*?\((\d+\.\d+)s,")
+
+
+def run_timm_train(
+    train_py: Path, checkpoint: Path, data_dir: Path, run_dir: Path, args, seed, workers
+) -> dict:
+    """One timm train.py run (see the docstring): training images/s and test accuracy of its last epoch."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    command = [
+        sys.executable, str(train_py), str(data_dir), "--train-split", "train", "--val-split", "test",
+        "--model", "tf_efficientnet_lite0", "--pretrained", "--pretrained-path", str(checkpoint / "model.safetensors"),
+        "--num-classes", "8", "--epochs", str(args.epochs), "-b", str(args.batch_size),
+        "-vb", str(4 * args.batch_size), "--input-size", "3", "224", "224", "--opt", "adamw", "--lr", "2e-4",
+        "--warmup-epochs", "0", "--device", "cpu", "--seed", str(seed), "--workers", str(workers),
+        "--output", str(run_dir), "--experiment", "run",
+    ]  # fmt: skip
+    print(f"  running timm train.py (log: {run_dir / 'log.txt'}) ...", flush=True)
+    stats = _common.run_measured(command, log=run_dir / "log.txt", env=_common.offline_env())
+    _common.check_ok(stats, f"timm train.py seed {seed}")
+    means = TIMM_EPOCH_MEAN.findall(stats.log.read_text(errors="replace"))
+    if not means:
+        sys.exit(f"timm train.py: no epoch-end `Train:` line with its mean update time in {stats.log}")
+    with (run_dir / "run" / "summary.csv").open() as handle:
+        last = list(csv.DictReader(handle))[-1]
+    return {
+        "images_per_s": args.batch_size / float(means[-1][1]),
+        "test_accuracy": float(last["eval_top1"]) / 100,
+        "wall_s": stats.wall_s,
+    }
 
 
 def main(argv: list[str]) -> None:
@@ -45,6 +87,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=None, help="Dataloader workers (default: ours).")
     parser.add_argument("--keep", action="store_true", help="Keep the run outputs and logs under bench_out/.")
+    parser.add_argument(
+        "--timm_train_py", type=Path, default=None, metavar="PATH",
+        help="timm's train.py (from a checkout of timm's repository): adds it as a third side.",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     from hf_finetune.config import VISION_TRAINING_DEFAULTS
     from hf_finetune.testing.real_weights import convert_efficientnet_lite
@@ -77,6 +123,13 @@ def main(argv: list[str]) -> None:
     for side_runs in runs.values():
         for run in side_runs:
             run["images_per_s"] = n_train * args.epochs / run["train_runtime"]
+    timm_runs = []
+    if args.timm_train_py:
+        for repeat in range(args.repeats):
+            run_dir = _common.BENCH_OUT / "real_lite0_speed-runs" / f"timm-{repeat}"
+            timm_runs.append(
+                run_timm_train(args.timm_train_py, checkpoint, data_dir, run_dir, args, 42 + repeat, workers)
+            )
     print(f"  done; {_common.load()}\n")
     _common.print_runs(
         runs,
@@ -94,8 +147,23 @@ def main(argv: list[str]) -> None:
         f"target >= {TARGET_RATIO:.1f}x  {_common.verdict(ratio >= TARGET_RATIO)}\n"
         f"test accuracy ours - peer: {difference:+.3f} ({accuracy['ours']:.3f} vs {accuracy['peer']:.3f}, mean "
         f"over {args.repeats} seed(s))   target >= -{noise:.3f}  {_common.verdict(difference >= -noise)}\n"
-        f"whole run peer / ours: {whole:.2f}x (medians, for information)\n"
-        "timm's train.py: not run (not shipped in the installed timm 1.0.31 wheel; no network to fetch it)"
+        f"whole run peer / ours: {whole:.2f}x (medians, for information)"
+    )
+    if not timm_runs:
+        print("timm's train.py: not run (give --timm_train_py PATH: it is not in the timm wheel)")
+        return
+    for repeat, run in enumerate(timm_runs):
+        print(f"  timm train.py seed {42 + repeat}: {run['images_per_s']:.2f} train images/s, test accuracy "
+              f"{run['test_accuracy']:.3f}, whole run {run['wall_s']:.1f} s")  # fmt: skip
+    timm_rate = _common.median_of(timm_runs, "images_per_s")
+    timm_accuracy = statistics.mean(r["test_accuracy"] for r in timm_runs)
+    timm_ratio = rate["ours"] / timm_rate
+    timm_noise = _common.accuracy_noise(accuracy["ours"], timm_accuracy, n_test)
+    print(
+        f"training images/s ours / timm train.py: {timm_ratio:.2f}x (medians {rate['ours']:.2f} vs "
+        f"{timm_rate:.2f})   target >= {TARGET_TIMM_RATIO:.1f}x  {_common.verdict(timm_ratio >= TARGET_TIMM_RATIO)}\n"
+        f"test accuracy ours - timm train.py: {accuracy['ours'] - timm_accuracy:+.3f} ({timm_accuracy:.3f})   "
+        f"target >= -{timm_noise:.3f}  {_common.verdict(accuracy['ours'] - timm_accuracy >= -timm_noise)}"
     )
 
 
