@@ -19,12 +19,14 @@ from hf_finetune.train.speed import wants_channels_last
         ("resnet", "auto", "cuda", True),
         ("convnext", "auto", "cuda", True),
         ("vit", "auto", "cuda", False),  # no convolutions worth it: the patch embedding is one layer
-        ("resnet", "auto", "cpu", False),
+        ("resnet", "auto", "cpu", True),  # oneDNN's NHWC convolutions (see CHANNELS_LAST_DEVICES)
+        ("vit", "auto", "cpu", False),
+        ("resnet", "auto", "mps", False),
         ("vit", "true", "cpu", True),
         ("resnet", "false", "cuda", False),
     ],
 )
-def test_channels_last_auto_is_for_convolutional_models_on_cuda(arch, setting, device, expected):
+def test_channels_last_auto_is_for_convolutional_models_on_cuda_and_cpu(arch, setting, device, expected):
     model = AutoModelForImageClassification.from_config(tiny_config(arch, ["a", "b"]))
     assert wants_channels_last(model, setting, device) is expected
 

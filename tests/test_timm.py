@@ -287,7 +287,7 @@ def test_channels_last_auto_follows_the_timm_architecture(timm_checkpoint, timm_
     convnet, _ = load_model(ModelArguments(model_name_or_path=str(timm_checkpoint)), CHECKPOINT_LABELS)
     vit, _ = load_model(ModelArguments(model_name_or_path=str(timm_vit)), CHECKPOINT_LABELS)
     assert wants_channels_last(convnet, "auto", "cuda") and not wants_channels_last(vit, "auto", "cuda")
-    assert not wants_channels_last(convnet, "auto", "cpu")
+    assert wants_channels_last(convnet, "auto", "cpu") and not wants_channels_last(vit, "auto", "cpu")
 
 
 def test_model_card_of_a_timm_hub_checkpoint_names_it_as_base_model():
