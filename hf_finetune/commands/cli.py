@@ -46,7 +46,7 @@ def parse_train_args(
     `default_config`) + flags: the settings of `hf-finetune train` and of every recipe.
 
     The one strategy switch of every training entry point: with `strategy: probe` the third item holds the
-    probe's settings (`ProbeRunArguments`: classifier, feature cache, ...), which `training.run` routes to the
+    probe's settings (`ProbeRunArguments`: classifier, feature layers, ...), which `training.run` routes to the
     frozen-feature path. `inspect_args` (`inspect`, `exclude`, ...) go to `run` among its `extra_args`.
     `extra_types`: more argument dataclasses, returned after these.
     """
