@@ -183,6 +183,33 @@ def run_measured(
     return RunStats(proc.returncode, wall, peak, peak_tree if parent is not None else None, cpu, log)
 
 
+def run_timm_train_py(
+    train_py: Path,
+    data_dir: Path,
+    checkpoint: Path,
+    num_classes: int,
+    run_dir: Path,
+    what: str,
+    flags: list[str],
+) -> tuple[RunStats, dict[str, str]]:
+    """timm's own train.py (from a checkout of timm's repository) fine-tuning tf_efficientnet_lite0 from
+    `checkpoint`'s model.safetensors on `data_dir`/train, evaluated on `data_dir`/test after every epoch, on the
+    CPU, with `flags` (epochs, size, seed, workers, ...); returns its run stats and the last epoch's row of its
+    summary.csv (`eval_top1` in percent). Stops the benchmark with the log's end when it fails. `run_dir` gets
+    its log and outputs (the caller clears it: small_data.py exports its data folder into it first)."""
+    import csv
+
+    command = [
+        sys.executable, str(train_py), str(data_dir), "--train-split", "train", "--val-split", "test",
+        "--model", "tf_efficientnet_lite0", "--pretrained", "--pretrained-path", str(checkpoint / "model.safetensors"),
+        "--num-classes", str(num_classes), "--device", "cpu", "--output", str(run_dir), "--experiment", "run", *flags,
+    ]  # fmt: skip
+    stats = run_measured(command, log=run_dir / "log.txt", env=offline_env())
+    check_ok(stats, what)
+    with (run_dir / "run" / "summary.csv").open() as handle:
+        return stats, list(csv.DictReader(handle))[-1]
+
+
 def check_ok(stats: RunStats, what: str) -> None:
     """Stop the benchmark with the end of the run's log when the run failed."""
     if stats.returncode != 0:

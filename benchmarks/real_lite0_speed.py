@@ -32,7 +32,6 @@ Target with it: ours / timm train.py training images/s >= 1.0 (medians), accurac
 from __future__ import annotations
 
 import argparse
-import csv
 import re
 import shutil
 import statistics
@@ -46,8 +45,9 @@ import grid  # noqa: E402
 
 TARGET_RATIO = 1.3
 TARGET_TIMM_RATIO = 1.0
-# timm train.py's last log line of an epoch: "Train: E [ i/n (100%)] ... Time: 1.2s, 26/s  (1.3s, 25/s) ...".
-TIMM_EPOCH_MEAN = re.compile(r"Train: (\d+) \[\s*\d+/\d+ \(100%\)\].*?\((\d+\.\d+)s,")
+# timm train.py's last log line of an epoch: "Train: E [ i/n (100%)] ... Time: 1.2s, 26/s  (1.3s, 25/s) ...";
+# the value in parentheses is the epoch's mean seconds per update.
+TIMM_EPOCH_MEAN = re.compile(r"Train: \d+ \[\s*\d+/\d+ \(100%\)\].*?\((\d+\.\d+)s,")
 
 
 def run_timm_train(
@@ -55,24 +55,20 @@ def run_timm_train(
 ) -> dict:
     """One timm train.py run (see the docstring): training images/s and test accuracy of its last epoch."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    command = [
-        sys.executable, str(train_py), str(data_dir), "--train-split", "train", "--val-split", "test",
-        "--model", "tf_efficientnet_lite0", "--pretrained", "--pretrained-path", str(checkpoint / "model.safetensors"),
-        "--num-classes", "8", "--epochs", str(args.epochs), "-b", str(args.batch_size),
-        "-vb", str(4 * args.batch_size), "--input-size", "3", "224", "224", "--opt", "adamw", "--lr", "2e-4",
-        "--warmup-epochs", "0", "--device", "cpu", "--seed", str(seed), "--workers", str(workers),
-        "--output", str(run_dir), "--experiment", "run",
+    flags = [
+        "--epochs", str(args.epochs), "-b", str(args.batch_size), "-vb", str(4 * args.batch_size),
+        "--input-size", "3", "224", "224", "--opt", "adamw", "--lr", "2e-4", "--warmup-epochs", "0",
+        "--seed", str(seed), "--workers", str(workers),
     ]  # fmt: skip
     print(f"  running timm train.py (log: {run_dir / 'log.txt'}) ...", flush=True)
-    stats = _common.run_measured(command, log=run_dir / "log.txt", env=_common.offline_env())
-    _common.check_ok(stats, f"timm train.py seed {seed}")
+    stats, last = _common.run_timm_train_py(
+        train_py, data_dir, checkpoint, 8, run_dir, f"timm train.py seed {seed}", flags
+    )
     means = TIMM_EPOCH_MEAN.findall(stats.log.read_text(errors="replace"))
     if not means:
         sys.exit(f"timm train.py: no epoch-end `Train:` line with its mean update time in {stats.log}")
-    with (run_dir / "run" / "summary.csv").open() as handle:
-        last = list(csv.DictReader(handle))[-1]
     return {
-        "images_per_s": args.batch_size / float(means[-1][1]),
+        "images_per_s": args.batch_size / float(means[-1]),
         "test_accuracy": float(last["eval_top1"]) / 100,
         "wall_s": stats.wall_s,
     }

@@ -158,21 +158,14 @@ def run_timm_train(
     train_py: Path, checkpoint: Path, data: list[str], seed: int, epochs: int, size: int, runs: Path
 ):
     """timm's train.py with its defaults on this seed's split (see the docstring); the last epoch's test top-1."""
-    import csv
-
     run_dir = runs / "timm"
     shutil.rmtree(run_dir, ignore_errors=True)
     folder, num_classes = export_split_folders(data, seed, run_dir / "data")
-    command = [
-        sys.executable, str(train_py), str(folder), "--train-split", "train", "--val-split", "test",
-        "--model", "tf_efficientnet_lite0", "--pretrained", "--pretrained-path", str(checkpoint / "model.safetensors"),
-        "--num-classes", str(num_classes), "--epochs", str(epochs), "--input-size", "3", str(size), str(size),
-        "--device", "cpu", "--seed", str(seed), "--workers", "0", "--output", str(run_dir), "--experiment", "run",
-    ]  # fmt: skip
-    stats = _common.run_measured(command, log=run_dir / "log.txt", env=_common.offline_env())
-    _common.check_ok(stats, f"timm train.py seed {seed}")
-    with (run_dir / "run" / "summary.csv").open() as handle:
-        last = list(csv.DictReader(handle))[-1]
+    flags = ["--epochs", str(epochs), "--input-size", "3", str(size), str(size), "--seed", str(seed),
+             "--workers", "0"]  # fmt: skip
+    stats, last = _common.run_timm_train_py(
+        train_py, folder, checkpoint, num_classes, run_dir, f"timm train.py seed {seed}", flags
+    )
     return {"test_accuracy": float(last["eval_top1"]) / 100, "wall_s": stats.wall_s, "cpu_s": stats.cpu_s}
 
 
