@@ -19,7 +19,7 @@ your data (used as given, never written to) to get the answer that matters:
 import sys
 from pathlib import Path
 
-from hf_finetune.commands.cli import recipe_config, report_user_errors
+from hf_finetune.commands.cli import recipe_config, report_user_errors, run_as_process
 from hf_finetune.commands.compare import compare, parse_compare_args
 from hf_finetune.testing.quickstart import prepare_material
 
@@ -46,4 +46,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_as_process(main, sys.argv[1:])

@@ -15,7 +15,7 @@ Your own pictures with the same recipe:
 
 import sys
 
-from hf_finetune.commands.cli import parse_train_args, recipe_config, report_user_errors
+from hf_finetune.commands.cli import parse_train_args, recipe_config, report_user_errors, run_as_process
 
 
 @report_user_errors
@@ -40,4 +40,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_as_process(main, sys.argv[1:])

@@ -31,7 +31,7 @@ probes that Hub checkpoint, `--train_dir pictures/train` your pictures.
 
 import sys
 
-from hf_finetune.commands.cli import parse_probe_args, recipe_config, report_user_errors
+from hf_finetune.commands.cli import parse_probe_args, recipe_config, report_user_errors, run_as_process
 from hf_finetune.testing.quickstart import prepare_material
 
 
@@ -59,4 +59,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_as_process(main, sys.argv[1:])

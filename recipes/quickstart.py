@@ -24,7 +24,7 @@ Expect about 60 s of wall time on 2 free cores (95 s of CPU time) and a test acc
 
 import sys
 
-from hf_finetune.commands.cli import parse_train_args, recipe_config, report_user_errors
+from hf_finetune.commands.cli import parse_train_args, recipe_config, report_user_errors, run_as_process
 from hf_finetune.testing.quickstart import prepare_material
 
 
@@ -55,4 +55,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_as_process(main, sys.argv[1:])

@@ -16,7 +16,7 @@ The digits and the converted checkpoint are made in data/quickstart/ only (as by
 
 import sys
 
-from hf_finetune.commands.cli import parse_train_args, recipe_config, report_user_errors
+from hf_finetune.commands.cli import parse_train_args, recipe_config, report_user_errors, run_as_process
 from hf_finetune.testing.quickstart import prepare_material
 
 
@@ -40,4 +40,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_as_process(main, sys.argv[1:])

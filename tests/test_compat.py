@@ -7,6 +7,30 @@ import pytest
 # --- argparse ---------------------------------------------------------------------------------------------
 
 
+def test_atexit_still_has_the_private_runner_the_quick_exit_calls():
+    """`run_atexit_handlers` runs each handler once, last registered first, and leaves none for the real exit
+    (in a process of its own: here it would run pytest's handlers too)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import atexit
+        from hf_finetune.compat import run_atexit_handlers
+
+        atexit.register(print, "first")
+        atexit.register(print, "second")
+        run_atexit_handlers()
+        print("again:")
+        run_atexit_handlers()
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["second", "first", "again:"]
+
+
 def test_option_destinations_reads_argparse_option_map():
     """`compat.option_destinations` uses argparse's private `_option_string_actions`: this fails once argparse
     renames it or stops keeping every option string of an HfArgumentParser in it."""

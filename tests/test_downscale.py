@@ -271,7 +271,7 @@ def test_image_folder_copies_follow_the_files(tmp_path, monkeypatch):
 
 
 def test_error_grid_thumbnails_come_from_the_original_file(tmp_path):
-    from hf_finetune.outputs.reports import thumbnail
+    from hf_finetune.outputs.mosaic import thumbnail
 
     path = tmp_path / "cat.jpg"
     _photo().save(path, quality=90)
@@ -366,23 +366,32 @@ def test_copies_from_a_csv_of_paths_follow_the_files(tmp_path, monkeypatch):
     assert [image.size for image in again] == [(120, 120)] * 3
 
 
-@pytest.mark.parametrize("train", [True, False])
-def test_a_run_makes_copies_only_when_it_trains(tmp_path, monkeypatch, caplog, tiny_vit, train):
-    """An evaluation-only run decodes each picture once either way, so a copy would only cost more."""
-    import logging
-
+def _photo_folder_run(tmp_path, monkeypatch, tiny_vit, *flags: str):
+    """The settings of a run of the tiny ViT on a folder of six 400x300 photos (two classes), its own cache."""
     from hf_finetune.commands.cli import parse_train_args
-    from hf_finetune.train.run import prepare_trainer
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     for n, label in enumerate(("cat", "dog")):
         (tmp_path / "train" / label).mkdir(parents=True)
         for i in range(3):
             _variant(_photo((400 + 8 * i, 300)), n).save(tmp_path / "train" / label / f"{i}.jpg", quality=90)
-    model_args, data_args, strategy_args, training_args, _ = parse_train_args(
+    return parse_train_args(
         ["--model_name_or_path", str(tiny_vit), "--train_dir", str(tmp_path / "train"),
-         "--output_dir", str(tmp_path / "out"), "--train_val_split", "0.34", "--dataloader_num_workers", "0"]
+         "--output_dir", str(tmp_path / "out"), "--train_val_split", "0.34", "--dataloader_num_workers", "0",
+         *flags]
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_a_run_makes_copies_only_when_it_trains(tmp_path, monkeypatch, caplog, tiny_vit, train):
+    """An evaluation-only run decodes each picture once either way, so a copy would only cost more."""
+    import logging
+
+    from hf_finetune.train.run import prepare_trainer
+
+    model_args, data_args, strategy_args, training_args, _ = _photo_folder_run(
+        tmp_path, monkeypatch, tiny_vit
+    )
     with caplog.at_level(logging.INFO, logger="hf_finetune.data"):
         _, data, _, _ = prepare_trainer(model_args, data_args, training_args, strategy_args, train=train)
     sizes = {image.size for image in data.splits["validation"]["image"]}
@@ -431,3 +440,29 @@ def test_splits_with_nothing_to_copy_are_only_checked(tmp_path, caplog):
     assert [image.size for image in splits["train"]["image"]] == [(96, 72)] * 4
     written = set(Path(small.cache_files[0]["filename"]).parent.iterdir()) - before
     assert all(path.stat().st_size < 5000 for path in written)  # findings only, not the images again
+
+
+@pytest.mark.parametrize("epochs", ["1", "2"])
+def test_copies_only_of_the_splits_the_run_reads_more_than_once(
+    tmp_path, monkeypatch, caplog, tiny_vit, epochs
+):
+    """A copy costs the decode the split gets anyway plus an encode: one epoch reads each training picture once
+    and evaluates validation once, so neither gets copies then; two epochs copy both."""
+    import logging
+
+    from hf_finetune.train.run import prepare_trainer
+
+    model_args, data_args, strategy_args, training_args, _ = _photo_folder_run(
+        tmp_path, monkeypatch, tiny_vit, "--num_train_epochs", epochs
+    )
+    with caplog.at_level(logging.INFO, logger="hf_finetune"):
+        _, data, _, _ = prepare_trainer(model_args, data_args, training_args, strategy_args)
+    train_widths = {image.size[0] for image in data.splits["train"]["image"]}
+    if epochs == "1":
+        assert "Downscaled copies: none for train, validation, test (read once by this run)" in caplog.text
+        assert min(train_widths) >= 400  # the originals
+        assert min(image.size[0] for image in data.splits["validation"]["image"]) >= 400
+    else:
+        assert "Downscaled copies: none for test (read once by this run)" in caplog.text
+        assert max(train_widths) < 400  # copies just covering 32 / sqrt(0.08) = 113 px
+        assert {image.size for image in data.splits["validation"]["image"]} == {(32, 32)}  # the exact resize

@@ -25,6 +25,7 @@ KNOWN_PRIVATE_NAMES = {
     "_manipulate",
     "_add_param_groups",
     "_last_lr",
+    "_run_exitfuncs",
 }
 
 

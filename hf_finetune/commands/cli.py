@@ -9,7 +9,7 @@ from pathlib import Path
 # The entry-point layer lives in errors.py (the lowest module) so that every command imports down only;
 # recipes use it from here.
 from hf_finetune.commands.help_cache import print_cached_help
-from hf_finetune.errors import report_user_errors
+from hf_finetune.errors import report_user_errors, run_as_process
 
 USAGE = """\
 usage: hf-finetune <command> [--config FILE.yaml] [--setting value ...]
@@ -161,5 +161,11 @@ def main(argv: list[str] | None = None) -> None:
     COMMANDS[command](rest, prog=f"hf-finetune {command}")
 
 
+def console_script() -> None:
+    """The `hf-finetune` command: `main` on this process's command line, then the quick exit of
+    `errors.run_as_process` (no interpreter teardown after the work is done)."""
+    run_as_process(main)
+
+
 if __name__ == "__main__":
-    main()
+    run_as_process(main)

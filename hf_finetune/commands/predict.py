@@ -451,4 +451,6 @@ def main(argv: list[str] | None = None, prog: str = "hf-finetune predict") -> No
 
 
 if __name__ == "__main__":
-    main()
+    from hf_finetune.errors import run_as_process
+
+    run_as_process(main)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,11 +88,12 @@ def prepare_data(
     cache_dir: str | None = None,
     dataset=None,
     downscale: DecodeSizes | None = None,
+    copy_splits: Collection[str] | None = None,
 ) -> PreparedData:
     """Load, detect columns, encode labels, split and clean: the data a run trains and evaluates on.
 
     `downscale` (the sizes the run's transforms need): store downscaled copies of large pictures while
-    checking them (`scan.scan_images`).
+    checking them (`scan.scan_images`), in the splits named in `copy_splits` (None: every split).
     """
     from datasets import DatasetDict
 
@@ -113,7 +115,7 @@ def prepare_data(
     splits, report = make_splits(raw, args, label_column, seed)
     rows = {name: d[SOURCE_ROW_COLUMN] for name, d in splits.items()}
     with timed(IMAGE_CHECK, within=DATA_PHASE):  # a phase of its own in the run's time budget
-        splits, bad, digests = scan_images(splits, image_column, downscale)
+        splits, bad, digests = scan_images(splits, image_column, downscale, copy_splits)
     # Unreadable pictures count here too: a split made only of other splits' pictures stops the run first.
     check_split_overlap(digests, report)
     splits = splits.remove_columns(SOURCE_ROW_COLUMN)

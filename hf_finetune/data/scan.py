@@ -14,6 +14,7 @@ import contextvars
 import hashlib
 import logging
 import os
+from collections.abc import Collection
 from typing import Any, NamedTuple
 
 from hf_finetune.data.images import (
@@ -204,7 +205,12 @@ class ImageScan(NamedTuple):
     digests: dict[str, list[str | None]]
 
 
-def scan_images(splits, image_column: str, downscale: DecodeSizes | None = None) -> ImageScan:
+def scan_images(
+    splits,
+    image_column: str,
+    downscale: DecodeSizes | None = None,
+    copy_splits: Collection[str] | None = None,
+) -> ImageScan:
     """Read and decode every image once before training; drop the unreadable ones and list them, and give the
     content digest of every picture (for `splits.check_split_overlap`), from the same read.
 
@@ -212,6 +218,7 @@ def scan_images(splits, image_column: str, downscale: DecodeSizes | None = None)
     upright RGB copy that just covers `downscale.cover(split)`, so that every epoch decodes a small picture
     instead of the original (a 12-megapixel photo bound for a 224-pixel model: a tenth of the pixels). Copies
     of evaluation splits are lossless; training copies are quality-95 JPEGs (`images.downscaled_copy`).
+    Only the splits named in `copy_splits` get copies (None: every split); the others are only checked.
     In-memory datasets get no copies (nothing of theirs is cached). The scan is a `datasets.map`, so for
     on-disk datasets its result, copies included, is cached by fingerprint (input data, the listed files' times
     and sizes, sizes, filter, SCAN_VERSION): a second run over the same data decodes nothing, and a run with
@@ -223,7 +230,10 @@ def scan_images(splits, image_column: str, downscale: DecodeSizes | None = None)
     cleaned, digests = {}, {}
     for name, dataset in splits.items():
         # In-memory datasets are not cached: copies would only add to the memory the data already takes.
-        cover = downscale.cover(name) if downscale is not None and dataset.cache_files else None
+        copies = (
+            downscale is not None and dataset.cache_files and (copy_splits is None or name in copy_splits)
+        )
+        cover = downscale.cover(name) if copies else None
         undecoded = dataset.cast_column(image_column, Image(decode=False))
         if cover is not None and not _any_may_downscale(
             undecoded, image_column, cover, downscale.exact(name)

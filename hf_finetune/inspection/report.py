@@ -4,11 +4,11 @@ PNG grids of thumbnails (leakage pairs, near-duplicates, label suspects beside t
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hf_finetune.outputs import atomic
+from hf_finetune.outputs.mosaic import write_mosaic
 
 if TYPE_CHECKING:
     from hf_finetune.inspection.run import Inspection
@@ -207,52 +207,6 @@ def _pictures_section(pictures: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
-TILE = 112  # pixels per thumbnail in a grid
-CAPTION = 40  # pixels of caption under each thumbnail
-TITLE = 28  # pixels of title above the grid
-
-
-def _grid(path: Path, cells: list[list[tuple[Any, str]]], title: str) -> None:
-    """A PNG of rows of (image value, caption) cells: two pairs or four single pictures side by side.
-
-    Drawn with PIL alone: the thumbnails pasted into one mosaic, the captions written under them (matplotlib
-    spent about 0.25 s a grid laying out and rasterising its text, most of the report's time)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    from hf_finetune.outputs.reports import thumbnail
-
-    per_row = max(len(row) for row in cells)
-    groups = max(1, 4 // per_row)
-    rows, columns = math.ceil(len(cells) / groups), per_row * groups
-    step = TILE + CAPTION
-    mosaic = Image.new("RGB", (columns * TILE, TITLE + rows * step), "white")
-    draw = ImageDraw.Draw(mosaic)
-    font = ImageFont.load_default(size=9)
-    draw.text(
-        (mosaic.width / 2, TITLE / 2), title, fill="black", anchor="mm", font=ImageFont.load_default(size=14)
-    )
-    for n, row in enumerate(cells):
-        for k, (value, caption) in enumerate(row):
-            x, y = ((n % groups) * per_row + k) * TILE, TITLE + (n // groups) * step
-            try:
-                thumb = thumbnail(value, TILE - 4)
-                mosaic.paste(thumb, (x + (TILE - thumb.width) // 2, y + (TILE - thumb.height) // 2))
-            except Exception as err:  # a picture gone since the scan must not cost the other grids
-                logger.warning("Could not show a picture in %s: %s", path.name, err)
-                caption = "(unreadable)\n" + caption
-            draw.multiline_text(
-                (x + TILE / 2, y + TILE + 1),
-                caption,
-                fill="black",
-                font=font,
-                anchor="ma",
-                align="center",
-                spacing=1,
-            )
-    with atomic.atomic_file(path, "wb") as handle:
-        mosaic.save(handle, format="PNG", compress_level=3)
-
-
 def _short_name(name: str, limit: int = 18) -> str:
     return name if len(name) <= limit else "…" + name[-(limit - 1) :]
 
@@ -278,7 +232,7 @@ def write_grids(
                 for p in pairs
             ]  # fmt: skip
             title = "Leakage: pictures in two splits" if kind == "leakage" else "Duplicates within a split"
-            _grid(output_dir / GRIDS[kind], cells, title)
+            write_mosaic(output_dir / GRIDS[kind], cells, title)
             written[kind] = GRIDS[kind]
     found = report["label_issues"]["suspects"][:max_shown]
     if found:
@@ -287,7 +241,7 @@ def write_grids(
               f"predicted: {s['predicted']} ({s['p_predicted']:.2f})")]
             for s in found
         ]  # fmt: skip
-        _grid(output_dir / GRIDS["label_issues"], cells, "Likely label errors")
+        write_mosaic(output_dir / GRIDS["label_issues"], cells, "Likely label errors")
         written["label_issues"] = GRIDS["label_issues"]
     return written
 

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
+from hf_finetune.outputs.mosaic import MosaicLayout, write_mosaic
+
 logger = logging.getLogger(__name__)
 
 # Report name -> file name (for the "test" split; other splits get a "<split>_" prefix, see `report_file`).
@@ -244,43 +246,16 @@ def most_confident_errors(
     return [int(i) for i in wrong[order][:limit]]
 
 
-def thumbnail(value, size: int = 256):
-    from hf_finetune.data.images import load_rgb
-
-    path = value.get("path") if isinstance(value, dict) else None
-    if path and os.path.isabs(path) and os.path.isfile(path):
-        # The original file rather than the bytes of a downscaled training copy, which may be smaller than this.
-        value = {"bytes": None, "path": path}
-    image = load_rgb(value, (size, size))
-    image.thumbnail((size, size))
-    return image
+ERRORS_GRID = MosaicLayout(tile=256, caption_lines=2, font_size=14, title_size=18)
 
 
 def plot_errors_grid(path: Path, shown: list[dict[str, Any]], images: Sequence) -> None:
-    import math
-
-    from matplotlib.figure import Figure
-
-    from hf_finetune.data.images import image_location
-
-    columns = min(4, len(shown))
-    rows = math.ceil(len(shown) / columns)
-    figure = Figure(figsize=(3.2 * columns, 3.3 * rows), layout="constrained")
-    axes = figure.subplots(rows, columns, squeeze=False).ravel()
-    for ax in axes:
-        ax.set_axis_off()
-    for ax, error in zip(axes, shown, strict=False):
-        try:
-            ax.imshow(thumbnail(images[error["index"]]))
-        except Exception as err:  # a picture gone since evaluation must not cost the other reports
-            logger.warning("Could not show %s in the errors grid: %s", image_location(error["image"]), err)
-            ax.text(0.5, 0.5, "image unreadable", ha="center", va="center", transform=ax.transAxes)
-        ax.set_title(
-            f"true: {_short(error['true'], 20)}\npred: {_short(error['predicted'], 20)} (p={error['score']:.2f})",
-            fontsize=9,
-        )
-    figure.suptitle("Most confident errors")
-    save_report_figure(figure, path)
+    """The most confident errors, four to a row, each captioned with its true and predicted class."""
+    cells = [
+        [(images[error["index"]], f"true: {_short(error['true'], 30)}\npred: {_short(error['predicted'], 22)} (p={error['score']:.2f})")]
+        for error in shown
+    ]  # fmt: skip
+    write_mosaic(path, cells, "Most confident errors", ERRORS_GRID)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -139,6 +139,7 @@ def prepare_run_data(
             return RunData(
                 *prepare_streamed_data(data_args, training_args, image_processor, cache_dir, sizes)
             )
+    copy_splits = splits_read_more_than_once(training_args) if data_args.downscale_images and train else ()
     # The main process scans and caches the data first; the others then read its cache.
     with training_args.main_process_first(desc="dataset preparation"):
         prepared = prepare_data(
@@ -146,7 +147,8 @@ def prepare_run_data(
             training_args.seed,
             cache_dir=cache_dir,
             dataset=dataset,
-            downscale=sizes if data_args.downscale_images and train else None,
+            downscale=sizes if copy_splits else None,
+            copy_splits=copy_splits,
         )
     prepared = drop_excluded(prepared, inspection)  # exclude: [leakage, label_issues], listed and counted
     splits = attach_transforms(
@@ -159,6 +161,24 @@ def prepare_run_data(
         sizes=sizes,
     )
     return RunData(prepared, splits)
+
+
+def splits_read_more_than_once(training_args) -> tuple[str, ...]:
+    """The splits worth downscaled copies: those this run decodes more than once. A copy costs the decode the
+    split would get anyway plus an encode, and saves on every later read of the picture.
+
+    Training: more than one epoch (`max_steps` may take several). Validation: more than one evaluation (one per
+    epoch, or every `eval_steps`; the final evaluation reuses the last per-epoch one when it saw the final
+    weights). Test: never, it is evaluated once. A split left out is only checked, and the log says so.
+    """
+    epochs_over_one = training_args.max_steps > 0 or training_args.num_train_epochs > 1
+    strategy = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy))
+    evaluated_more_than_once = strategy == "steps" or (strategy == "epoch" and epochs_over_one)
+    chosen = ("train",) * epochs_over_one + ("validation",) * evaluated_more_than_once
+    left_out = [name for name in ("train", "validation", "test") if name not in chosen]
+    if left_out:
+        logger.info("Downscaled copies: none for %s (read once by this run)", ", ".join(left_out))
+    return chosen
 
 
 def load_run_model(
