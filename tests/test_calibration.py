@@ -230,6 +230,10 @@ def test_probe_directory_keeps_the_temperature_in_probe_json_and_predict_applies
     assert {"test_ece", "test_ece_calibrated", "eval_ece"} <= set(results)
     assert json.loads((out / PROBE_FILE).read_text())[TEMPERATURE_KEY] == pytest.approx(temperature, abs=1e-6)
     assert (out / RELIABILITY_DIAGRAM).is_file() and "## Calibration" in (out / "README.md").read_text()
+    # The card says where T really is (the section is written after T is saved).
+    calibration_section = (out / "README.md").read_text().split("## Calibration", 1)[1]
+    assert f"`{TEMPERATURE_KEY}` in `{PROBE_FILE}`" in calibration_section
+    assert "`hf-finetune predict` applies T; `load_probe(...)" in calibration_section
 
     pictures = write_digits_folder(tmp_path / "pictures", 1, offset=40)
     rows = predict_paths(out, [pictures], top_k=3, device="cpu")

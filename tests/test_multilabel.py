@@ -200,6 +200,25 @@ def test_thresholds_maximise_each_labels_f1():
         assert all(best >= f1_score(targets[:, j], scores[:, j] >= t) - 1e-12 for t in scores[:, j])
 
 
+def test_per_label_report_without_plots_removes_the_ap_plot_of_an_earlier_run(tmp_path):
+    from hf_finetune.outputs.multilabel import write_multi_label_reports
+
+    rng = np.random.default_rng(1)
+    targets = (rng.random((30, 3)) < 0.5).astype(int)
+    logits = targets * 2.0 - 1.0 + rng.normal(0, 0.5, (30, 3))
+    arguments = (tmp_path, logits, targets, ["a", "b", "c"], [0.5, 0.5, 0.5], "test")
+    assert "per_label_ap" in write_multi_label_reports(*arguments)
+    assert (tmp_path / "per_label_ap_test.png").is_file()
+    files = write_multi_label_reports(*arguments, plots=False)
+    assert files == {
+        "per_label_report": "per_label_report_test.json",
+        "per_label_report_markdown": "per_label_report_test.md",
+    }
+    assert not (tmp_path / "per_label_ap_test.png").exists()
+    rows = json.loads((tmp_path / files["per_label_report"]).read_text())["labels"]
+    assert [row["support"] for row in rows] == targets.sum(axis=0).tolist()
+
+
 def _run(checkpoint, output_dir, mosaics, *flags, epochs=2):
     return tiny_run(
         checkpoint, output_dir, None, "--train_file", str(mosaics), "--train_test_split", "0.2", *flags,

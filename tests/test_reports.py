@@ -111,6 +111,29 @@ def test_optional_reports_are_skipped(tmp_path):
     assert "training_curves" not in files
 
 
+def test_without_plots_the_tables_and_error_list_are_written_and_earlier_figures_removed(tmp_path):
+    logits, labels, images = synthetic()
+    kwargs = dict(logits=logits, labels=labels, label_names=NAMES, images=images, log_history=LOG_HISTORY)
+    drawn = write_reports(tmp_path, **kwargs)
+    tables = write_reports(tmp_path, **kwargs, plots=False)
+    assert tables == {
+        "classification_report": "classification_report.json",
+        "classification_report_markdown": "classification_report.md",
+        "most_confident_errors_list": "most_confident_errors.json",
+    }
+    # The figures of the first call describe another model's predictions: gone, not left behind.
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == []
+    assert set(drawn) - set(tables) == {"confusion_matrix", "most_confident_errors", "training_curves"}
+    report = json.loads((tmp_path / "classification_report.json").read_text())
+    expected = classification_report(
+        labels, logits.argmax(axis=1), target_names=NAMES, output_dict=True, zero_division=0
+    )
+    assert report["macro avg"] == pytest.approx(expected["macro avg"])
+    listed = json.loads((tmp_path / "most_confident_errors.json").read_text())
+    assert listed["num_errors"] == int((logits.argmax(1) != labels).sum()) > 0
+    assert "![" not in report_section(tables).body  # the card embeds no picture that is not there
+
+
 def test_training_curves_with_partial_histories(tmp_path):
     logits, labels, _ = synthetic(n=8)
     only_train = [{"loss": 1.0 / (i + 1), "step": i} for i in range(50)]  # no epoch key: plotted by step

@@ -150,3 +150,30 @@ def _offline_env() -> dict:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
     return env
+
+
+def test_report_plots_false_draws_no_figure_and_never_imports_matplotlib(
+    tmp_path, tiny_vit, small_digits_folder
+):
+    """The optional figures cost matplotlib's import and their drawing; `--report_plots false` pays neither,
+    and the run still writes its tables, calibration and a card that links nothing missing."""
+    output = tmp_path / "out"
+    command = [sys.executable, "-X", "importtime", "-m", "hf_finetune.commands.cli", "train",
+               "--model_name_or_path", str(tiny_vit), "--train_dir", str(small_digits_folder),
+               "--output_dir", str(output), "--num_train_epochs", "1", "--use_cpu", "true",
+               "--dataloader_num_workers", "0", "--report_plots", "false"]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=_offline_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    imported = {
+        line.rsplit("|", 1)[-1].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "torch" in imported and not {name for name in imported if name.split(".")[0] == "matplotlib"}
+    assert sorted(path.name for path in output.rglob("*.png")) == []
+    assert (output / "validation_classification_report.json").is_file()
+    assert (output / "validation_classification_report.md").is_file()
+    calibration = json.loads((output / "calibration.json").read_text())
+    assert calibration["diagram"] is False and calibration["temperature"] > 0
+    card = (output / "README.md").read_text()
+    assert "## Calibration" in card and ".png" not in card

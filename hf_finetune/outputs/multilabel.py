@@ -17,15 +17,12 @@ PER_LABEL_REPORT = "per_label_report"
 PER_LABEL_AP = "per_label_ap"
 
 
-def write_multi_label_reports(output_dir, logits, targets, label_names, thresholds, split: str) -> dict:
-    """`per_label_report_<split>.json` / `.md` and `per_label_ap_<split>.png`; returns {name: file}."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def write_multi_label_reports(
+    output_dir, logits, targets, label_names, thresholds, split: str, plots: bool = True
+) -> dict:
+    """`per_label_report_<split>.json` / `.md` and (with `plots`) `per_label_ap_<split>.png`; returns {name: file}.
+    `plots=False` (`report_plots: false`) removes the plot an earlier run left instead."""
     from hf_finetune.outputs.atomic import write_json, write_text_atomic
-    from hf_finetune.outputs.reports import save_report_figure
 
     output_dir = Path(output_dir)
     rows = per_label_report(logits, targets, label_names, thresholds)
@@ -48,6 +45,16 @@ def write_multi_label_reports(output_dir, logits, targets, label_names, threshol
             f"{row['f1']:.4f} | {ap} | {row['support']} |"
         )
     write_text_atomic(output_dir / files[f"{PER_LABEL_REPORT}_markdown"], "\n".join(lines) + "\n")
+    if not plots:
+        (output_dir / files.pop(PER_LABEL_AP)).unlink(missing_ok=True)
+        return files
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hf_finetune.outputs.reports import save_report_figure
+
     figure, axis = plt.subplots(figsize=(max(4.0, 0.35 * len(rows) + 2), 3.5))
     axis.bar(range(len(rows)), [row["average_precision"] or 0.0 for row in rows], color="tab:blue")
     axis.set_xticks(
@@ -60,17 +67,28 @@ def write_multi_label_reports(output_dir, logits, targets, label_names, threshol
     return files
 
 
-def write_multi_label_outputs(output_dir, predictions, labels, thresholds, split: str, log_history) -> dict:
-    """A multi-label run's reports: the per-label ones, the training curves; the thresholds into config.json."""
+def write_multi_label_outputs(
+    output_dir, predictions, labels, thresholds, split: str, log_history, plots: bool = True
+) -> dict:
+    """A multi-label run's reports: the per-label ones, the training curves (with `plots`); the thresholds
+    into config.json."""
     from hf_finetune.outputs.reports import TRAINING_CURVES, plot_training_curves, report_file
     from hf_finetune.train.multilabel import first_array
 
     output_dir = Path(output_dir)
     files = write_multi_label_reports(
-        output_dir, first_array(predictions.predictions), predictions.label_ids, labels, thresholds, split
+        output_dir,
+        first_array(predictions.predictions),
+        predictions.label_ids,
+        labels,
+        thresholds,
+        split,
+        plots,
     )
     curves = report_file(TRAINING_CURVES)
-    if log_history and plot_training_curves(output_dir / curves, log_history):
+    if not plots:
+        (output_dir / curves).unlink(missing_ok=True)
+    elif log_history and plot_training_curves(output_dir / curves, log_history):
         files[TRAINING_CURVES] = curves
     save_thresholds(output_dir, thresholds)
     return files

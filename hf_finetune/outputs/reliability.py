@@ -84,9 +84,12 @@ def plot_reliability_diagram(path: Path, calibration: Calibration) -> None:
     save_report_figure(figure, path)
 
 
-def write_calibration(output_dir: str | os.PathLike, calibration: Calibration | None) -> dict[str, str]:
-    """Write calibration.json and the reliability diagram, and save T in the config; returns the files written
-    ({name: path relative to output_dir}). With no calibration, stale files of an earlier run are removed."""
+def write_calibration(
+    output_dir: str | os.PathLike, calibration: Calibration | None, plot: bool = True
+) -> dict[str, str]:
+    """Write calibration.json and (with `plot`) the reliability diagram, and save T in the config; returns the
+    files written ({name: path relative to output_dir}). Stale files of an earlier run are removed: both
+    without a calibration, the diagram with `plot=False` (`report_plots: false`)."""
     from hf_finetune.outputs.atomic import write_json
 
     output_dir = Path(output_dir)
@@ -95,11 +98,17 @@ def write_calibration(output_dir: str | os.PathLike, calibration: Calibration | 
             (output_dir / name).unlink(missing_ok=True)
         drop_inherited_temperature(output_dir)
         return {}
-    plot_reliability_diagram(output_dir / RELIABILITY_DIAGRAM, calibration)
+    written = {"calibration": CALIBRATION_FILE}
+    if plot:
+        plot_reliability_diagram(output_dir / RELIABILITY_DIAGRAM, calibration)
+        written["reliability_diagram"] = RELIABILITY_DIAGRAM
+    else:
+        (output_dir / RELIABILITY_DIAGRAM).unlink(missing_ok=True)
+    calibration.diagram = plot
     saved = save_temperature(output_dir, calibration.temperature)
     calibration.saved_in = saved.name if saved is not None else CALIBRATION_FILE
     write_json(output_dir / CALIBRATION_FILE, asdict(calibration))
-    return {"reliability_diagram": RELIABILITY_DIAGRAM, "calibration": CALIBRATION_FILE}
+    return written
 
 
 def card_section(calibration: Calibration | None) -> CardSection | None:
@@ -128,6 +137,7 @@ def card_section(calibration: Calibration | None) -> CardSection | None:
             "`hf-finetune predict` applies T; `pipeline()` does not: divide the logits by T before the softmax\n"
             f"(`softmax(model(**inputs).logits / model.config.{TEMPERATURE_KEY})`)."
         )
+    diagram = f"![Reliability diagram]({RELIABILITY_DIAGRAM})\n\n" if calibration.diagram else ""
     return CardSection(
         "Calibration",
         f"""Temperature scaling fitted on {calibration.fitted_on}: T = {calibration.temperature:.4f}, saved as
@@ -138,7 +148,5 @@ def card_section(calibration: Calibration | None) -> CardSection | None:
 | expected calibration error ({calibration.bins} bins) | {calibration.ece:.4f} | {calibration.ece_calibrated:.4f} |
 | negative log-likelihood | {calibration.nll:.4f} | {calibration.nll_calibrated:.4f} |
 
-![Reliability diagram]({RELIABILITY_DIAGRAM})
-
-{apply} The top label is the same either way; only the scores change.""",
+{diagram}{apply} The top label is the same either way; only the scores change.""",
     )

@@ -40,6 +40,8 @@ FILE_NAMES = {
     MOST_CONFIDENT_ERRORS: "most_confident_errors.png",
     MOST_CONFIDENT_ERRORS_LIST: "most_confident_errors.json",
 }
+# The reports drawn with matplotlib or PIL; `report_plots: false` skips these (and the import of matplotlib).
+FIGURES = (CONFUSION_MATRIX, TRAINING_CURVES, MOST_CONFIDENT_ERRORS)
 MAX_ERRORS_SHOWN = 16
 # Above this many classes the confusion matrix drops its per-cell counts (unreadable), and above
 # `MAX_TICK_LABELS` it labels only every n-th class on the axes.
@@ -271,6 +273,7 @@ def write_reports(
     log_history: list[dict] | None = None,
     split: str = "test",
     locate: Callable[[Any], str] | None = None,
+    plots: bool = True,
 ) -> dict[str, str]:
     """Write the evaluation reports of one split; returns {report name: file name relative to output_dir}.
 
@@ -279,6 +282,8 @@ def write_reports(
     with nothing to show is not written and not returned: no training curves without `log_history` entries,
     no error grid without `images` or without errors. `locate` names an image in the files written (default:
     its path; a run passes `PreparedData.image_name`, paths relative to the data source). See `FILE_NAMES`.
+    `plots=False` (the `report_plots: false` setting) writes the tables and lists only, and removes the figures
+    an earlier run left in `output_dir`, so that none of them describes another model.
     """
     import numpy as np
     from scipy.special import softmax
@@ -298,6 +303,9 @@ def write_reports(
     if images is not None and len(images) != len(labels):
         raise ValueError(f"{len(images)} images for {len(labels)} labels")
     written: dict[str, str] = {}
+    if not plots:
+        for name in FIGURES:
+            (output_dir / report_file(name, split)).unlink(missing_ok=True)
 
     def target(name: str) -> Path:
         written[name] = report_file(name, split)
@@ -306,7 +314,8 @@ def write_reports(
     if len(labels):
         probabilities = softmax(logits, axis=1)
         predictions = probabilities.argmax(axis=1)
-        plot_confusion_matrix(target(CONFUSION_MATRIX), labels, predictions, label_names, split)
+        if plots:
+            plot_confusion_matrix(target(CONFUSION_MATRIX), labels, predictions, label_names, split)
         report = classification_report_dict(labels, predictions, label_names)
         write_json(target(CLASSIFICATION_REPORT), report)
         write_text_atomic(
@@ -328,7 +337,8 @@ def write_reports(
                 }
                 for index in errors
             ]
-            plot_errors_grid(target(MOST_CONFIDENT_ERRORS), shown, images)
+            if plots:
+                plot_errors_grid(target(MOST_CONFIDENT_ERRORS), shown, images)
             write_json(
                 target(MOST_CONFIDENT_ERRORS_LIST),
                 {"split": split, "num_errors": int((predictions != labels).sum()), "shown": shown},
@@ -346,7 +356,9 @@ def write_reports(
         logger.warning("The %s split is empty: no confusion matrix or per-class report.", split)
 
     curves = output_dir / report_file(TRAINING_CURVES, split)
-    if log_history and plot_training_curves(curves, log_history):
+    if not plots:
+        logger.info("No report figures (report_plots: false): the tables and lists are written.")
+    elif log_history and plot_training_curves(curves, log_history):
         written[TRAINING_CURVES] = curves.name
     else:
         logger.info("No training curves: the run has no training or evaluation logs.")

@@ -334,7 +334,7 @@ def save_probe(
     if result.thresholds is not None:  # per-label report and AP plot; the thresholds into config.json
         report_files = multilabel.write_multi_label_reports(
             output_dir, result.fitted.predictor.scores(result.x[report_split]), result.y[report_split], labels,
-            result.thresholds, report_split,
+            result.thresholds, report_split, plots=training_args.report_plots,
         )  # fmt: skip
         multilabel.save_thresholds(output_dir, result.thresholds)
         # Temperature scaling is fitted for one softmax: skipped, as in a multi-label gradient run.
@@ -348,12 +348,16 @@ def save_probe(
             images=undecoded_images(result.data.splits[report_split], result.data.image_column),
             split=report_split,
             locate=result.data.image_name,
+            plots=training_args.report_plots,
         )
         # T fitted on out-of-fold predictions on train, checked on validation
         calibration = calibrate_probe(result, probe_args, probe_args.refit_on_validation, training_args.seed)
         results.update(calibration.metrics() if calibration is not None else {})
+    # calibration.json, the diagram, T in config.json / probe.json; before the card section, which says where
+    # T was saved and whether the diagram was drawn.
+    write_calibration(output_dir, calibration, plot=training_args.report_plots)
+    if result.thresholds is None:
         sections = [report_section(report_files), card_section(calibration)]
-    write_calibration(output_dir, calibration)  # calibration.json, the diagram, T in config.json / probe.json
     atomic.write_json(
         output_dir / output.RUN_SUMMARY,
         {

@@ -178,6 +178,7 @@ class Calibration:
     bins: int = ECE_BINS
     reliability: dict[str, Any] = field(default_factory=dict)  # {"before": bins, "after": bins} on `split`
     saved_in: str | None = None  # the file of output_dir holding T, once `write_calibration` saved it
+    diagram: bool = True  # whether `write_calibration` drew the reliability diagram (`report_plots`)
 
     def metrics(self) -> dict[str, float]:
         """`eval_ece`, `calibration_temperature`, and with a test split `test_ece` / `test_ece_calibrated`."""

@@ -408,7 +408,7 @@ def finish_outputs(
 
             report_files = multilabel.write_multi_label_outputs(
                 output_dir, predictions, data.labels, evaluation.thresholds, evaluation.report_split,
-                trainer.state.log_history,
+                trainer.state.log_history, plots=training_args.report_plots,
             )  # fmt: skip
         else:
             report_files = write_reports(
@@ -420,14 +420,14 @@ def finish_outputs(
                 log_history=trainer.state.log_history,
                 split=evaluation.report_split,
                 locate=data.image_name,
+                plots=training_args.report_plots,
             )
     output.relativize_trainer_state(output_dir)
     from hf_finetune.outputs.reliability import card_section, write_calibration
 
     with timed("calibration files"):
-        write_calibration(
-            output_dir, evaluation.calibration
-        )  # calibration.json, the diagram, T in config.json
+        # calibration.json, the diagram, T in config.json
+        write_calibration(output_dir, evaluation.calibration, plot=training_args.report_plots)
     with timed("model card"):
         write_card(
             output_dir, model_args, data_args, training_args, data.labels, evaluation.results,
