@@ -11,10 +11,10 @@ accuracy at most two binomial standard errors below the peer's.
 Data: 640x480 JPEGs of scikit-image's photographs, 8 classes x 40 / 10 / 20 (the grid's `resnet128` folder).
 Both sides: 1 epoch (--epochs), batch 32, eval batch 128, lr 2e-4 (a rate that keeps the pretrained features;
 1e-3 destroys them on small data), seed, the same dataloader workers (our default for this machine). Ours is
-`hf_finetune.commands.cli train` with its defaults (strategy full, BatchNorm kept in eval mode); the peer is
-`peer_main` of throughput_vs_peer.py, which reads a timm checkpoint's size and normalisation from its
-processor's `data_config`. Training images/s = train images x epochs / the Trainer's train_runtime (the
-per-epoch evaluation and checkpoint inside it, on both sides alike).
+`hf_finetune.commands.cli train` with its defaults (strategy full, the new head at 10x the rate, BatchNorm kept
+in eval mode); the peer is `peer_main` of throughput_vs_peer.py, which reads a timm checkpoint's size and
+normalisation from its processor's `data_config`. Training images/s = train images x epochs / the Trainer's
+train_runtime (the per-epoch evaluation and checkpoint inside it, on both sides alike).
 
 `--timm_train_py PATH`: the third side, timm's own `train.py` (it lives in timm's repository, not in its wheel:
 give the path of a checkout's `train.py`), run after each repeat's pair on the same checkpoint

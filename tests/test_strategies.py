@@ -219,8 +219,13 @@ def test_gradual_trainable_set_follows_the_schedule_epoch_by_epoch(arch, checkpo
         ) - expected
         assert set(entry["newly_unfrozen"]) == (set(units[epoch]) if epoch else set())
         assert entry["optimizer_parameters"] == entry["trainable_parameters"]
-        # Groups added mid-run follow the same schedule as the first ones (the scheduler was extended).
-        assert len({round(lr, 12) for lr in entry["learning_rates"].values()}) == 1, entry["learning_rates"]
+        # Groups added mid-run follow the same schedule as the first ones (the scheduler was extended); the new
+        # head at 10x the body's rate (head_lr_multiplier unset).
+        rates = entry["learning_rates"]
+        body = {round(lr, 12) for name, lr in rates.items() if not name.startswith("head/")}
+        head = {round(lr, 12) for name, lr in rates.items() if name.startswith("head/")}
+        assert len(head) == 1 and len(body) <= 1, rates
+        assert not body or head.pop() == pytest.approx(10 * body.pop()), rates
 
     # As it shows in the weights: after each epoch, exactly the groups trainable in it changed.
     steps = sorted(tmp_path.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -374,6 +379,72 @@ def test_head_lr_multiplier_scales_only_the_head(checkpoints):
     assert {r for name, r in rates.items() if not name.startswith("head")} == {1e-3}
     assert next(iter(rates)) == "head/decay"  # group 0, the one the Trainer logs as learning_rate
     assert {g["weight_decay"] for g in groups if g["group_name"].endswith("/no_decay")} == {0.0}
+
+
+def _head_factor(plan) -> float:
+    return next(p.lr_factor for p in plan.params.values() if p.group == "head")
+
+
+@pytest.mark.parametrize(
+    ("strategy", "new_head", "expected"),
+    [
+        # A new head beside a pretrained body that trains (now or later): it catches up at 10x.
+        ("full", True, 10.0),
+        ("llrd", True, 10.0),
+        ("last_n", True, 10.0),
+        ("gradual", True, 10.0),
+        # Only the head trains: learning_rate is its own rate.
+        ("head", True, 1.0),
+        # lp_ft's head is the fitted probe's, not a random one.
+        ("lp_ft", True, 1.0),
+        # The head came with the checkpoint (labels identical): nothing to catch up.
+        ("full", False, 1.0),
+        ("llrd", False, 1.0),
+    ],
+)
+def test_unset_head_lr_multiplier_is_10_for_a_new_head_beside_a_training_body(
+    strategy, new_head, expected, checkpoints
+):
+    model = AutoModelForImageClassification.from_pretrained(checkpoints("convnext"))
+    plan = plan_strategy(model, StrategyArguments(strategy=strategy), new_head=new_head)
+    assert _head_factor(plan) == expected
+    assert plan.args.head_lr_multiplier == expected  # the plan says which multiplier it used
+    # Only the head's rate depends on it.
+    kept = plan_strategy(model, StrategyArguments(strategy=strategy), new_head=False)
+    body = lambda plan: {n: p.lr_factor for n, p in plan.params.items() if p.group != "head"}  # noqa: E731
+    assert body(plan) == body(kept)
+    # A value that was set wins, new head or not.
+    chosen = plan_strategy(model, StrategyArguments(strategy=strategy, head_lr_multiplier=2.0), new_head=True)
+    assert _head_factor(chosen) == 2.0
+
+
+def test_unset_head_lr_multiplier_scales_a_head_found_without_the_block_map_and_is_1_without_one():
+    plan = plan_strategy(MysteryNet(), StrategyArguments(), new_head=True)
+    assert {p.group: p.lr_factor for p in plan.params.values()} == {"body": 1.0, "head": 10.0}
+    # No base model to set the head apart from: an unset multiplier has nothing to scale, and must not fail
+    # the way a set one does.
+    headless = MysteryNet()
+    headless.base_model_prefix = ""
+    plan = plan_strategy(headless, StrategyArguments(), new_head=True)
+    assert {p.group: p.lr_factor for p in plan.params.values()} == {"body": 1.0}
+    with pytest.raises(UserError, match="head_lr_multiplier=10"):
+        plan_strategy(headless, StrategyArguments(head_lr_multiplier=10))
+
+
+def test_a_run_trains_a_new_head_at_10x_and_a_kept_or_scratch_head_at_1x(checkpoints, data, tmp_path):
+    lr = 0.01
+    rates = lambda summary: {g["name"].split("/")[0]: g["learning_rate"] for g in summary["param_groups"]}  # noqa: E731
+    # DATA_LABELS are not the checkpoint's labels: the head is re-initialised.
+    new = rates(train(checkpoints("resnet"), tmp_path / "new", data))
+    assert new["head"] == pytest.approx(10 * lr) and new["embeddings"] == pytest.approx(lr)
+    # The checkpoint's own labels: its head is kept and trains at learning_rate.
+    kept_dir = tmp_path / "kept-checkpoint"
+    build_tiny_checkpoint("resnet", kept_dir, labels=DATA_LABELS)
+    kept = rates(train(kept_dir, tmp_path / "kept", data))
+    assert kept["head"] == pytest.approx(lr) and kept["embeddings"] == pytest.approx(lr)
+    # from_scratch: nothing is pretrained, so no part needs catching up.
+    scratch = rates(train(checkpoints("resnet"), tmp_path / "scratch", data, "--from_scratch", "true"))
+    assert scratch["head"] == pytest.approx(lr)
 
 
 def test_parameters_no_forward_uses_are_frozen_so_ddp_needs_no_unused_search(checkpoints):

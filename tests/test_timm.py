@@ -187,9 +187,11 @@ def test_each_strategy_trains_the_timm_checkpoint(strategy, timm_checkpoint, dat
     elif strategy == "gradual":  # head first, then one block group more per epoch, top down
         assert summary["unfreezing_schedule"][0] == {"epoch": 1, "unfreezes": ["block_4", "final_norm"]}
         assert changed == {"blocks.4", "conv_head", "bn2", "classifier"}
-    elif strategy == "llrd":  # head and final norm at the full rate, then x 0.75 per block, embeddings last
+    elif (
+        strategy == "llrd"
+    ):  # final norm at the full rate, then x 0.75 per block, embeddings last; the new head x10
         rates = {g["group"]: g["learning_rate"] for g in summary["block_groups"]}
-        assert rates["head"] == rates["final_norm"] == pytest.approx(0.01)
+        assert rates["final_norm"] == pytest.approx(0.01) and rates["head"] == pytest.approx(0.1)
         assert [rates[f"block_{i}"] for i in range(5)] == pytest.approx(
             [0.01 * 0.75 ** (5 - i) for i in range(5)]
         )

@@ -58,11 +58,13 @@ class StrategyArguments:
         default=0.75,
         metadata={"help": "llrd: learning-rate factor per block group from the head down, in (0, 1]."},
     )
-    head_lr_multiplier: float = field(
-        default=1.0,
+    head_lr_multiplier: float | None = field(
+        default=None,
         metadata={
-            "help": "The head's learning rate relative to `learning_rate`, in every strategy (e.g. 10 with "
-            "last_n or gradual to let the new head catch up)."
+            "help": "The head's learning rate relative to `learning_rate`, in every strategy. Unset: 10 where "
+            "a new (re-initialised) head trains beside the pretrained body (full, llrd, last_n, gradual), so "
+            "that it catches up in a short run; 1 otherwise (a head kept from the checkpoint or fitted by "
+            "lp_ft's probe, strategy head, lora, from_scratch)."
         },
     )
     freeze_modules: list[str] | None = field(
@@ -165,7 +167,7 @@ class StrategyArguments:
                 f"wise_ft interpolates from the LP-FT start, but strategy is {self.strategy!r}: its start has a "
                 "random head, so the interpolation would mix in a model that predicts nothing. Use strategy lp_ft."
             )
-        if not self.head_lr_multiplier > 0:
+        if self.head_lr_multiplier is not None and not self.head_lr_multiplier > 0:
             raise UserError(f"head_lr_multiplier={self.head_lr_multiplier} must be > 0, e.g. 1 or 10.")
         if not isinstance(self.lora_r, int) or self.lora_r < 1:
             raise UserError(f"lora_r={self.lora_r!r} must be a whole number >= 1, e.g. 8 or 16.")

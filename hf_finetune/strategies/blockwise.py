@@ -15,7 +15,9 @@ def _blocks(groups: list[str]) -> list[str]:
     return [g for g in groups if g.startswith("block_")]
 
 
-@register_strategy("full", "everything trains", needs_block_map=False, trains_everything=True)
+@register_strategy(
+    "full", "everything trains", needs_block_map=False, trains_everything=True, new_head_catches_up=True
+)
 def plan_full(groups, args):
     return {g: (0, head_factor(g, args)) for g in groups}
 
@@ -25,7 +27,9 @@ def _plan_head(groups, args):
     return {g: (0 if g == "head" else None, head_factor(g, args)) for g in groups}
 
 
-@register_strategy("last_n", "the top `unfreeze_last_n` blocks, the final norm and the head train")
+@register_strategy(
+    "last_n", "the top `unfreeze_last_n` blocks, the final norm and the head train", new_head_catches_up=True
+)
 def _plan_last_n(groups, args):
     blocks = _blocks(groups)
     if args.unfreeze_last_n > len(blocks):
@@ -56,7 +60,9 @@ def gradual_units(groups: list[str]) -> list[list[str]]:
 
 
 @register_strategy(
-    "gradual", "starts as `head`, one more block group unfreezes every `unfreeze_every` epochs, top down"
+    "gradual",
+    "starts as `head`, one more block group unfreezes every `unfreeze_every` epochs, top down",
+    new_head_catches_up=True,
 )
 def _plan_gradual(groups, args):
     start = {g: k * args.unfreeze_every for k, unit in enumerate(gradual_units(groups)) for g in unit}
@@ -75,6 +81,7 @@ def llrd_depth(groups: list[str]) -> dict[str, int]:
     "llrd",
     "everything trains at learning_rate x layer_decay**depth from the head down",
     trains_everything=True,
+    new_head_catches_up=True,
 )
 def plan_llrd(groups, args):
     depth = llrd_depth(groups)

@@ -14,21 +14,22 @@ BatchNorm (weight, bias, statistics) stays as pretrained even where everything a
 strategy and need no block map, so they also cover architectures the block map does not know:
 ``train_modules`` adds to what ``head`` / ``last_n`` / ``gradual`` train and, with the strategies that
 train everything (``full``, ``llrd``), restricts training to what it matches; ``freeze_modules`` wins
-over everything. ``head_lr_multiplier`` scales the head's learning rate in every strategy.
+over everything. ``head_lr_multiplier`` scales the head's learning rate in every strategy; unset, it is 10
+for a re-initialised head beside a pretrained body (``registry.head_lr_multiplier``).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from hf_finetune.errors import UserError
 from hf_finetune.models.architectures import base_prefix, block_map, collapse_to_modules
 from hf_finetune.strategies.ddp import ddp_settings
 from hf_finetune.strategies.lora import unwrap
-from hf_finetune.strategies.registry import STRATEGIES
+from hf_finetune.strategies.registry import STRATEGIES, head_lr_multiplier
 
 if TYPE_CHECKING:
     import torch
@@ -248,12 +249,14 @@ def unused_parameters(model: nn.Module, example_inputs: dict[str, torch.Tensor])
 
 
 def plan_strategy(
-    model: nn.Module, args: StrategyArguments, example_inputs: dict | None = None
+    model: nn.Module, args: StrategyArguments, example_inputs: dict | None = None, new_head: bool = False
 ) -> FreezingPlan:
     """The :class:`FreezingPlan` of ``args`` for ``model`` (nothing is changed on the model yet).
 
     ``example_inputs`` (a collated batch) lets the plan find and freeze parameters no forward uses, which
-    is what allows DDP to run with ``find_unused_parameters=False``.
+    is what allows DDP to run with ``find_unused_parameters=False``. ``new_head``: the head was re-initialised
+    on a pretrained body, which an unset ``head_lr_multiplier`` reads (``registry.head_lr_multiplier``); the
+    plan's ``args`` hold the multiplier used.
     """
     strategy = STRATEGIES[args.strategy]
     # A PEFT-wrapped model (lora) has its transformers model's block map, under the wrapper's name prefix.
@@ -267,7 +270,11 @@ def plan_strategy(
     groups = {
         g: tuple(prefix + m if m else prefix.rstrip(".") for m in modules) for g, modules in groups.items()
     }
-    if "head" not in groups and args.head_lr_multiplier != 1.0:
+    if args.head_lr_multiplier is None:
+        # Unset: the new-head default where the head can be told apart, else 1 (nothing to scale).
+        resolved = head_lr_multiplier(args, new_head) if "head" in groups else 1.0
+        args = replace(args, head_lr_multiplier=resolved)
+    elif "head" not in groups and args.head_lr_multiplier != 1.0:
         raise UserError(
             f"head_lr_multiplier={args.head_lr_multiplier} needs the classifier head, and this model's head "
             "cannot be told apart from its body. Leave head_lr_multiplier at 1."
@@ -337,9 +344,18 @@ def wrap_for_strategy(model: nn.Module, args: StrategyArguments) -> nn.Module:
     return strategy.wrap_model(model, args) if strategy.wrap_model is not None else model
 
 
-def prepare_strategy(model: nn.Module, args: StrategyArguments, training_args=None, example_inputs=None):
+def prepare_strategy(
+    model: nn.Module, args: StrategyArguments, training_args=None, example_inputs=None, new_head: bool = False
+):
     """Plan ``args`` for ``model``, apply its first epoch, and set what DDP needs in ``training_args``."""
-    plan = plan_strategy(model, args, example_inputs)
+    plan = plan_strategy(model, args, example_inputs, new_head=new_head)
+    if args.head_lr_multiplier is None and plan.args.head_lr_multiplier != 1.0:
+        logger.info(
+            "Strategy `%s`: the new head trains at %g x learning_rate beside the pretrained body "
+            "(head_lr_multiplier unset; set it, e.g. to 1, to choose)",
+            args.strategy,
+            plan.args.head_lr_multiplier,
+        )
     plan.apply(model, 0)
     plan.applied_epoch = 0
     if training_args is not None:

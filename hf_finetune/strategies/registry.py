@@ -62,6 +62,9 @@ class Strategy:
     plan: Callable[[list[str], StrategyArguments], dict[str, tuple[int | None, float]]]
     needs_block_map: bool = True
     trains_everything: bool = False
+    # Whether a re-initialised head trains beside a pretrained body from the start or soon after (full, llrd,
+    # last_n, gradual): then an unset head_lr_multiplier is NEW_HEAD_LR_MULTIPLIER, so that the head catches up.
+    new_head_catches_up: bool = False
     # Optional hooks. wrap_model: the model the strategy trains, built from the checkpoint's (lora: wrapped in
     # adapters). trains_parameter: only parameters it accepts train. details: an extra summary section.
     wrap_model: Callable[[nn.Module, StrategyArguments], nn.Module] | None = None
@@ -73,17 +76,42 @@ STRATEGIES: dict[str, Strategy] = {}
 
 
 def register_strategy(
-    name: str, description: str, needs_block_map: bool = True, trains_everything=False, **hooks
+    name: str,
+    description: str,
+    needs_block_map: bool = True,
+    trains_everything=False,
+    new_head_catches_up: bool = False,
+    **hooks,
 ):
     """Decorator adding a plan function to :data:`STRATEGIES` under ``name`` (``hooks``: see :class:`Strategy`)."""
 
     def add(plan):
-        STRATEGIES[name] = Strategy(name, description, plan, needs_block_map, trains_everything, **hooks)
+        STRATEGIES[name] = Strategy(
+            name, description, plan, needs_block_map, trains_everything, new_head_catches_up, **hooks
+        )
         return plan
 
     return add
 
 
+# The head's learning-rate factor where head_lr_multiplier is unset and a new head trains beside a pretrained
+# body. At learning_rate alone (a rate that keeps the pretrained features, e.g. 2e-4) a random head barely moves
+# in a short run: on the real EfficientNet-Lite0, 8 photo classes, one epoch of 10 steps, test accuracy was
+# 0.994 / 0.881 / 0.994 over 3 seeds at x1 and 1.000 on each at x10 (README, "Ways to transfer").
+NEW_HEAD_LR_MULTIPLIER = 10.0
+
+
+def head_lr_multiplier(args: StrategyArguments, new_head: bool) -> float:
+    """The head's learning-rate factor: head_lr_multiplier when set, else NEW_HEAD_LR_MULTIPLIER for a new
+    head in a strategy that trains the body too, else 1 (a kept or probe-fitted head; `head`, where
+    learning_rate is the head's own rate; lora; from_scratch, where nothing is pretrained)."""
+    if args.head_lr_multiplier is not None:
+        return args.head_lr_multiplier
+    caught_up = new_head and STRATEGIES[args.strategy].new_head_catches_up
+    return NEW_HEAD_LR_MULTIPLIER if caught_up else 1.0
+
+
 def head_factor(group: str, args: StrategyArguments) -> float:
-    """The learning-rate factor ``head_lr_multiplier`` gives ``group`` (1 for every group but the head)."""
-    return args.head_lr_multiplier if group == "head" else 1.0
+    """The learning-rate factor ``head_lr_multiplier`` gives ``group`` (1 for every group but the head; an
+    unset multiplier, which `plan.plan_strategy` resolves before planning, counts as 1)."""
+    return (args.head_lr_multiplier or 1.0) if group == "head" else 1.0

@@ -197,9 +197,10 @@ def load_run_model(
 
 
 def apply_strategy(
-    model, strategy_args, training_args, data: RunData, model_args, data_args
+    model, strategy_args, training_args, data: RunData, model_args, data_args, load_report=None
 ) -> StrategyStage:
-    """Strategy: what trains, and (LP-FT) the head it starts from."""
+    """Strategy: what trains, and (LP-FT) the head it starts from. `load_report` (the model load's) tells
+    whether the head is new on a pretrained body, which an unset head_lr_multiplier reads."""
     from hf_finetune.data.transforms import collate
     from hf_finetune.strategies.plan import prepare_strategy, wrap_for_strategy
 
@@ -221,7 +222,8 @@ def apply_strategy(
     # A streamed training split has no rows to index: validation's pictures have the same shape.
     train_split = data.splits["validation" if data_args.streaming else "train"]
     example = collate([train_split[i] for i in range(min(2, len(train_split)))])
-    plan = prepare_strategy(model, strategy_args, training_args, example_inputs=example)
+    new_head = load_report is not None and not load_report.kept_head and not model_args.from_scratch
+    plan = prepare_strategy(model, strategy_args, training_args, example_inputs=example, new_head=new_head)
     return StrategyStage(model, plan, notes, start_state)
 
 
@@ -237,7 +239,7 @@ def prepare_trainer(model_args, data_args, training_args, strategy_args, dataset
     model, load_report = load_run_model(
         model_args, data.prepared.labels, checkpoint, multi_label=data.prepared.multi_label
     )
-    stage = apply_strategy(model, strategy_args, training_args, data, model_args, data_args)
+    stage = apply_strategy(model, strategy_args, training_args, data, model_args, data_args, load_report)
     trainer = assemble_trainer(stage.model, stage.plan, training_args, data, checkpoint.image_processor)
     return trainer, data.prepared, data.splits, load_report
 
@@ -543,7 +545,9 @@ def run(
                 multi_label=data.prepared.multi_label,
             )
         with timed("strategy"):
-            stage = apply_strategy(model, strategy_args, training_args, data, model_args, data_args)
+            stage = apply_strategy(
+                model, strategy_args, training_args, data, model_args, data_args, load_report
+            )
         with timed("trainer assembly"):
             trainer = assemble_trainer(
                 stage.model, stage.plan, training_args, data, checkpoint.image_processor, callbacks=callbacks
